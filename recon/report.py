@@ -1,0 +1,411 @@
+"""What a pruning run tells the user: a per-layer table, totals, and JSON.
+
+:class:`Report` holds one :class:`LayerReport` per pruned unit (or sampler) and the
+totals of the run. ``str(report)`` is an aligned plain-text table; ``to_json`` /
+``from_dict`` round-trip it through JSON, with NaN errors written as ``null``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LayerReport", "Report", "format_count"]
+
+_PREFIXES = ("", "K", "M", "G", "T", "P")
+
+
+def format_count(n: float, unit: str = "") -> str:
+    """Format a count with a decimal prefix (K, M, G, T, P) and 4 significant digits.
+
+    Parameters
+    ----------
+    n : float
+        The count (FLOPs, parameters, ...).
+    unit : str, default ""
+        Unit appended after the prefix, separated from the number by a space.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> format_count(313_524_224, "FLOPs")
+    '313.5 MFLOPs'
+    >>> format_count(14_728_266)
+    '14.73M'
+    >>> format_count(512, "FLOPs")
+    '512 FLOPs'
+    >>> format_count(999_999)
+    '1M'
+    """
+    value = float(n)
+    if not math.isfinite(value):
+        text = str(value)
+        return f"{text} {unit}" if unit else text
+    index = 0
+    while index < len(_PREFIXES) - 1 and abs(float(f"{value:.4g}")) >= 1000:
+        value /= 1000
+        index += 1
+    number = f"{value:.4g}"
+    if "e" in number:  # past the largest prefix
+        number = f"{value:.0f}"
+    prefix = _PREFIXES[index]
+    if unit:
+        return f"{number} {prefix}{unit}"
+    return f"{number}{prefix}"
+
+
+def _format_error(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "-" if x is None or math.isnan(x) else str(x)
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4f}"
+    return f"{x:.2e}"
+
+
+def _same_float(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _json_float(x: float | None) -> float | None:
+    """NaN and infinities have no JSON spelling: they become ``null``."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _from_json_float(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+@dataclass(eq=False)
+class LayerReport:
+    """What pruning did to one unit (or one residual-branch sampler).
+
+    Parameters
+    ----------
+    name : str
+        Unit (producer) name, or the sampler's name.
+    kind : str
+        ``"conv"``, ``"linear"`` or ``"sampler"``.
+    channels_before, channels_after : int
+        Channels of the unit before and after pruning.
+    method : str
+        Channel selection method (``"lasso"``, ``"thinet"``, ...).
+    reconstruct : str
+        Re-fitting of the consumer (``"lstsq"``, ``"scale"``, ``"none"``, ...).
+    error_before : float
+        Relative reconstruction error ``‖Y − Ŷ‖² / ‖Y‖²`` of the consumer output with
+        the kept channels and the original weights; NaN if not computed.
+    error_after : float
+        The same error after re-fitting; NaN if not computed.
+    seconds : float
+        Wall time spent on this unit.
+    note : str, default ""
+        Anything the user should know, e.g. ``"lstsq->scale (wide linear consumer)"``.
+
+    Notes
+    -----
+    Equality treats NaN errors as equal, so that a report equals its JSON round trip.
+    """
+
+    name: str
+    kind: str
+    channels_before: int
+    channels_after: int
+    method: str
+    reconstruct: str
+    error_before: float
+    error_after: float
+    seconds: float
+    note: str = ""
+
+    @property
+    def kept_fraction(self) -> float:
+        """``channels_after / channels_before`` (NaN when ``channels_before`` is 0)."""
+        if self.channels_before == 0:
+            return math.nan
+        return self.channels_after / self.channels_before
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LayerReport):
+            return NotImplemented
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, float) or isinstance(b, float):
+                if not _same_float(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # mutable
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of the fields (non-finite errors become ``None``)."""
+        d = dataclasses.asdict(self)
+        for key in ("error_before", "error_after", "seconds"):
+            d[key] = _json_float(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerReport:
+        """Inverse of :meth:`to_dict` (``None`` errors become NaN)."""
+        if not isinstance(d, dict):
+            raise TypeError(
+                f"The 'd' argument must be a dict from LayerReport.to_dict. "
+                f"Got {type(d).__name__} instead."
+            )
+        kwargs = _pick_fields(cls, d, "LayerReport")
+        for key in ("error_before", "error_after", "seconds"):
+            kwargs[key] = _from_json_float(kwargs[key])
+        return cls(**kwargs)
+
+
+def _pick_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    fields = dataclasses.fields(cls)
+    required = [
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise ValueError(
+            f"The 'd' argument must hold every field of {what}. Missing {missing} in keys "
+            f"{sorted(d)}."
+        )
+    return {f.name: d[f.name] for f in fields if f.name in d}
+
+
+_COLUMNS = (
+    # (header, right-aligned)
+    ("layer", False),
+    ("kind", False),
+    ("channels", True),
+    ("kept", True),
+    ("err before", True),
+    ("err after", True),
+    ("time (s)", True),
+    ("note", False),
+)
+
+
+@dataclass(eq=False)
+class Report:
+    """Summary of a pruning run.
+
+    Parameters
+    ----------
+    layers : list of LayerReport
+        One entry per pruned unit or sampler, in pruning order.
+    flops_before, flops_after : int
+        FLOPs of one forward pass of one image, before and after pruning.
+    params_before, params_after : int
+        Parameter counts before and after pruning.
+    seconds : float
+        Wall time of the whole run.
+    method : str
+        Channel selection method of the run.
+    reconstruct : str
+        Re-fitting method of the run.
+    output_error : float or None, default None
+        Relative error ``‖y − y'‖² / ‖y‖²`` of the final model output on the
+        calibration data, if measured.
+
+    Examples
+    --------
+    >>> layer = LayerReport("features.0", "conv", 64, 32, "lasso", "lstsq",
+    ...                     0.12, 0.03, 1.5)
+    >>> report = Report([layer], 313_500_000, 156_200_000, 1_000_000, 600_000,
+    ...                 2.0, "lasso", "lstsq")
+    >>> round(report.speedup, 2)
+    2.01
+    >>> Report.from_dict(report.to_dict()) == report
+    True
+    """
+
+    layers: list[LayerReport]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    seconds: float
+    method: str
+    reconstruct: str
+    output_error: float | None = None
+
+    @property
+    def speedup(self) -> float:
+        """FLOPs ratio ``flops_before / flops_after`` (``inf`` if no FLOPs remain)."""
+        if self.flops_after <= 0:
+            return math.inf if self.flops_before > 0 else math.nan
+        return self.flops_before / self.flops_after
+
+    @property
+    def params_ratio(self) -> float:
+        """Parameter ratio ``params_before / params_after`` (``inf`` if none remain)."""
+        if self.params_after <= 0:
+            return math.inf if self.params_before > 0 else math.nan
+        return self.params_before / self.params_after
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Report):
+            return NotImplemented
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, float) or isinstance(b, float):
+                if not _same_float(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # mutable
+
+    # ------------------------------------------------------------------ text
+
+    def _rows(self) -> list[list[str]]:
+        # "before → after" with the arrows of all rows one above the other
+        wb = max((len(str(layer.channels_before)) for layer in self.layers), default=0)
+        wa = max((len(str(layer.channels_after)) for layer in self.layers), default=0)
+        rows = []
+        for layer in self.layers:
+            kept = layer.kept_fraction
+            rows.append(
+                [
+                    layer.name,
+                    layer.kind,
+                    f"{layer.channels_before:>{wb}} → {layer.channels_after:>{wa}}",
+                    "-" if math.isnan(kept) else f"{100 * kept:.1f}%",
+                    _format_error(layer.error_before),
+                    _format_error(layer.error_after),
+                    f"{layer.seconds:.2f}",
+                    layer.note,
+                ]
+            )
+        return rows
+
+    def to_text(self) -> str:
+        """The report as an aligned plain-text table followed by the totals.
+
+        Every line of the table (header, rule and one row per layer) has the same
+        length.
+        """
+        headers = [h for h, _ in _COLUMNS]
+        rows = self._rows()
+        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+        def line(cells: list[str]) -> str:
+            parts = [
+                cell.rjust(w) if right else cell.ljust(w)
+                for cell, w, (_, right) in zip(cells, widths, _COLUMNS, strict=True)
+            ]
+            return "  ".join(parts)
+
+        lines = [f"recon pruning report (method={self.method}, reconstruct={self.reconstruct})"]
+        lines.append(line(headers))
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend(line(r) for r in rows)
+        lines.append("")
+        lines.extend(self._totals())
+        return "\n".join(lines)
+
+    def _totals(self) -> list[str]:
+        flops = (
+            f"{format_count(self.flops_before, 'FLOPs')} → "
+            f"{format_count(self.flops_after, 'FLOPs')}, {self.speedup:.2f}× fewer"
+        )
+        params = (
+            f"{format_count(self.params_before)} → {format_count(self.params_after)}, "
+            f"{self.params_ratio:.2f}× fewer"
+        )
+        n_pruned = sum(1 for layer in self.layers if layer.channels_after < layer.channels_before)
+        items = [
+            ("FLOPs", flops),
+            ("params", params),
+            ("layers", f"{n_pruned} of {len(self.layers)} pruned"),
+            ("wall time", f"{self.seconds:.2f} s"),
+        ]
+        if self.output_error is not None:
+            items.append(("output error", _format_error(self.output_error)))
+        width = max(len(k) for k, _ in items)
+        return [f"{k.ljust(width)}  {v}" for k, v in items]
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict: NaN and infinite floats become ``None``.
+
+        Also holds the derived ``speedup`` (ignored by :meth:`from_dict`).
+        """
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "flops_before": int(self.flops_before),
+            "flops_after": int(self.flops_after),
+            "params_before": int(self.params_before),
+            "params_after": int(self.params_after),
+            "seconds": _json_float(self.seconds),
+            "method": self.method,
+            "reconstruct": self.reconstruct,
+            "output_error": _json_float(self.output_error),
+            "speedup": _json_float(self.speedup),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict` output (or its JSON, parsed).
+
+        Parameters
+        ----------
+        d : dict
+            As written by :meth:`to_dict`; keys that are not fields are ignored.
+
+        Returns
+        -------
+        Report
+        """
+        if not isinstance(d, dict):
+            raise TypeError(
+                f"The 'd' argument must be a dict from Report.to_dict. "
+                f"Got {type(d).__name__} instead."
+            )
+        kwargs = _pick_fields(cls, d, "Report")
+        kwargs["layers"] = [LayerReport.from_dict(x) for x in kwargs["layers"]]
+        kwargs["seconds"] = _from_json_float(kwargs["seconds"])
+        return cls(**kwargs)
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The report as JSON (indent 2); also written to ``path`` (UTF-8) if given.
+
+        Parameters
+        ----------
+        path : str or path-like, optional
+            File to write.
+
+        Returns
+        -------
+        str
+            The JSON text.
+        """
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        """Inverse of :meth:`to_json`: a report from JSON text."""
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,187 @@
+"""Channel selection: which ``k`` of ``c`` input channels of a consumer to keep.
+
+Every method returns the sorted indices of exactly ``k`` channels. The data-driven
+methods work on the channel problem built from the sufficient statistics
+(:func:`recon.stats.channel_gram`): ``A`` (c, c), the Gram of the per-channel
+contributions ``Z_i`` to the consumer's output, and ``b`` (c,), their inner products
+with the target ``Y``.
+
+This module sees tensors only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from sklearn.linear_model import lars_path_gram
+from torch import Tensor
+
+__all__ = [
+    "METHODS",
+    "by_score",
+    "first_k",
+    "lasso",
+    "lasso_coef",
+    "lasso_path",
+    "random",
+    "select_channels",
+    "thinet",
+]
+
+METHODS = ("lasso", "thinet", "l1", "max_response", "first_k", "random")
+
+
+def _check_k(k: int, c: int) -> None:
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or not 1 <= k <= c:
+        raise ValueError(f"The 'k' argument must be an int in [1, {c}]. Got {k!r} instead.")
+
+
+def _sorted(idx) -> Tensor:
+    return torch.as_tensor(np.sort(np.asarray(idx, dtype=np.int64)))
+
+
+def lasso_path(A: Tensor, b: Tensor, *, max_active: int | None = None):
+    """The LASSO regularisation path of the channel problem.
+
+    Solves, for every ``λ`` on the path,
+
+    .. math::
+
+        \\min_\\beta \\tfrac12 \\beta^\\top A \\beta - b^\\top \\beta
+        + \\lambda \\|\\beta\\|_1,
+
+    which is ``½‖Y − Σ_i β_i Z_i‖² + λ‖β‖₁`` up to a constant (He et al., 2017), with
+    scikit-learn's LARS on the Gram form (:func:`sklearn.linear_model.lars_path_gram`).
+
+    Returns
+    -------
+    alphas : ndarray, shape (n_alphas,)
+        Decreasing values of ``λ``.
+    coefs : ndarray, shape (c, n_alphas)
+    """
+    A64 = A.detach().double().cpu().numpy()
+    b64 = b.detach().double().cpu().numpy()
+    c = A64.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LARS warns on collinear/degenerate channels
+        alphas, _, coefs = lars_path_gram(
+            Xy=b64,
+            Gram=A64,
+            n_samples=1,
+            method="lasso",
+            max_iter=4 * c if max_active is None else 4 * max_active + 8,
+        )
+    return alphas, coefs
+
+
+def lasso_coef(A: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """LASSO coefficients ``β`` at a given ``λ = alpha`` (objective as in :func:`lasso_path`)."""
+    A64 = A.detach().double().cpu().numpy()
+    b64 = b.detach().double().cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, coefs = lars_path_gram(
+            Xy=b64, Gram=A64, n_samples=1, method="lasso", alpha_min=float(alpha)
+        )
+    return torch.from_numpy(coefs[:, -1].copy())
+
+
+def lasso(A: Tensor, b: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` channels that are active at the largest ``λ`` with exactly ``k`` active.
+
+    The LASSO path is followed from ``β = 0`` as ``λ`` decreases; channels enter one at a
+    time. The first point with exactly ``k`` non-zero coefficients gives the kept set.
+    If the path never has exactly ``k`` (a channel leaving as another enters, or
+    degenerate channels that never enter), the ``k`` largest ``|β|`` at the first point
+    with at least ``k`` active are kept, and channels that never entered are ranked
+    after them by ``b_i / sqrt(A_ii)``.
+    """
+    c = A.shape[0]
+    _check_k(k, c)
+    if k == c:
+        return torch.arange(c)
+    _, coefs = lasso_path(A, b, max_active=k)
+    nnz = (coefs != 0).sum(0)
+    exact = np.flatnonzero(nnz == k)
+    if exact.size:
+        return _sorted(np.flatnonzero(coefs[:, exact[0]]))
+    at_least = np.flatnonzero(nnz >= k)
+    beta = np.abs(coefs[:, at_least[0]] if at_least.size else coefs[:, -1])
+    diag = np.clip(A.detach().double().cpu().numpy().diagonal(), 0, None)
+    fallback = np.abs(b.detach().double().cpu().numpy()) / np.sqrt(diag + 1e-300)
+    # sort by |β| first, then by the fallback score for channels with β = 0
+    order = np.lexsort((-fallback, -beta))
+    return _sorted(order[:k])
+
+
+def thinet(A: Tensor, b: Tensor | None, k: int) -> Tensor:
+    """ThiNet's greedy selection (Luo et al., 2017) from the channel Gram.
+
+    Grows the set ``T`` of removed channels one at a time, each time adding the channel
+    ``j`` that least increases ``‖Σ_{i∈T} Z_i‖² = 1_Tᵀ A 1_T``; the increase is
+    ``2 (A 1_T)_j + A_jj``, so each step costs O(c) given ``A``. ``b`` is unused.
+    """
+    c = A.shape[0]
+    _check_k(k, c)
+    A64 = A.detach().double().cpu()
+    diag = A64.diagonal().clone()
+    running = torch.zeros(c, dtype=torch.float64)  # (A 1_T)
+    removed = torch.zeros(c, dtype=torch.bool)
+    for _ in range(c - k):
+        cost = 2 * running + diag
+        cost[removed] = float("inf")
+        j = int(torch.argmin(cost))
+        removed[j] = True
+        running += A64[:, j]
+    return torch.nonzero(~removed).flatten()
+
+
+def by_score(scores: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` channels with the largest scores (ties: lower index first)."""
+    c = scores.shape[0]
+    _check_k(k, c)
+    order = np.argsort(-scores.detach().double().cpu().numpy(), kind="stable")
+    return _sorted(order[:k])
+
+
+def first_k(c: int, k: int) -> Tensor:
+    """Keep channels ``0 .. k-1``."""
+    _check_k(k, c)
+    return torch.arange(k)
+
+
+def random(c: int, k: int, seed: int) -> Tensor:
+    """Keep ``k`` channels drawn uniformly without replacement, seeded."""
+    _check_k(k, c)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(c, generator=gen)[:k].sort().values
+
+
+def select_channels(
+    method: str,
+    k: int,
+    *,
+    A: Tensor | None = None,
+    b: Tensor | None = None,
+    scores: Tensor | None = None,
+    width: int | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """Dispatch to a selection method by name.
+
+    ``lasso`` and ``thinet`` need ``A`` (and ``b``); ``l1`` and ``max_response`` need
+    ``scores``; ``first_k`` and ``random`` need only ``width``.
+    """
+    if method == "lasso":
+        return lasso(A, b, k)
+    if method == "thinet":
+        return thinet(A, b, k)
+    if method in ("l1", "max_response"):
+        return by_score(scores, k)
+    if method == "first_k":
+        return first_k(width, k)
+    if method == "random":
+        return random(width, k, seed)
+    raise ValueError(f"The 'method' argument must be one of {METHODS}. Got {method!r} instead.")

@@ -1,0 +1,109 @@
+"""Physical removal of channels: slicing convs, BatchNorms and linears in place.
+
+This module sees modules only; the re-fitted weights it installs are computed elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .graph import Unit
+
+__all__ = ["apply_bias_delta", "prune_unit", "slice_bn", "slice_inputs", "slice_outputs"]
+
+
+def _param(t: Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t.detach().to(like.dtype).clone(), requires_grad=like.requires_grad)
+
+
+def slice_outputs(module: nn.Conv2d | nn.Linear, keep: Tensor) -> None:
+    """Keep only output channels ``keep`` of a conv or linear layer, in place."""
+    keep = keep.to(module.weight.device)
+    module.weight = _param(module.weight[keep], module.weight)
+    if module.bias is not None:
+        module.bias = _param(module.bias[keep], module.bias)
+    if isinstance(module, nn.Conv2d):
+        module.out_channels = len(keep)
+    else:
+        module.out_features = len(keep)
+
+
+def slice_bn(bn: nn.BatchNorm2d, keep: Tensor) -> None:
+    """Keep only channels ``keep`` of a BatchNorm, in place (parameters and buffers)."""
+    keep = keep.to(bn.running_mean.device if bn.running_mean is not None else "cpu")
+    if bn.affine:
+        bn.weight = _param(bn.weight[keep], bn.weight)
+        bn.bias = _param(bn.bias[keep], bn.bias)
+    if bn.running_mean is not None:
+        bn.running_mean = bn.running_mean[keep].clone()
+        bn.running_var = bn.running_var[keep].clone()
+    bn.num_features = len(keep)
+
+
+def slice_inputs(
+    module: nn.Conv2d | nn.Linear, keep: Tensor, taps: int = 1, weight: Tensor | None = None
+) -> None:
+    """Keep only input channels ``keep`` of a consumer, in place.
+
+    For a linear layer after a flatten, channel ``i`` owns input features
+    ``i*taps .. i*taps+taps-1``. ``weight``, if given, replaces the sliced weight: shape
+    (n, m*taps) or the module's sliced weight shape.
+    """
+    dev = module.weight.device
+    keep = keep.to(dev)
+    if isinstance(module, nn.Conv2d):
+        new = module.weight[:, keep]
+        if weight is not None:
+            new = weight.reshape(new.shape)
+        module.weight = _param(new, module.weight)
+        module.in_channels = len(keep)
+    else:
+        feats = (keep[:, None] * taps + torch.arange(taps, device=dev)).flatten()
+        new = module.weight[:, feats]
+        if weight is not None:
+            new = weight.reshape(new.shape)
+        module.weight = _param(new, module.weight)
+        module.in_features = len(feats)
+
+
+def apply_bias_delta(model: nn.Module, unit: Unit, delta: Tensor) -> None:
+    """Add ``delta`` (n,) to the consumer's output, keeping the architecture.
+
+    Into the consumer's bias if it has one; else folded into a BatchNorm directly after
+    it (``running_mean -= delta``); else a bias parameter is created.
+    """
+    consumer = model.get_submodule(unit.consumer)
+    dtype, dev = consumer.weight.dtype, consumer.weight.device
+    delta = delta.to(dev, torch.float64)
+    if consumer.bias is not None:
+        consumer.bias = _param(consumer.bias.double() + delta, consumer.bias)
+        return
+    if unit.consumer_bn is not None:
+        bn = model.get_submodule(unit.consumer_bn)
+        if bn.running_mean is not None:
+            bn.running_mean.copy_((bn.running_mean.double() - delta).to(bn.running_mean.dtype))
+            return
+    consumer.bias = nn.Parameter(delta.to(dtype), requires_grad=consumer.weight.requires_grad)
+
+
+def prune_unit(
+    model: nn.Module,
+    unit: Unit,
+    keep: Tensor,
+    *,
+    weight: Tensor | None = None,
+    bias_delta: Tensor | None = None,
+) -> None:
+    """Remove every channel of ``unit`` not in ``keep``, in place.
+
+    Slices the producer's outputs, the BatchNorms between, and the consumer's inputs;
+    installs a re-fitted consumer ``weight`` and adds ``bias_delta`` when given.
+    """
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    slice_outputs(model.get_submodule(unit.producer), keep)
+    for name in unit.channelwise:
+        slice_bn(model.get_submodule(name), keep)
+    slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
+    if bias_delta is not None:
+        apply_bias_delta(model, unit, bias_delta)
