@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -318,6 +319,14 @@ def _prune_one(
         mode = "scale"
         note = f"lstsq->scale (c*k={unit.width * unit.taps} too wide for a patch Gram)"
     if mode == "lstsq":
+        unknowns = int(keep.numel()) * unit.taps + 1
+        if stats.count < unknowns:
+            warnings.warn(
+                f"re-fitting '{unit.consumer}' from {stats.count} samples for {unknowns} "
+                "unknowns per output: the fit is under-determined and may not generalise; "
+                "use more calibration images or samples_per_image",
+                stacklevel=3,
+            )
         weight, bias_delta = lstsq(stats, keep, fit_bias=True)
         err_after = patch_error(stats, keep, weight, bias_delta)
     elif mode == "scale":

@@ -1,0 +1,380 @@
+"""Command line: ``recon prune`` and ``recon eval`` (also ``python -m recon``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._version import __version__
+
+BUILTIN_DATA = ("digits",)
+
+_EPILOG = """\
+examples:
+  recon prune                                   # embedded default: digits VGG, 2x, lasso & thinet
+  recon prune --model torchvision:vgg16_bn --weights vgg16_bn.pth \\
+              --data calib.pt --speedup 4 --out vgg16_small.pt --report report.json
+  recon prune --model mypkg.nets:make_vgg --weights net.pt --data calib.npy \\
+              --method thinet --keep-ratio 0.5 --ignore features.0
+  recon eval --model vgg16_small.pt --data digits
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
+
+
+def _samples(text: str) -> int | None:
+    if text.lower() in ("all", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an int or 'all', got {text!r}") from exc
+
+
+def _name_values(text: str, kind: type) -> dict[str, Any]:
+    """``a=1,b=2`` or a JSON file path -> dict."""
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            return {str(k): kind(v) for k, v in json.load(f).items()}
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE pairs, got {part!r}")
+        out[name.strip()] = kind(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recon",
+        description="Reconstruction-based channel pruning: make a trained CNN thinner in one "
+        "shot from unlabeled calibration images (LASSO or ThiNet selection, least-squares "
+        "re-fitting).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"recon {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model (with no --model and no --data: the embedded default demo)",
+        description="Prune a model's channels in one shot. With neither --model nor --data, "
+        "runs the embedded default: a small VGG trained on scikit-learn's digits (cached "
+        "after the first run), pruned 2x by LASSO and by ThiNet.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="'torchvision:NAME' (e.g. torchvision:vgg16_bn), 'package.module:factory' "
+        "(a callable returning an nn.Module), or a file holding a whole saved module",
+    )
+    g.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="state_dict file for --model (loaded with weights_only=True); for torchvision "
+        "models also a weights name such as DEFAULT or IMAGENET1K_V1 (needs internet)",
+    )
+    g.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="calibration images: a .pt file (a tensor (N,C,H,W), an (inputs, labels) pair or "
+        "a dict with 'inputs'), a .npy array, or a built-in set: " + ", ".join(BUILTIN_DATA),
+    )
+    g.add_argument("--max-images", type=int, metavar="N", help="use at most N calibration images")
+    g.add_argument("--batch-size", type=int, default=64, help="calibration batch size (64)")
+
+    t = p.add_argument_group("target (exactly one)")
+    tx = t.add_mutually_exclusive_group()
+    tx.add_argument(
+        "--speedup", type=_positive_float, help="FLOPs ratio original/pruned, e.g. 2 or 4"
+    )
+    tx.add_argument(
+        "--keep-ratio",
+        metavar="R | NAME=R,...",
+        help="fraction of channels kept: one float in (0, 1] for every layer, or per layer",
+    )
+    tx.add_argument(
+        "--channels",
+        metavar="NAME=N,... | FILE.json",
+        help="channels kept per layer (layer = producer conv's qualified name)",
+    )
+
+    m = p.add_argument_group("method")
+    m.add_argument(
+        "--method",
+        default="lasso",
+        choices=("lasso", "thinet", "l1", "max_response", "first_k", "random"),
+        help="channel selection (default: lasso, He et al. 2017; thinet: Luo et al. 2017)",
+    )
+    m.add_argument(
+        "--reconstruct",
+        default="lstsq",
+        choices=("lstsq", "scale", "none"),
+        help="re-fit of the next layer: least squares with bias (default), ThiNet "
+        "per-channel scaling, or none",
+    )
+    m.add_argument(
+        "--samples-per-image",
+        type=_samples,
+        default=10,
+        metavar="N|all",
+        help="output positions sampled per image and layer (default 10; 'all' for every one)",
+    )
+    m.add_argument("--ignore", default="", metavar="NAME,...", help="layers never pruned")
+    m.add_argument("--round-to", type=int, default=1, help="round channel counts to a multiple")
+    m.add_argument("--seed", type=int, default=0, help="seed for position sampling (0)")
+    m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model is)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="PATH", help="save the pruned module (torch.save) here")
+    o.add_argument("--report", metavar="PATH", help="write the report as JSON here")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser(
+        "eval",
+        help="top-1 accuracy of a model on a labeled built-in set",
+        description="Print the top-1 accuracy of a model on a labeled data set.",
+    )
+    e.add_argument("--model", required=True, metavar="SPEC", help="as for 'recon prune'")
+    e.add_argument("--weights", metavar="PATH", help="as for 'recon prune'")
+    e.add_argument("--data", default="digits", help="built-in set: " + ", ".join(BUILTIN_DATA))
+    return parser
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build or load the model named by ``spec`` (see ``recon prune --help``)."""
+    if os.path.isfile(spec):
+        warnings.warn(
+            f"loading a whole pickled module from {spec!r}: only do this with files you trust",
+            stacklevel=2,
+        )
+        model = torch.load(spec, map_location="cpu", weights_only=False)
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"The '--model' file {spec!r} must hold a whole nn.Module. "
+                f"Got {type(model).__name__} instead."
+            )
+    elif spec.startswith("torchvision:"):
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise ValueError(
+                "The '--model' spec needs torchvision: pip install 'recon[vision]'"
+            ) from exc
+        name = spec.split(":", 1)[1]
+        if name not in torchvision.models.list_models():
+            raise ValueError(
+                f"The '--model' spec must name a torchvision model. Got {name!r} instead."
+            )
+        tv_weights = None if weights is None or os.path.isfile(weights) else weights
+        model = torchvision.models.get_model(name, weights=tv_weights)
+        if tv_weights is not None:
+            weights = None
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(
+                f"The '--model' spec must be 'package.module:factory'. Could not load {spec!r} "
+                f"({exc})."
+            ) from exc
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"The '--model' factory {spec!r} returned {type(model).__name__}.")
+    else:
+        raise ValueError(
+            "The '--model' spec must be 'torchvision:NAME', 'package.module:factory' or an "
+            f"existing file. Got {spec!r} instead."
+        )
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise ValueError(f"The '--weights' file {weights!r} does not exist.")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def load_data(spec: str) -> tuple[Tensor, Tensor | None]:
+    """Calibration inputs (and labels, if the source has them) for ``spec``."""
+    if spec == "digits":
+        from .data import load_digits_split
+
+        _, _, x_test, y_test = load_digits_split()
+        return x_test, y_test
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(
+            f"The '--data' spec must be a .pt/.npy file or one of {BUILTIN_DATA}. "
+            f"Got {spec!r} instead."
+        )
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float(), None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    labels = None
+    if isinstance(obj, dict):
+        obj, labels = obj.get("inputs", obj.get("x")), obj.get("labels", obj.get("y"))
+    elif isinstance(obj, tuple | list) and len(obj) == 2:
+        obj, labels = obj
+    if not isinstance(obj, Tensor):
+        raise ValueError(
+            f"The '--data' file {spec!r} must hold a tensor, an (inputs, labels) pair or a "
+            f"dict with 'inputs'. Got {type(obj).__name__} instead."
+        )
+    return obj.float(), labels
+
+
+def _save_module(model: nn.Module, path: str) -> None:
+    """torch.save to a temp file in the same folder, then rename: never a half file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _run_default(args: argparse.Namespace) -> int:
+    from . import prune
+    from ._default import default_model
+    from .data import evaluate, load_digits_split
+
+    print("recon embedded default: a VGG trained on scikit-learn's digits, pruned 2x.")
+    model = default_model(progress=not args.quiet)
+    x_train, _, x_test, y_test = load_digits_split()
+    calib = x_train[:500]
+    base = evaluate(model, x_test, y_test)
+    rows = []
+    for method in ("lasso", "thinet"):
+        result = prune(
+            model,
+            calib.split(args.batch_size),
+            method=method,
+            speedup=args.speedup or 2.0,
+            samples_per_image=args.samples_per_image,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+        print()
+        print(result.report)
+        rows.append((method, result.report.speedup, evaluate(result.model, x_test, y_test)))
+    print(f"\ntest accuracy on {len(y_test)} held-out digits (calibration: 500 train images)")
+    print(f"  original           {100 * base:6.2f}%")
+    for method, speed, acc in rows:
+        print(f"  {method:<7} {speed:4.2f}x    {100 * acc:6.2f}%  ({100 * (acc - base):+.2f})")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from . import prune
+    from .data import evaluate
+
+    if args.model is None and args.data is None:
+        return _run_default(args)
+    if args.model is None or args.data is None:
+        raise ValueError("'recon prune' needs both --model and --data (or neither, for the demo)")
+    model = load_model(args.model, args.weights)
+    x, labels = load_data(args.data)
+    target: dict[str, Any] = {}
+    if args.speedup is not None:
+        target["speedup"] = args.speedup
+    elif args.keep_ratio is not None:
+        try:
+            target["keep_ratio"] = float(args.keep_ratio)
+        except ValueError:
+            target["keep_ratio"] = _name_values(args.keep_ratio, float)
+    elif args.channels is not None:
+        target["channels"] = _name_values(args.channels, int)
+    else:
+        target["speedup"] = 2.0
+        print("no target given: using --speedup 2", file=sys.stderr)
+    if args.batch_size < 1:
+        raise ValueError(f"The '--batch-size' must be >= 1. Got {args.batch_size} instead.")
+    result = prune(
+        model,
+        x.split(args.batch_size),
+        method=args.method,
+        reconstruct=args.reconstruct,
+        samples_per_image=args.samples_per_image,
+        max_images=args.max_images,
+        ignored_layers=[s for s in args.ignore.split(",") if s],
+        round_to=args.round_to,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+        **target,
+    )
+    print(result.report)
+    if labels is not None and args.data in BUILTIN_DATA:
+        print(
+            f"\naccuracy on {args.data}: {100 * evaluate(model, x, labels):.2f}% -> "
+            f"{100 * evaluate(result.model, x, labels):.2f}% (calibration images)"
+        )
+    if args.report:
+        result.report.to_json(args.report)
+        print(f"report written to {args.report}")
+    if args.out:
+        _save_module(result.model, args.out)
+        print(f"pruned model written to {args.out}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import evaluate, load_digits_split
+
+    model = load_model(args.model, args.weights)
+    if args.data != "digits":
+        raise ValueError(f"The '--data' of 'recon eval' must be 'digits'. Got {args.data!r}.")
+    _, _, x_test, y_test = load_digits_split()
+    print(f"top-1 accuracy on digits test split: {100 * evaluate(model, x_test, y_test):.2f}%")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return {"prune": _cmd_prune, "eval": _cmd_eval}[args.command](args)
+    except (ValueError, TypeError) as exc:
+        print(f"recon {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
