@@ -258,6 +258,9 @@ def _save_module(model: nn.Module, path: str) -> None:
     os.close(fd)
     try:
         torch.save(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
