@@ -93,21 +93,28 @@ def _check_args(method, reconstruct, samples_per_image, max_images, seed, round_
         raise _bad("round_to", "an int >= 1", round_to)
 
 
+def _finite(t: Tensor) -> bool:
+    """Whether every value of ``t`` is finite (a float64 sum propagates NaN and inf)."""
+    return bool(torch.isfinite(t.detach().sum(dtype=torch.float64)))
+
+
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
         )
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not _finite(t):
             raise ValueError(
                 f"The 'model' argument has non-finite values (NaN or inf) in '{name}'; "
                 "recon cannot prune a model with broken weights."
             )
 
 
-def _calibration_batches(calib: Any, max_images: int | None, device: torch.device) -> list[Tensor]:
-    """The calibration inputs as a list of batches on ``device``, labels dropped."""
+def _calibration_batches(
+    calib: Any, max_images: int | None, device: torch.device, dtype: torch.dtype
+) -> list[Tensor]:
+    """The calibration inputs as batches on ``device`` in the model's ``dtype``, no labels."""
     if isinstance(calib, Tensor):
         items: Iterable[Any] = [calib]
     elif isinstance(calib, str | bytes | Mapping) or not isinstance(calib, Iterable):
@@ -136,14 +143,14 @@ def _calibration_batches(calib: Any, max_images: int | None, device: torch.devic
                 f"The 'calib' argument's batches must all have the same per-image shape. "
                 f"Got {tuple(batches[0].shape[1:])} and then {tuple(x.shape[1:])} (item {i})."
             )
-        if not torch.isfinite(x).all():
+        if not _finite(x):
             raise ValueError(
                 f"The 'calib' argument's item {i} contains non-finite values (NaN or inf)."
             )
         if max_images is not None:
             x = x[: max_images - seen]
         if len(x):
-            batches.append(x.to(device))
+            batches.append(x.to(device, dtype))
             seen += len(x)
         if max_images is not None and seen >= max_images:
             break
@@ -295,13 +302,13 @@ def _prune_one(
     producer = pruned.get_submodule(unit.producer)
     consumer = pruned.get_submodule(unit.consumer)
     n = consumer.weight.shape[0]
-    w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps).double()
+    w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
     A, b = stats.channel_problem(w_cons)
     scores = None
     if method == "l1":
         scores = producer.weight.detach().abs().reshape(unit.width, -1).sum(1)
     elif method == "max_response":
-        scores = w_cons.abs().sum(dim=(0, 2))
+        scores = w_cons.abs().sum(dim=(0, 2), dtype=torch.float64)
     keep = select_channels(
         method,
         target,
@@ -332,10 +339,10 @@ def _prune_one(
     elif mode == "scale":
         s = scale(A, b, keep)
         err_after = channel_error(A, b, stats.yy, keep, s)
-        weight = w_cons[:, keep.cpu()].to(s.device) * s[None, :, None]
+        weight = w_cons[:, keep.to(w_cons.device)].double() * s.to(w_cons.device)[None, :, None]
     else:
         err_after = err_before
-    if weight is not None and not torch.isfinite(weight).all():
+    if weight is not None and not _finite(weight):
         raise FloatingPointError(f"re-fitting '{unit.consumer}' produced non-finite weights")
     prune_unit(pruned, unit, keep.cpu(), weight=weight, bias_delta=bias_delta)
     report = LayerReport(
@@ -432,11 +439,20 @@ def prune(
     >>> import torch, recon
     >>> from recon.models import vgg11
     >>> net = vgg11(width=0.125).eval()
-    >>> result = recon.prune(net, torch.randn(8, 3, 32, 32), keep_ratio=0.5, progress=False)
+    >>> result = recon.prune(net, torch.randn(128, 3, 32, 32), keep_ratio=0.5, progress=False)
     >>> result.model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
     """
     t_start = time.perf_counter()
+    if isinstance(ignored_layers, str):
+        ignored_layers = (ignored_layers,)
+    elif isinstance(ignored_layers, Iterable):
+        ignored_layers = tuple(ignored_layers)  # a generator is read once only
+    else:
+        raise TypeError(
+            "The 'ignored_layers' argument must be an iterable of layer names. "
+            f"Got {type(ignored_layers).__name__} instead."
+        )
     _check_args(method, reconstruct, samples_per_image, max_images, seed, round_to)
     _check_model(model)
     if not isinstance(inplace, bool):
@@ -445,7 +461,7 @@ def prune(
         dev = torch.device(device) if device is not None else _model_device(model)
     except (RuntimeError, TypeError) as exc:
         raise _bad("device", "a torch device such as 'cpu' or 'cuda:0'", device) from exc
-    batches = _calibration_batches(calib, max_images, dev)
+    batches = _calibration_batches(calib, max_images, dev, _model_dtype(model))
     graph = find_units(model)
     if not graph.units:
         reasons = "; ".join(f"'{k}': {v}" for k, v in list(graph.skipped.items())[:5])
@@ -519,6 +535,9 @@ def prune(
             kept[unit.name] = keep.tolist()
             del stats
         out_err = _output_error(original, pruned, batches)
+    for unit in graph.units:  # units left whole keep every channel
+        kept.setdefault(unit.name, list(range(unit.width)))
+    kept = {u.name: kept[u.name] for u in graph.units}
     flops_after, _ = _budget.count_flops(pruned, example)
     for name, m in pruned.named_modules():
         if name in modes:
@@ -536,6 +555,13 @@ def prune(
     )
     counts = {u.name: targets[u.name] for u in graph.units}
     return PruneResult(model=pruned, report=report, channels=counts, kept=kept)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
 
 
 def _model_device(model: nn.Module) -> torch.device:

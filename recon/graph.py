@@ -16,6 +16,7 @@ works. This module sees modules only.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -217,21 +218,39 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
     modules = dict(gm.named_modules())
     units: list[Unit] = []
     skipped: dict[str, str] = {}
+    # A module called more than once (shared weights) cannot be sliced for one call only.
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         m = modules[node.target]
-        if not isinstance(m, nn.Conv2d):
+        if not isinstance(m, nn.Conv2d) or node.target in skipped:
             continue
         reason = _supported_conv(m)
+        if reason is None and calls[node.target] > 1:
+            reason = f"forward() calls it {calls[node.target]} times (shared weights)"
         if reason is not None:
             skipped[node.target] = reason
             continue
         unit_or_reason = _follow(node, m, modules)
         if isinstance(unit_or_reason, Unit):
+            shared = [
+                n for n in (unit_or_reason.consumer, *unit_or_reason.channelwise) if calls[n] > 1
+            ]
+            if shared:
+                unit_or_reason = (
+                    f"its output flows into '{shared[0]}', which forward() calls "
+                    f"{calls[shared[0]]} times (shared weights)"
+                )
+        if isinstance(unit_or_reason, Unit):
             units.append(unit_or_reason)
         else:
             skipped[node.target] = unit_or_reason
+    # Convolutions that fx traced through (a Conv2d subclass is not a leaf module) or that
+    # forward() never calls are no call_module node: record why they cannot be pruned.
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and name not in calls and name not in skipped:
+            skipped[name] = _supported_conv(m) or "forward() does not call it as a module"
     return Graph(units=units, skipped=skipped, graph_module=gm)
 
 
