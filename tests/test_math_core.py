@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import Lasso
+from torch.nn import functional as F
 
+from recon.sampling import gather_patches, gather_targets, sample_positions
 from recon.select import lasso, lasso_coef, thinet
 from recon.solve import channel_error, lstsq, patch_error, scale
 from recon.stats import ChannelStats, PatchStats, channel_gram
@@ -166,3 +168,43 @@ def test_rank_deficient_gram_gives_finite_weights():
     A, b = st.channel_problem(W)
     for k in range(1, 5):
         assert len(lasso(A, b, k)) == k and len(thinet(A, b, k)) == k
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation",
+    [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 1, 1), (5, 1, 2, 2), ((3, 1), (2, 1), (0, 1), 1)],
+)
+def test_patches_at_sampled_positions_equal_unfold(kernel, stride, padding, dilation):
+    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 3, 11, 9)
+    y = conv(x)
+    ho, wo = y.shape[2:]
+    pos = sample_positions(2, ho * wo, 7, seed=0, layer=1)
+    ph, pw = conv.padding
+    patches = gather_patches(
+        x,
+        pos,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=(pw, pw, ph, ph),
+        dilation=conv.dilation,
+        out_width=wo,
+    )
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, ck, L)
+    ref = torch.stack([cols[i, :, pos[i]].T for i in range(2)]).reshape(-1, cols.shape[1])
+    torch.testing.assert_close(patches, ref)
+    # the conv output at those positions is the patch times the flattened weight
+    out = patches @ conv.weight.reshape(4, -1).T + conv.bias
+    torch.testing.assert_close(out, gather_targets(y, pos), atol=1e-5, rtol=1e-5)
+
+
+def test_positions_are_seeded_per_image_and_distinct():
+    whole = sample_positions(6, 50, 10, seed=3, layer=7)
+    split = torch.cat(
+        [sample_positions(2, 50, 10, seed=3, layer=7, image_offset=i) for i in (0, 2, 4)]
+    )
+    assert torch.equal(whole, split)  # independent of batching
+    assert all(len(set(row.tolist())) == 10 for row in whole)
+    assert int(whole.min()) >= 0 and int(whole.max()) < 50
+    assert not torch.equal(whole, sample_positions(6, 50, 10, seed=4, layer=7))
+    assert torch.equal(sample_positions(2, 12, None, seed=0, layer=0)[1], torch.arange(12))
