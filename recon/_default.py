@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._utils import model_device
 from .data import load_digits_split
 from .models import digits_vgg
 
@@ -34,12 +35,6 @@ DEFAULT_EPOCHS = 12
 DEFAULT_LR = 0.05
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SEED = 0
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 def train(
@@ -96,7 +91,7 @@ def train(
             f"The 'x' and 'y' parameters of train must hold the same number (>= 1) of "
             f"samples. Got {len(x)} and {len(y)} instead."
         )
-    device = _model_device(model)
+    device = model_device(model)
     x, y = x.to(device), y.to(device)
     n = len(y)
     steps = epochs * math.ceil(n / batch_size)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import budget as _budget
+from ._utils import model_device, model_dtype
 from .graph import Graph, Unit, find_units
 from .report import LayerReport, Report
 from .sampling import _mix, gather_patches, gather_targets, layer_key, sample_positions
@@ -458,10 +459,10 @@ def prune(
     if not isinstance(inplace, bool):
         raise TypeError(f"The 'inplace' argument must be a bool. Got {inplace!r} instead.")
     try:
-        dev = torch.device(device) if device is not None else _model_device(model)
+        dev = torch.device(device) if device is not None else model_device(model)
     except (RuntimeError, TypeError) as exc:
         raise _bad("device", "a torch device such as 'cpu' or 'cuda:0'", device) from exc
-    batches = _calibration_batches(calib, max_images, dev, _model_dtype(model))
+    batches = _calibration_batches(calib, max_images, dev, model_dtype(model))
     graph = find_units(model)
     if not graph.units:
         reasons = "; ".join(f"'{k}': {v}" for k, v in list(graph.skipped.items())[:5])
@@ -555,18 +556,3 @@ def prune(
     )
     counts = {u.name: targets[u.name] for u in graph.units}
     return PruneResult(model=pruned, report=report, channels=counts, kept=kept)
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for t in model.parameters():
-        if t.is_floating_point():
-            return t.dtype
-    return torch.get_default_dtype()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -6,16 +6,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._utils import model_device
+
 __all__ = ["evaluate", "load_digits_split"]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter (or buffer) of ``model``; CPU if it has none."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def load_digits_split(
@@ -130,7 +123,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256) -
             f"The 'batch_size' parameter of evaluate must be an int >= 1. "
             f"Got {batch_size!r} instead."
         )
-    device = _model_device(model)
+    device = model_device(model)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     correct = 0

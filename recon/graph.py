@@ -25,31 +25,7 @@ from torch import fx, nn
 
 __all__ = ["Graph", "Unit", "find_units", "trace"]
 
-# Modules that act on each channel separately (and keep the channel dimension).
-_CHANNELWISE_MODULES = (
-    nn.BatchNorm2d,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,  # only the single-parameter form: checked below
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Mish,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.Identity,
-)
-# Element-wise modules that may also follow a flatten.
+# Element-wise modules: allowed between producer and consumer, also after a flatten.
 _ELEMENTWISE_MODULES = (
     nn.ReLU,
     nn.ReLU6,
@@ -65,6 +41,17 @@ _ELEMENTWISE_MODULES = (
     nn.Mish,
     nn.Dropout,
     nn.Identity,
+)
+# Modules that act on each channel separately (and keep the channel dimension).
+_CHANNELWISE_MODULES = (
+    *_ELEMENTWISE_MODULES,
+    nn.BatchNorm2d,
+    nn.PReLU,  # only the single-parameter form: checked in _follow
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout2d,
 )
 _ELEMENTWISE_FUNCTIONS = {
     F.relu,
