@@ -105,19 +105,21 @@ def channel_gram(G: Tensor, C: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     ----------
     G : Tensor, shape (c*k, c*k)
     C : Tensor, shape (c*k, n)
-    weight : Tensor, shape (n, c, k) or (n, c, kh, kw) or (n, c*k)
+    weight : Tensor, shape (n, c, k) or (n, c, kh, kw)
 
     Returns
     -------
     A : Tensor, shape (c, c), float64
     b : Tensor, shape (c,), float64
     """
-    n = weight.shape[0]
+    if weight.dim() < 3:
+        raise ValueError(
+            "The 'weight' argument must have shape (n, c, k) or (n, c, kh, kw). "
+            f"Got shape {tuple(weight.shape)} instead."
+        )
+    n, c = weight.shape[:2]
     d = G.shape[0]
     w = weight.reshape(n, d).to(G.device, torch.float64)  # (n, c*k)
-    c = weight.shape[1] if weight.dim() >= 3 else None
-    if c is None:
-        raise ValueError("weight must have shape (n, c, k) or (n, c, kh, kw)")
     k = d // c
     # A = Σ_{p,q} G[(i,p),(j,q)] (WᵀW)[(i,p),(j,q)]: one elementwise product, O((ck)²) memory.
     A = (G * (w.T @ w)).reshape(c, k, c, k).sum(dim=(1, 3))

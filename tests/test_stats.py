@@ -1,0 +1,171 @@
+"""Streaming sufficient statistics against sums computed on materialised samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recon.stats import ChannelStats, PatchStats, channel_gram
+
+
+def data(seed: int, N: int = 60, c: int = 4, k: int = 9, n: int = 5):
+    """Patches X (N, c*k), targets Y (N, n), not centred, float32 like a model's activations."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, c * k, generator=g) + torch.randn(1, c * k, generator=g)
+    Y = torch.randn(N, n, generator=g) + 0.5
+    return X, Y
+
+
+def accumulate(X, Y, c, k, splits) -> PatchStats:
+    st = PatchStats(c, k, Y.shape[1])
+    for xb, yb in zip(X.split(splits), Y.split(splits), strict=True):
+        st.update(xb, yb)
+    return st
+
+
+def reference(X, Y):
+    X, Y = X.double(), Y.double()
+    return {
+        "G": X.T @ X,
+        "C": X.T @ Y,
+        "s": X.sum(0),
+        "t": Y.sum(0),
+        "yy": (Y * Y).sum(),
+    }
+
+
+def contributions(X, W):
+    """Z (c, N, n): Z_i = X_i W_iᵀ, channel i's contribution to every output of every sample."""
+    n, c = W.shape[:2]
+    Xc = X.double().reshape(X.shape[0], c, -1)
+    return torch.einsum("bck,nck->cbn", Xc, W.double().reshape(n, c, -1))
+
+
+@pytest.mark.parametrize("splits", [60, 1, 7, [10, 25, 25], [59, 1]])
+def test_update_in_batches_equals_sums_at_once(splits):
+    X, Y = data(0)
+    st = accumulate(X, Y, 4, 9, splits)
+    ref = reference(X, Y)
+    for name, value in ref.items():
+        got = getattr(st, name)
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got, value, rtol=1e-12, atol=1e-10, msg=name)
+    assert st.count == 60
+
+
+def test_fresh_accumulator_is_zero_and_shaped():
+    st = PatchStats(3, 4, 2)
+    assert st.G.shape == (12, 12) and st.C.shape == (12, 2)
+    assert st.s.shape == (12,) and st.t.shape == (2,) and st.yy.shape == ()
+    assert st.count == 0
+    assert all(float(t.abs().sum()) == 0.0 for t in st.tensors())
+
+
+def test_merge_of_two_halves_equals_whole():
+    X, Y = data(1)
+    whole = accumulate(X, Y, 4, 9, 60)
+    first = accumulate(X[:23], Y[:23], 4, 9, 5)
+    second = accumulate(X[23:], Y[23:], 4, 9, 11)
+    merged = first.merge_(second)
+    assert merged is first
+    assert merged.count == whole.count == 60
+    for a, b in zip(merged.tensors(), whole.tensors(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-10)
+    # the other accumulator is left as it was
+    torch.testing.assert_close(second.G, reference(X[23:], Y[23:])["G"])
+
+
+def test_tensors_fixed_order():
+    X, Y = data(2)
+    st = accumulate(X, Y, 4, 9, 20)
+    G, C, s, t, yy = st.tensors()
+    assert G is st.G and C is st.C and s is st.s and t is st.t and yy is st.yy
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kh, kw", [(3, 3), (1, 1), (3, 1)])
+def test_channel_gram_equals_materialised_contributions(seed, kh, kw):
+    c, n = 5, 4
+    X, Y = data(seed, N=40, c=c, k=kh * kw, n=n)
+    g = torch.Generator().manual_seed(100 + seed)
+    W = torch.randn(n, c, kh, kw, generator=g)  # conv-shaped
+    st = accumulate(X, Y, c, kh * kw, 13)
+    A, b = channel_gram(st.G, st.C, W)
+    Z = contributions(X, W)  # (c, N, n)
+    A_ref = torch.einsum("ibn,jbn->ij", Z, Z)  # <Z_i, Z_j> over samples and outputs
+    b_ref = torch.einsum("ibn,bn->i", Z, Y.double())
+    assert A.shape == (c, c) and b.shape == (c,)
+    assert A.dtype == b.dtype == torch.float64
+    torch.testing.assert_close(A, A_ref, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(b, b_ref, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(A, A.T)
+    assert float(torch.linalg.eigvalsh(A).min()) > -1e-8 * float(A.diagonal().max())
+    # the same through the method, and with the taps flattened
+    for A2, b2 in (st.channel_problem(W), channel_gram(st.G, st.C, W.reshape(n, c, -1))):
+        torch.testing.assert_close(A2, A)
+        torch.testing.assert_close(b2, b)
+
+
+def test_channel_gram_known_answer():
+    # one sample, two channels with one tap, one output: Z_i = x_i * w_i
+    G = torch.tensor([[4.0, 6.0], [6.0, 9.0]], dtype=torch.float64)  # x = (2, 3)
+    C = torch.tensor([[10.0], [15.0]], dtype=torch.float64)  # y = 5
+    W = torch.tensor([[[[1.0]], [[-2.0]]]])  # (1, 2, 1, 1)
+    A, b = channel_gram(G, C, W)
+    torch.testing.assert_close(A, torch.tensor([[4.0, -12.0], [-12.0, 36.0]], dtype=torch.float64))
+    torch.testing.assert_close(b, torch.tensor([10.0, -30.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_channel_stats_equal_patch_stats(seed):
+    c, k, n = 6, 4, 3
+    X, Y = data(seed, N=50, c=c, k=k, n=n)
+    W = torch.randn(n, c, k, generator=torch.Generator().manual_seed(seed + 7))
+    patch = accumulate(X, Y, c, k, 50)
+    chan = ChannelStats(W)
+    for xb, yb in zip(X.split(9), Y.split(9), strict=True):
+        chan.update(xb, yb)
+    A, b = patch.channel_problem(W)
+    A2, b2 = chan.channel_problem()
+    torch.testing.assert_close(A2, A, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(b2, b, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(chan.yy, patch.yy)
+    assert chan.count == patch.count == 50
+    # ignores a weight argument: the weights were fixed at construction
+    assert chan.channel_problem(torch.zeros(n, c, k))[0] is chan.A
+
+
+def test_channel_stats_merge():
+    c, k, n = 3, 2, 2
+    X, Y = data(4, N=30, c=c, k=k, n=n)
+    W = torch.randn(n, c, k, generator=torch.Generator().manual_seed(0))
+    whole, a, b = ChannelStats(W), ChannelStats(W), ChannelStats(W)
+    whole.update(X, Y)
+    a.update(X[:12], Y[:12])
+    b.update(X[12:], Y[12:])
+    a.merge_(b)
+    assert a.count == 30
+    for x, y in zip(a.tensors(), whole.tensors(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-10)
+
+
+def test_memory_does_not_grow_with_samples():
+    c, k, n = 4, 9, 5
+    W = torch.randn(n, c, k, generator=torch.Generator().manual_seed(0))
+    shapes = []
+    for N in (3, 300):
+        X, Y = data(5, N=N, c=c, k=k, n=n)
+        patch = accumulate(X, Y, c, k, 7)
+        chan = ChannelStats(W)
+        chan.update(X, Y)
+        shapes.append([t.shape for t in patch.tensors()] + [t.shape for t in chan.tensors()])
+        assert patch.count == chan.count == N
+    assert shapes[0] == shapes[1]
+    assert shapes[0][:5] == [(36, 36), (36, 5), (36,), (5,), ()]
+    assert shapes[0][5:] == [(4, 4), (4,), ()]
+
+
+def test_channel_gram_rejects_flat_weight_naming_it():
+    st = PatchStats(2, 3, 4)
+    with pytest.raises(ValueError, match=r"'weight'.*\(4, 6\)"):
+        channel_gram(st.G, st.C, torch.zeros(4, 6))  # c cannot be told from (n, c*k)
