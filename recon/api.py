@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from . import budget as _budget
 from ._utils import model_device, model_dtype
-from .graph import Graph, Unit, find_units
+from .graph import Block, Graph, Unit, find_units, trace
+from .layers import SampledConv2d
 from .report import LayerReport, Report
 from .sampling import _mix, gather_patches, gather_targets, layer_key, sample_positions
 from .select import METHODS, select_channels
@@ -186,35 +187,108 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
+class _Capture(fx.Interpreter):
+    """Runs a traced model, handing the values of some nodes to ``keep(name, value)``.
+
+    Stops the forward pass (``_StopForward``) once every named node has been computed,
+    unless ``to_end``; values no later node needs are freed on the way.
+    """
+
+    def __init__(self, gm: fx.GraphModule, names: Iterable[str], keep, *, to_end=False):
+        super().__init__(gm, garbage_collect_values=True)
+        self.names, self.keep, self.to_end = set(names), keep, to_end
+        self.seen = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.keep(n.name, out)
+            self.seen += 1
+            if self.seen == len(self.names) and not self.to_end:
+                raise _StopForward
+        return out
+
+
+def _run(gm: fx.GraphModule, x: Tensor, names: Iterable[str], keep, *, to_end=False) -> Any:
+    try:
+        return _Capture(gm, names, keep, to_end=to_end).run(x)
+    except _StopForward:
+        return None
+
+
+def _node(gm: fx.GraphModule, target: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
+    """Per-channel factor ``a`` of an eval-mode BatchNorm ``a * z + d``, in float64."""
+    a = (bn.running_var.double() + bn.eps).rsqrt()
+    return a * bn.weight.detach().double() if bn.affine else a
+
+
+@dataclass
+class _Target:
+    """The block-sum target of a residual branch's last conv (He et al.).
+
+    The block computes ``a * z + d + shortcut``; re-fitting the conv's output ``z`` to
+    ``a * y + shortcut - shortcut'`` (original conv output ``y``, original and pruned
+    shortcuts) in units of the block's sum reconstructs the sum, not the branch alone.
+    """
+
+    shortcut: str  # fx node name of the shortcut operand of the add
+    scale: Tensor  # (n,) float64: a, the BatchNorm's per-channel factor (ones if none)
+
+
 def _accumulate(
     unit: Unit,
-    original: nn.Module,
-    pruned: nn.Module,
+    gm_o: fx.GraphModule,
+    gm_p: fx.GraphModule,
     batches: list[Tensor],
     *,
+    target: _Target | None,
     samples_per_image: int | None,
     seed: int,
     progress: bool,
 ) -> PatchStats | ChannelStats:
-    """One pass over the calibration set: X from ``pruned``, Y from ``original``."""
-    consumer_o = original.get_submodule(unit.consumer)
-    consumer_p = pruned.get_submodule(unit.consumer)
-    weight = consumer_p.weight.detach()
+    """One pass over the calibration set: X from the pruned net, Y from the original."""
+    consumer = gm_p.get_submodule(unit.consumer)
+    weight = consumer.weight.detach()
     n = weight.shape[0]
     c, k = unit.width, unit.taps
     device = weight.device
     if c * k <= MAX_PATCH_DIM:
         stats: PatchStats | ChannelStats = PatchStats(c, k, n, device=device)
     else:
-        stats = ChannelStats(weight.reshape(n, c, k), device=device)
+        w = weight.reshape(n, c, k)
+        if target is not None:
+            w = w * target.scale.to(device, w.dtype)[:, None, None]
+        stats = ChannelStats(w, device=device)
     key = layer_key(unit.name)
-    captured: dict[str, Tensor] = {}
+    out_node = _node(gm_o, unit.consumer).name
+    in_node = _node(gm_p, unit.consumer).args[0].name
+    got: dict[str, Tensor] = {}
 
-    def take_y(module, inputs, output):
-        y = output.detach()
-        if module.bias is not None:
-            shape = (1, -1) + (1,) * (y.dim() - 2)
-            y = y - module.bias.detach().view(shape)
+    def keep_o(name: str, v: Tensor) -> None:
+        got["o:" + name] = v.detach()
+
+    def keep_p(name: str, v: Tensor) -> None:
+        got["p:" + name] = v.detach()
+
+    names_o = [out_node] + ([target.shortcut] if target is not None else [])
+    names_p = [in_node] + ([target.shortcut] if target is not None else [])
+    offset = 0
+    bar = tqdm(batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch")
+    for xb in bar:
+        got.clear()
+        _run(gm_o, xb, names_o, keep_o)
+        _run(gm_p, xb, names_p, keep_p)
+        y = got["o:" + out_node]
+        bias = gm_o.get_submodule(unit.consumer).bias
+        if bias is not None:
+            y = y - bias.detach().view((1, -1) + (1,) * (y.dim() - 2))
+        x = got["p:" + in_node]
+        if isinstance(consumer, SampledConv2d):
+            x = consumer.sampler(x)
         if unit.consumer_kind == "conv":
             pos = sample_positions(
                 y.shape[0],
@@ -222,68 +296,75 @@ def _accumulate(
                 samples_per_image,
                 seed=seed,
                 layer=key,
-                image_offset=captured["offset"],
+                image_offset=offset,
                 device=y.device,
             )
-            captured["positions"] = pos
-            captured["out_width"] = y.shape[3]
-            y = gather_targets(y, pos)
-        captured["y"] = y
-        raise _StopForward
-
-    def take_x(module, inputs):
-        x = inputs[0].detach()
-        if unit.consumer_kind == "conv":
             x = gather_patches(
                 x,
-                captured["positions"],
-                kernel_size=module.kernel_size,
-                stride=module.stride,
-                padding=_conv_padding(module),
-                dilation=module.dilation,
-                out_width=captured["out_width"],
+                pos,
+                kernel_size=consumer.kernel_size,
+                stride=consumer.stride,
+                padding=_conv_padding(consumer),
+                dilation=consumer.dilation,
+                out_width=y.shape[3],
             )
+            y = gather_targets(y, pos)
+            if target is not None:
+                sc_o = gather_targets(got["o:" + target.shortcut], pos)
+                sc_p = gather_targets(got["p:" + target.shortcut], pos)
+                y = y * target.scale.to(y.device, y.dtype) + (sc_o - sc_p)
         else:
             x = x.reshape(x.shape[0], -1)
-        captured["x"] = x
-        raise _StopForward
-
-    h_o = consumer_o.register_forward_hook(take_y)
-    h_p = consumer_p.register_forward_pre_hook(take_x)
-    offset = 0
-    try:
-        bar = tqdm(batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch")
-        for xb in bar:
-            captured.clear()
-            captured["offset"] = offset
-            for model in (original, pruned):
-                try:
-                    model(xb)
-                except _StopForward:
-                    pass
-            if "y" not in captured or "x" not in captured:
-                raise RuntimeError(
-                    f"layer '{unit.consumer}' was not reached in forward(); recon cannot "
-                    "collect its statistics."
-                )
-            x, y = captured["x"], captured["y"]
-            for i in range(0, x.shape[0], _ROWS_PER_UPDATE):
-                stats.update(x[i : i + _ROWS_PER_UPDATE], y[i : i + _ROWS_PER_UPDATE])
-            offset += xb.shape[0]
-    finally:
-        h_o.remove()
-        h_p.remove()
+        for i in range(0, x.shape[0], _ROWS_PER_UPDATE):
+            stats.update(x[i : i + _ROWS_PER_UPDATE], y[i : i + _ROWS_PER_UPDATE])
+        offset += xb.shape[0]
     return stats
 
 
-def _output_error(original: nn.Module, pruned: nn.Module, batches: list[Tensor]) -> float:
-    num = den = 0.0
+def _final_errors(
+    gm_o: fx.GraphModule,
+    gm_p: fx.GraphModule,
+    batches: list[Tensor],
+    blocks: list[Block],
+    *,
+    samples_per_image: int | None,
+    seed: int,
+) -> tuple[float | None, dict[str, float]]:
+    """Relative errors of the network output and of each block's output (sampled)."""
+    names = {b.add: b.name for b in blocks}
+    sums = {b.name: [0.0, 0.0] for b in blocks}  # block -> [err², ref²]
+    out: list[float] | None = [0.0, 0.0]
+    ref: dict[str, tuple[Tensor, Tensor]] = {}  # add node -> (positions, original values)
+    offset = [0]
+
+    def keep_o(name: str, v: Tensor) -> None:
+        pos = sample_positions(
+            v.shape[0],
+            v.shape[2] * v.shape[3],
+            samples_per_image,
+            seed=seed,
+            layer=layer_key(name),
+            image_offset=offset[0],
+            device=v.device,
+        )
+        ref[name] = (pos, gather_targets(v.detach(), pos).double())
+
+    def keep_p(name: str, v: Tensor) -> None:
+        pos, r = ref.pop(name)
+        sums[names[name]][0] += float(((gather_targets(v.detach(), pos) - r) ** 2).sum())
+        sums[names[name]][1] += float((r**2).sum())
+
     for xb in batches:
-        ref = original(xb).double()
-        out = pruned(xb).double()
-        num += float(((out - ref) ** 2).sum())
-        den += float((ref**2).sum())
-    return num / den if den > 0 else 0.0
+        y_o = _run(gm_o, xb, names, keep_o, to_end=True)
+        y_p = _run(gm_p, xb, names, keep_p, to_end=True)
+        if isinstance(y_o, Tensor) and isinstance(y_p, Tensor) and out is not None:
+            out[0] += float(((y_p.double() - y_o.double()) ** 2).sum())
+            out[1] += float((y_o.double() ** 2).sum())
+        else:
+            out = None
+        offset[0] += xb.shape[0]
+    out_err = None if out is None else (out[0] / out[1] if out[1] > 0 else 0.0)
+    return out_err, {k: (e / r if r > 0 else 0.0) for k, (e, r) in sums.items()}
 
 
 # --------------------------------------------------------------------------- one unit
@@ -298,17 +379,30 @@ def _prune_one(
     method: str,
     reconstruct: str,
     seed: int,
+    row_scale: Tensor | None = None,
 ) -> tuple[Tensor, LayerReport]:
+    """Select ``target`` channels of ``unit`` from ``stats``, re-fit, and cut.
+
+    With ``row_scale`` (a block-sum target), the statistics are in units of the block's
+    sum: the consumer's output rows are scaled by it for selection and re-fitting, and
+    the re-fitted rows scaled back.
+    """
     t0 = time.perf_counter()
-    producer = pruned.get_submodule(unit.producer)
     consumer = pruned.get_submodule(unit.consumer)
     n = consumer.weight.shape[0]
     w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
-    A, b = stats.channel_problem(w_cons)
+    a = None
+    if row_scale is not None:
+        a = row_scale.to(w_cons.device)
+        A, b = stats.channel_problem(w_cons.double() * a[:, None, None])
+    else:
+        A, b = stats.channel_problem(w_cons)
     scores = None
-    if method == "l1":
+    note = "block target" if a is not None else ""
+    if method == "l1" and unit.producer is not None:
+        producer = pruned.get_submodule(unit.producer)
         scores = producer.weight.detach().abs().reshape(unit.width, -1).sum(1)
-    elif method == "max_response":
+    elif method in ("l1", "max_response"):
         scores = w_cons.abs().sum(dim=(0, 2), dtype=torch.float64)
     keep = select_channels(
         method,
@@ -320,12 +414,13 @@ def _prune_one(
         seed=_mix(seed, layer_key(unit.name)),
     ).to(A.device)
     err_before = channel_error(A, b, stats.yy, keep)
-    note = ""
     weight = bias_delta = None
     mode = reconstruct
     if mode == "lstsq" and isinstance(stats, ChannelStats):
         mode = "scale"
-        note = f"lstsq->scale (c*k={unit.width * unit.taps} too wide for a patch Gram)"
+        note = ", ".join(
+            filter(None, [note, f"lstsq->scale (c*k={unit.width * unit.taps} too wide)"])
+        )
     if mode == "lstsq":
         unknowns = int(keep.numel()) * unit.taps + 1
         if stats.count < unknowns:
@@ -337,6 +432,12 @@ def _prune_one(
             )
         weight, bias_delta = lstsq(stats, keep, fit_bias=True)
         err_after = patch_error(stats, keep, weight, bias_delta)
+        if a is not None:  # back from units of the block's sum to the conv's output
+            live = a.abs() > 1e-12 * a.abs().max()
+            safe = torch.where(live, a, torch.ones_like(a))
+            old = w_cons[:, keep.to(w_cons.device)].reshape(n, -1).double()
+            weight = torch.where(live[:, None], weight / safe[:, None], old)
+            bias_delta = torch.where(live, bias_delta / safe, torch.zeros_like(bias_delta))
     elif mode == "scale":
         s = scale(A, b, keep)
         err_after = channel_error(A, b, stats.yy, keep, s)
@@ -348,7 +449,7 @@ def _prune_one(
     prune_unit(pruned, unit, keep.cpu(), weight=weight, bias_delta=bias_delta)
     report = LayerReport(
         name=unit.name,
-        kind="conv",
+        kind="sampler" if unit.kind == "sampler" else "conv",
         channels_before=unit.width,
         channels_after=int(keep.numel()),
         method=method,
@@ -377,6 +478,8 @@ def prune(
     max_images: int | None = None,
     ignored_layers: Iterable[str] = (),
     round_to: int = 1,
+    sampler_layers: bool = True,
+    block_target: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
     inplace: bool = False,
@@ -394,6 +497,13 @@ def prune(
 
     (``reconstruct="lstsq"``). The producer's output channels, the BatchNorms between
     and the consumer's inputs are then removed physically.
+
+    In a residual network the channels that meet in an ``add`` are never removed: the
+    inner channels of each block are ordinary units, and a *sampler layer* in front of
+    each branch's first conv lets the branch read only some of the block's input
+    channels (He et al. 2017). The last conv of a branch is re-fitted against the
+    block's sum, ``y_branch + y_shortcut - y'_shortcut``, so that the errors of the
+    shortcut are compensated too.
 
     Parameters
     ----------
@@ -421,6 +531,12 @@ def prune(
         Units never pruned.
     round_to : int, default 1
         Channel counts are rounded to a multiple of this (or the full width).
+    sampler_layers : bool, default True
+        Put sampler layers in front of residual branches (units named
+        ``"<first conv>.sampler"``); False prunes only the blocks' inner channels.
+    block_target : bool, default True
+        Re-fit the last conv of each residual branch against the block's sum (branch
+        plus shortcut, compensating the shortcut's error) rather than the branch alone.
     seed : int, default 0
         Seeds position sampling and the ``random`` method.
     device : str or torch.device, optional
@@ -434,6 +550,13 @@ def prune(
     -------
     PruneResult
         ``.model``, ``.report``, ``.channels``, ``.kept``.
+
+    Raises
+    ------
+    ValueError
+        For a bad argument, or a model with a pattern recon does not support (grouped
+        or depthwise convolutions, a residual add of two conv branches), before any
+        calibration work.
 
     Examples
     --------
@@ -456,14 +579,29 @@ def prune(
         )
     _check_args(method, reconstruct, samples_per_image, max_images, seed, round_to)
     _check_model(model)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"The 'inplace' argument must be a bool. Got {inplace!r} instead.")
+    for arg, value in (
+        ("inplace", inplace),
+        ("sampler_layers", sampler_layers),
+        ("block_target", block_target),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"The '{arg}' argument must be a bool. Got {value!r} instead.")
     try:
         dev = torch.device(device) if device is not None else model_device(model)
     except (RuntimeError, TypeError) as exc:
         raise _bad("device", "a torch device such as 'cpu' or 'cuda:0'", device) from exc
-    batches = _calibration_batches(calib, max_images, dev, model_dtype(model))
     graph = find_units(model)
+    if graph.unsupported:
+        where, why = next(iter(graph.unsupported.items()))
+        more = len(graph.unsupported) - 1
+        raise ValueError(
+            f"recon cannot prune this {type(model).__name__}: at '{where}', {why}"
+            + (f" (and {more} more such place(s))" if more else "")
+            + ". No channels were removed."
+        )
+    if not sampler_layers:
+        graph.units = [u for u in graph.units if u.kind != "sampler"]
+    batches = _calibration_batches(calib, max_images, dev, model_dtype(model))
     if not graph.units:
         reasons = "; ".join(f"'{k}': {v}" for k, v in list(graph.skipped.items())[:5])
         raise ValueError(
@@ -487,7 +625,8 @@ def prune(
         ) from exc
     flops_before, module_flops = _budget.count_flops(original, example)
     budget_units = [
-        _budget.BudgetUnit(u.name, u.width, (u.producer,), (u.consumer,)) for u in graph.units
+        _budget.BudgetUnit(u.name, u.width, (u.producer,) if u.producer else (), (u.consumer,))
+        for u in graph.units
     ]
     targets = _budget.resolve_channels(
         budget_units,
@@ -504,6 +643,7 @@ def prune(
     # Everything above validates; only now is a model changed.
     pruned = model if inplace else copy.deepcopy(model)
     pruned.to(dev).eval()
+    gm_o, gm_p = trace(original), trace(pruned)  # run node by node, sharing the modules
     layers: list[LayerReport] = []
     kept: dict[str, list[int]] = {}
     todo = [u for u in graph.units if targets[u.name] < u.width]
@@ -512,11 +652,19 @@ def prune(
         for unit in bar:
             bar.set_postfix_str(f"{unit.name} {unit.width}->{targets[unit.name]}")
             t0 = time.perf_counter()
+            block = graph.block_of(unit.consumer) if block_target else None
+            target = None
+            if block is not None and block.linear_tail:
+                bn = block.bn and pruned.get_submodule(block.bn)
+                n_out = pruned.get_submodule(unit.consumer).out_channels
+                a = _bn_scale(bn) if bn else torch.ones(n_out, dtype=torch.float64, device=dev)
+                target = _Target(shortcut=block.shortcut, scale=a)
             stats = _accumulate(
                 unit,
-                original,
-                pruned,
+                gm_o,
+                gm_p,
                 batches,
+                target=target,
                 samples_per_image=samples_per_image,
                 seed=seed,
                 progress=progress,
@@ -530,12 +678,22 @@ def prune(
                 method=method,
                 reconstruct=reconstruct,
                 seed=seed,
+                row_scale=None if target is None else target.scale,
             )
+            if unit.kind == "sampler":  # a new module: the traced copy must call it too
+                gm_p.set_submodule(unit.consumer, pruned.get_submodule(unit.consumer))
             row.seconds += t_stats
             layers.append(row)
             kept[unit.name] = keep.tolist()
             del stats
-        out_err = _output_error(original, pruned, batches)
+        out_err, block_errors = _final_errors(
+            gm_o,
+            gm_p,
+            batches,
+            graph.blocks,
+            samples_per_image=samples_per_image,
+            seed=seed,
+        )
     for unit in graph.units:  # units left whole keep every channel
         kept.setdefault(unit.name, list(range(unit.width)))
     kept = {u.name: kept[u.name] for u in graph.units}
@@ -552,7 +710,8 @@ def prune(
         seconds=time.perf_counter() - t_start,
         method=method,
         reconstruct=reconstruct,
-        output_error=out_err if math.isfinite(out_err) else None,
+        output_error=out_err if out_err is not None and math.isfinite(out_err) else None,
+        blocks=block_errors,
     )
     counts = {u.name: targets[u.name] for u in graph.units}
     return PruneResult(model=pruned, report=report, channels=counts, kept=kept)

@@ -28,6 +28,8 @@ examples:
               --data calib.pt --speedup 4 --out vgg16_small.pt --report report.json
   recon prune --model mypkg.nets:make_vgg --weights net.pt --data calib.npy \\
               --method thinet --keep-ratio 0.5 --ignore features.0
+  recon prune --model torchvision:resnet50 --weights resnet50.pth --data calib.pt \
+              --speedup 2 --no-sampler-layers --out resnet50_small.pt
   recon eval --model vgg16_small.pt --data digits
 """
 
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument(
         "--channels",
         metavar="NAME=N,... | FILE.json",
-        help="channels kept per layer (layer = producer conv's qualified name)",
+        help="channels kept per layer (layer = producer conv's qualified name, or "
+        "CONV.sampler for a residual branch's sampler layer)",
     )
 
     m = p.add_argument_group("method")
@@ -141,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         metavar="N|all",
         help="output positions sampled per image and layer (default 10; 'all' for every one)",
+    )
+    m.add_argument(
+        "--sampler-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="residual nets: put sampler layers in front of each branch so it reads only "
+        "some of the block's input channels (default: on)",
+    )
+    m.add_argument(
+        "--block-target",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="residual nets: re-fit each branch's last conv against the block's sum, "
+        "compensating the shortcut's error (default: on)",
     )
     m.add_argument("--ignore", default="", metavar="NAME,...", help="layers never pruned")
     m.add_argument("--round-to", type=int, default=1, help="round channel counts to a multiple")
@@ -335,6 +352,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         ignored_layers=[s for s in args.ignore.split(",") if s],
         round_to=args.round_to,
+        sampler_layers=args.sampler_layers,
+        block_target=args.block_target,
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,

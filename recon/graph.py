@@ -10,7 +10,16 @@ Each channel-wise op in between must have the producer's output as its only inpu
 a single user; a value with several users (a residual ``add``, a concatenation, a
 second head) couples channels and ends the search with a recorded reason. Units are
 found from the graph, not from class names, so any model built from standard layers
-works. This module sees modules only.
+works.
+
+Residual networks add a second kind of unit. Channels that meet in an ``add`` are
+coupled across a stage and never removed; instead a *sampler unit* lets a residual
+branch's first conv read only some of its input channels (see :mod:`recon.layers`)::
+
+    fork -> [channel-wise]* -> first conv -> ... -> last conv -> [BN] -> add
+      '----------------------- shortcut (identity or 1x1 conv + BN) ----'
+
+Each such ``add`` is described by a :class:`Block`. This module sees modules only.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["Graph", "Unit", "find_units", "trace"]
+from .layers import SampledConv2d
+
+__all__ = ["Block", "Graph", "Unit", "find_units", "trace"]
 
 # Element-wise modules: allowed between producer and consumer, also after a flatten.
 _ELEMENTWISE_MODULES = (
@@ -87,9 +98,11 @@ class Unit:
     Attributes
     ----------
     name : str
-        The producer's qualified module name (the name used in budgets and reports).
-    producer : str
-        Same as ``name`` for plain units.
+        The producer's qualified module name (the name used in budgets and reports);
+        for a sampler unit, the consumer's name + ``".sampler"``.
+    producer : str or None
+        Same as ``name`` for plain units; None for a sampler unit, whose channels are
+        not removed at their producer but skipped by a sampler in front of the consumer.
     consumer : str
         Module that reads the producer's channels (a conv, or a linear after flatten).
     consumer_kind : {"conv", "linear"}
@@ -102,25 +115,85 @@ class Unit:
     taps : int
         Consumer input features per channel: ``kh*kw`` for a conv, ``H*W`` for a linear
         after flatten.
+    kind : {"plain", "sampler"}
     """
 
     name: str
-    producer: str
+    producer: str | None
     consumer: str
     consumer_kind: str
     width: int
     taps: int
     channelwise: tuple[str, ...] = ()
     consumer_bn: str | None = None
+    kind: str = "plain"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A residual ``add`` whose one operand is a conv branch and the other a shortcut.
+
+    Attributes
+    ----------
+    name : str
+        The branch convs' common module prefix (``"layer1.0"``), else the add's node name.
+    add : str
+        Name of the fx node of the ``add``.
+    branch : str
+        fx node name of the branch operand of the add (its value is the branch output).
+    shortcut : str
+        fx node name of the shortcut operand.
+    convs : tuple of str
+        The branch's convolutions in forward order (a chain of plain units).
+    bn : str or None
+        A BatchNorm between the last branch conv and the add.
+    linear_tail : bool
+        Whether only that BatchNorm (or nothing, identity, dropout) lies between the
+        last conv and the add, so that the block's sum is affine in the conv's output:
+        the condition for re-fitting the last conv against the block's sum.
+    sampler : bool
+        Whether a sampler layer may be put in front of the first branch conv (its
+        input is coupled, and it is not the network's input).
+    """
+
+    name: str
+    add: str
+    branch: str
+    shortcut: str
+    convs: tuple[str, ...]
+    bn: str | None
+    linear_tail: bool
+    sampler: bool
+
+    @property
+    def first(self) -> str:
+        return self.convs[0]
+
+    @property
+    def last(self) -> str:
+        return self.convs[-1]
 
 
 @dataclass
 class Graph:
-    """Units of a model in forward order, and why other convolutions are not units."""
+    """Units of a model in forward order, and why other convolutions are not units.
+
+    ``unsupported`` names the modules (or nodes) in a pattern recon refuses to prune
+    around, with the reason; :func:`recon.prune` raises on any of them.
+    """
 
     units: list[Unit]
     skipped: dict[str, str] = field(default_factory=dict)
     graph_module: fx.GraphModule | None = None
+    blocks: list[Block] = field(default_factory=list)
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+    def block_of(self, conv: str) -> Block | None:
+        """The residual block whose last branch conv is ``conv``, if any."""
+        for b in self.blocks:
+            if b.last == conv:
+                return b
+        return None
 
     def unit(self, name: str) -> Unit:
         for u in self.units:
@@ -133,10 +206,19 @@ class Graph:
         return [u.name for u in self.units]
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, with recon's sampled convolutions kept as leaf modules."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, SampledConv2d) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``model``; a clear ``ValueError`` when it cannot be traced."""
     try:
-        return fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        name = type(model).__name__
+        return fx.GraphModule(model, graph, name)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, ...)
         raise ValueError(
             f"recon could not trace the model of type {type(model).__name__} with "
@@ -188,7 +270,7 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 def _supported_conv(m: nn.Module) -> str | None:
     """None when ``m`` is a conv recon can slice, else the reason it cannot."""
-    if not isinstance(m, nn.Conv2d) or type(m).__name__ not in ("Conv2d",):
+    if not isinstance(m, nn.Conv2d) or type(m) not in (nn.Conv2d, SampledConv2d):
         if isinstance(m, nn.Conv2d):
             return f"it is a {type(m).__name__}, a Conv2d subclass recon does not know"
         return "it is not a Conv2d"
@@ -238,7 +320,181 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and name not in calls and name not in skipped:
             skipped[name] = _supported_conv(m) or "forward() does not call it as a module"
-    return Graph(units=units, skipped=skipped, graph_module=gm)
+    unsupported = {
+        name: f"it is a grouped/depthwise convolution (groups={m.groups})"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups != 1
+    }
+    blocks = _find_blocks(gm, modules, calls, unsupported)
+    for block in blocks:
+        if not block.sampler:
+            continue
+        conv = modules[block.first]  # a SampledConv2d reads conv.in_channels of its input
+        units.append(
+            Unit(
+                name=f"{block.first}.sampler",
+                producer=None,
+                consumer=block.first,
+                consumer_kind="conv",
+                width=conv.in_channels,
+                taps=conv.kernel_size[0] * conv.kernel_size[1],
+                consumer_bn=_bn_after(_node_of(gm, block.first), modules),
+                kind="sampler",
+            )
+        )
+    order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
+    units.sort(key=lambda u: order[u.consumer])
+    return Graph(units, skipped, gm, blocks, unsupported)
+
+
+# --------------------------------------------------------------------------- residuals
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+# Between the last branch conv and the add: ops under which the sum stays affine.
+_LINEAR_TAIL = (nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.Dropout2d)
+
+
+def _node_of(gm: fx.GraphModule, target: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        return "alpha" not in node.kwargs
+    return node.op == "call_method" and node.target in ("add", "add_") and not node.kwargs
+
+
+def _channelwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a one-input op that acts on each channel separately."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return type(m) in _CHANNELWISE_MODULES and not (
+            isinstance(m, nn.PReLU) and m.num_parameters != 1
+        )
+    if node.op == "call_function":
+        return node.target in _CHANNELWISE_FUNCTIONS
+    return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+
+
+def _single_user(node: fx.Node) -> bool:
+    return len([u for u in node.users if not _is_size_query(u)]) == 1
+
+
+def _upstream(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The value above ``node``'s input, skipping channel-wise ops that have one user."""
+    cur = node.args[0] if node.args else None
+    while (
+        isinstance(cur, fx.Node)
+        and _channelwise(cur, modules)
+        and _single_user(cur)
+        and len(cur.all_input_nodes) == 1
+    ):
+        cur = cur.args[0]
+    return cur if isinstance(cur, fx.Node) else None
+
+
+def _is_conv(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
+    return (
+        node is not None
+        and node.op == "call_module"
+        and isinstance(modules[node.target], nn.Conv2d)
+    )
+
+
+def _tail(
+    operand: fx.Node, modules: dict[str, nn.Module]
+) -> tuple[fx.Node | None, str | None, bool]:
+    """Walk up from an add operand to the conv that produces it: (conv, bn, linear tail).
+
+    An operand that other nodes also read is the fork itself (an identity shortcut).
+    """
+    if not _single_user(operand):
+        return None, None, False
+    cur, bn, linear = operand, None, True
+    while not _is_conv(cur, modules):
+        if not (_channelwise(cur, modules) and len(cur.all_input_nodes) == 1):
+            return None, None, False
+        if cur is not operand and not _single_user(cur):
+            return None, None, False
+        if cur.op == "call_module" and isinstance(modules[cur.target], nn.BatchNorm2d):
+            if bn is not None:
+                linear = False
+            bn = cur.target
+        elif not (cur.op == "call_module" and type(modules[cur.target]) in _LINEAR_TAIL):
+            linear = False
+        cur = cur.args[0]
+    if cur is not operand and not _single_user(cur):
+        return None, None, False
+    return cur, bn, linear
+
+
+def _chain(last: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[fx.Node], fx.Node | None]:
+    """The convs of a branch ending at ``last`` (forward order) and the value it forks from."""
+    convs = [last]
+    while True:
+        up = _upstream(convs[0], modules)
+        if _is_conv(up, modules) and _single_user(up):
+            convs.insert(0, up)
+        else:
+            return convs, up
+
+
+def _block_name(convs: list[str], fallback: str) -> str:
+    parts = [c.split(".")[:-1] for c in convs]
+    prefix = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix) if prefix and len(convs) > 1 else fallback
+
+
+def _find_blocks(
+    gm: fx.GraphModule,
+    modules: dict[str, nn.Module],
+    calls: Counter,
+    unsupported: dict[str, str],
+) -> list[Block]:
+    """Residual blocks: adds of a conv branch and a shortcut, in forward order."""
+    blocks = []
+    for node in gm.graph.nodes:
+        if not _is_add(node):
+            continue
+        operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if len(operands) != 2:
+            continue
+        tails = [_tail(o, modules) for o in operands]
+        chains = [_chain(t[0], modules) if t[0] is not None else ([], None) for t in tails]
+        lengths = [len(c[0]) for c in chains]
+        if max(lengths) == 0:
+            continue  # no conv on either side: not a residual block recon can act on
+        if lengths[0] == lengths[1]:
+            convs = ", ".join(f"'{c[0][-1].target}'" for c in chains)
+            unsupported[str(node.name)] = (
+                f"the residual add at node '{node.name}' sums two branches of "
+                f"{lengths[0]} convolution(s) each (ending at {convs}); recon needs one "
+                "conv branch and one shortcut (identity, or a single conv + BN)"
+            )
+            continue
+        i = 0 if lengths[0] > lengths[1] else 1
+        (_, bn, linear), (convs, fork) = tails[i], chains[i]
+        names = [str(c.target) for c in convs]
+        if any(calls[n] > 1 or _supported_conv(modules[n]) is not None for n in names):
+            continue  # shared or unsupported convs: pruned as nothing, reported as skipped
+        sampler = fork is not None and fork.op != "placeholder" and not _single_user(fork)
+        blocks.append(
+            Block(
+                name=_block_name(names, str(node.name)),
+                add=str(node.name),
+                branch=str(operands[i].name),
+                shortcut=str(operands[1 - i].name),
+                convs=tuple(names),
+                bn=bn,
+                linear_tail=linear,
+                sampler=sampler,
+            )
+        )
+    return blocks
 
 
 def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -> Unit | str:

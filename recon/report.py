@@ -1,8 +1,9 @@
 """What a pruning run tells the user: a per-layer table, totals, and JSON.
 
 :class:`Report` holds one :class:`LayerReport` per pruned unit (or sampler) and the
-totals of the run. ``str(report)`` is an aligned plain-text table; ``to_json`` /
-``from_dict`` round-trip it through JSON, with NaN errors written as ``null``.
+totals of the run, and, for residual networks, the output error of each residual
+block. ``str(report)`` is an aligned plain-text table; ``to_json`` / ``from_dict``
+round-trip it through JSON, with NaN errors written as ``null``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["LayerReport", "Report", "format_count"]
@@ -75,6 +76,11 @@ def _same_float(a: float | None, b: float | None) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
+def _same_floats(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Equal keys and, key by key, equal values (NaN equal to NaN)."""
+    return a.keys() == b.keys() and all(_same_float(a[k], b[k]) for k in a)
+
+
 def _json_float(x: float | None) -> float | None:
     """NaN and infinities have no JSON spelling: they become ``null``."""
     if x is None or not math.isfinite(x):
@@ -93,11 +99,14 @@ class LayerReport:
     Parameters
     ----------
     name : str
-        Unit (producer) name, or the sampler's name.
+        Unit (producer) name, or the sampler's name (the name of the residual
+        branch's first conv + ``".sampler"``, e.g. ``"layer1.0.conv1.sampler"``).
     kind : str
-        ``"conv"``, ``"linear"`` or ``"sampler"``.
+        ``"conv"``, ``"linear"`` or ``"sampler"``. A sampler is a channel
+        index-select put in front of a residual branch's first conv.
     channels_before, channels_after : int
-        Channels of the unit before and after pruning.
+        Channels of the unit before and after pruning; for a sampler, the channels
+        of the block input and the channels the branch now reads.
     method : str
         Channel selection method (``"lasso"``, ``"thinet"``, ...).
     reconstruct : str
@@ -198,6 +207,23 @@ _COLUMNS = (
     ("note", False),
 )
 
+_BLOCK_COLUMNS = (("block", False), ("output error", True))
+
+
+def _table(columns: tuple[tuple[str, bool], ...], rows: list[list[str]]) -> list[str]:
+    """Header, rule and rows, padded so that every line has the same length."""
+    headers = [h for h, _ in columns]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            cell.rjust(w) if right else cell.ljust(w)
+            for cell, w, (_, right) in zip(cells, widths, columns, strict=True)
+        ]
+        return "  ".join(parts)
+
+    return [line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
 
 @dataclass(eq=False)
 class Report:
@@ -220,6 +246,12 @@ class Report:
     output_error : float or None, default None
         Relative error ``‖y − y'‖² / ‖y‖²`` of the final model output on the
         calibration data, if measured.
+    blocks : dict of str to float, default {}
+        Residual block name (e.g. ``"layer1.0"``) -> relative error
+        ``‖out_pruned − out_original‖² / ‖out_original‖²`` of that block's output on
+        the calibration data (NaN if not computable); empty for networks without
+        residual blocks. Shown as a second table by :meth:`to_text`, in insertion
+        order.
 
     Examples
     --------
@@ -242,6 +274,7 @@ class Report:
     method: str
     reconstruct: str
     output_error: float | None = None
+    blocks: dict[str, float] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -262,7 +295,10 @@ class Report:
             return NotImplemented
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if isinstance(a, float) or isinstance(b, float):
+            if f.name == "blocks":
+                if not _same_floats(a, b):
+                    return False
+            elif isinstance(a, float) or isinstance(b, float):
                 if not _same_float(a, b):
                     return False
             elif a != b:
@@ -295,26 +331,18 @@ class Report:
         return rows
 
     def to_text(self) -> str:
-        """The report as an aligned plain-text table followed by the totals.
+        """The report as aligned plain-text tables followed by the totals.
 
-        Every line of the table (header, rule and one row per layer) has the same
-        length.
+        The layer table comes first; then, if :attr:`blocks` is not empty, a table of
+        block output errors. Every line of a table (header, rule and rows) has the
+        same length.
         """
-        headers = [h for h, _ in _COLUMNS]
-        rows = self._rows()
-        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-        def line(cells: list[str]) -> str:
-            parts = [
-                cell.rjust(w) if right else cell.ljust(w)
-                for cell, w, (_, right) in zip(cells, widths, _COLUMNS, strict=True)
-            ]
-            return "  ".join(parts)
-
         lines = [f"recon pruning report (method={self.method}, reconstruct={self.reconstruct})"]
-        lines.append(line(headers))
-        lines.append("  ".join("-" * w for w in widths))
-        lines.extend(line(r) for r in rows)
+        lines.extend(_table(_COLUMNS, self._rows()))
+        if self.blocks:
+            rows = [[name, _format_error(err)] for name, err in self.blocks.items()]
+            lines.append("")
+            lines.extend(_table(_BLOCK_COLUMNS, rows))
         lines.append("")
         lines.extend(self._totals())
         return "\n".join(lines)
@@ -328,15 +356,28 @@ class Report:
             f"{format_count(self.params_before)} → {format_count(self.params_after)}, "
             f"{self.params_ratio:.2f}× fewer"
         )
-        n_pruned = sum(1 for layer in self.layers if layer.channels_after < layer.channels_before)
+        units = [layer for layer in self.layers if layer.kind != "sampler"]
+        n_pruned = sum(1 for layer in units if layer.channels_after < layer.channels_before)
+        layers = f"{n_pruned} of {len(units)} pruned"
+        n_samplers = len(self.layers) - len(units)
+        if n_samplers:
+            layers += f", {n_samplers} sampler layer{'s' if n_samplers > 1 else ''}"
         items = [
             ("FLOPs", flops),
             ("params", params),
-            ("layers", f"{n_pruned} of {len(self.layers)} pruned"),
+            ("layers", layers),
             ("wall time", f"{self.seconds:.2f} s"),
         ]
         if self.output_error is not None:
             items.append(("output error", _format_error(self.output_error)))
+        measured = [
+            (name, err)
+            for name, err in self.blocks.items()
+            if err is not None and not math.isnan(err)
+        ]
+        if measured:  # max keeps the first of equal errors
+            name, err = max(measured, key=lambda item: item[1])
+            items.append(("worst block", f"{name} ({_format_error(err)})"))
         width = max(len(k) for k, _ in items)
         return [f"{k.ljust(width)}  {v}" for k, v in items]
 
@@ -360,6 +401,7 @@ class Report:
             "method": self.method,
             "reconstruct": self.reconstruct,
             "output_error": _json_float(self.output_error),
+            "blocks": {name: _json_float(err) for name, err in self.blocks.items()},
             "speedup": _json_float(self.speedup),
         }
 
@@ -370,7 +412,8 @@ class Report:
         Parameters
         ----------
         d : dict
-            As written by :meth:`to_dict`; keys that are not fields are ignored.
+            As written by :meth:`to_dict`; keys that are not fields are ignored, and
+            a missing ``"blocks"`` (reports saved before it existed) means no blocks.
 
         Returns
         -------
@@ -384,6 +427,8 @@ class Report:
         kwargs = _pick_fields(cls, d, "Report")
         kwargs["layers"] = [LayerReport.from_dict(x) for x in kwargs["layers"]]
         kwargs["seconds"] = _from_json_float(kwargs["seconds"])
+        blocks = kwargs.get("blocks") or {}
+        kwargs["blocks"] = {str(name): _from_json_float(err) for name, err in blocks.items()}
         return cls(**kwargs)
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:

@@ -1,4 +1,5 @@
-"""Physical removal of channels: slicing convs, BatchNorms and linears in place.
+"""Physical removal of channels: slicing convs, BatchNorms and linears in place, and
+putting sampler layers in front of residual branches.
 
 This module sees modules only; the re-fitted weights it installs are computed elsewhere.
 """
@@ -9,8 +10,16 @@ import torch
 from torch import Tensor, nn
 
 from .graph import Unit
+from .layers import SampledConv2d
 
-__all__ = ["apply_bias_delta", "prune_unit", "slice_bn", "slice_inputs", "slice_outputs"]
+__all__ = [
+    "apply_bias_delta",
+    "insert_sampler",
+    "prune_unit",
+    "slice_bn",
+    "slice_inputs",
+    "slice_outputs",
+]
 
 
 def _param(t: Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -67,6 +76,20 @@ def slice_inputs(
         module.in_features = len(feats)
 
 
+def insert_sampler(
+    model: nn.Module, name: str, keep: Tensor, weight: Tensor | None = None
+) -> SampledConv2d:
+    """Make conv ``name`` read only its input channels ``keep``, in place.
+
+    The conv is replaced by a :class:`~recon.layers.SampledConv2d` under the same name
+    (composing with its sampler if it already has one); ``weight``, if given, replaces
+    the sliced weight. Returns the new layer.
+    """
+    new = SampledConv2d.from_conv(model.get_submodule(name), keep, weight)
+    model.set_submodule(name, new)
+    return new
+
+
 def apply_bias_delta(model: nn.Module, unit: Unit, delta: Tensor) -> None:
     """Add ``delta`` (n,) to the consumer's output, keeping the architecture.
 
@@ -98,12 +121,16 @@ def prune_unit(
     """Remove every channel of ``unit`` not in ``keep``, in place.
 
     Slices the producer's outputs, the BatchNorms between, and the consumer's inputs;
-    installs a re-fitted consumer ``weight`` and adds ``bias_delta`` when given.
+    for a sampler unit, puts a sampler in front of the consumer instead. Installs a
+    re-fitted consumer ``weight`` and adds ``bias_delta`` when given.
     """
     keep = torch.as_tensor(keep, dtype=torch.long)
-    slice_outputs(model.get_submodule(unit.producer), keep)
-    for name in unit.channelwise:
-        slice_bn(model.get_submodule(name), keep)
-    slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
+    if unit.kind == "sampler":
+        insert_sampler(model, unit.consumer, keep, weight)
+    else:
+        slice_outputs(model.get_submodule(unit.producer), keep)
+        for name in unit.channelwise:
+            slice_bn(model.get_submodule(name), keep)
+        slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
     if bias_delta is not None:
         apply_bias_delta(model, unit, bias_delta)

@@ -188,12 +188,14 @@ def test_conv_that_cannot_be_pruned(kwargs):
 
 
 def test_residual_model_prunes_its_units():
-    """Sanity check for the model above: its plain units can be pruned."""
+    """Sanity check for the model above: its plain units and the sampler can be pruned."""
     torch.manual_seed(0)
     net = _Residual().eval()
     result = recon.prune(net, X, keep_ratio=0.5, progress=False)
-    assert set(result.kept) == {"conv_a", "head"}
+    assert set(result.kept) == {"conv_a.sampler", "conv_a", "head"}
     assert result.model(X).shape == (8, 10)
+    result = recon.prune(net, X, keep_ratio=0.5, sampler_layers=False, progress=False)
+    assert set(result.kept) == {"conv_a", "head"}
 
 
 class _Shared(nn.Module):
@@ -322,9 +324,16 @@ def test_untraceable_model():
 
 def test_model_without_prunable_layers():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3, groups=2))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
     err = _check(net, X, ValueError, "no prunable layers")
-    assert "Sequential" in str(err) and "groups=2" in str(err)  # names the reason
+    assert "Sequential" in str(err) and "'0'" in str(err)  # names the layer and why
+
+
+def test_grouped_conv_is_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3, groups=2))
+    err = _check(net, X, ValueError, "grouped/depthwise")
+    assert "'2'" in str(err) and "groups=2" in str(err)  # names the module and pattern
 
 
 # --------------------------------------------------------------------------- other arguments

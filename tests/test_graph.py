@@ -229,7 +229,10 @@ class _Residual(nn.Module):
 
 def test_residual_add_is_coupled():
     graph = find_units(_Residual())
-    assert graph.names == ["conv_a", "head"]
+    assert graph.names == ["conv_a.sampler", "conv_a", "head"]
+    sampler = graph.unit("conv_a.sampler")
+    assert (sampler.kind, sampler.producer, sampler.consumer) == ("sampler", None, "conv_a")
+    assert (sampler.width, sampler.taps) == (8, 9)
     assert graph.unit("conv_a").consumer == "conv_b"
     assert graph.unit("conv_a").channelwise == ("bn_a",)
     assert graph.unit("conv_a").consumer_bn == "bn_b"
@@ -244,11 +247,17 @@ def test_residual_add_is_coupled():
 def test_torchvision_resnet_blocks():
     model = torchvision.models.resnet18(weights=None)
     graph = find_units(model)
-    # Inner convs of each BasicBlock are units; block outputs and the stem are coupled.
-    assert graph.names == [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]
+    # Inner convs of each BasicBlock are units, with a sampler in front of each block's
+    # conv1; block outputs and the stem are coupled.
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert graph.names == [f"{b}.conv1{s}" for b in blocks for s in (".sampler", "")]
     for u in graph.units:
-        assert u.consumer == u.name.replace("conv1", "conv2")
-        assert u.channelwise == (u.name.replace("conv1", "bn1"),)
+        if u.kind == "sampler":
+            assert u.consumer == u.name.removesuffix(".sampler")
+        else:
+            assert u.consumer == u.name.replace("conv1", "conv2")
+            assert u.channelwise == (u.name.replace("conv1", "bn1"),)
+    assert [b.name for b in graph.blocks] == blocks
     for name in ("conv1", "layer1.0.conv2", "layer2.0.downsample.0", "layer4.1.conv2"):
         assert name in graph.skipped
         assert "coupled" in graph.skipped[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -11,11 +12,13 @@ import pytest
 from recon.report import LayerReport, Report, format_count
 
 
-def make_report(output_error: float | None = 0.0042) -> Report:
+def make_report(
+    output_error: float | None = 0.0042, blocks: dict[str, float] | None = None
+) -> Report:
     layers = [
         LayerReport("features.0", "conv", 64, 32, "lasso", "lstsq", 0.1234, 0.0123, 1.234),
         LayerReport(
-            "layer1.0.sampler",
+            "layer1.0.conv1.sampler",
             "sampler",
             256,
             128,
@@ -38,7 +41,11 @@ def make_report(output_error: float | None = 0.0042) -> Report:
         method="lasso",
         reconstruct="lstsq",
         output_error=output_error,
+        blocks={} if blocks is None else blocks,
     )
+
+
+BLOCKS = {"layer1.0": 0.0123, "layer1.1": math.nan, "layer10.0": 0.5, "layer2.0": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -92,7 +99,7 @@ def test_totals_block():
     assert "14.73M → 5M, 2.95× fewer" in text
     assert "12.30 s" in text
     assert "output error" in text and "0.0042" in text
-    assert "2 of 3 pruned" in text
+    assert "1 of 2 pruned, 1 sampler layer\n" in text  # the sampler row counts apart
     assert "output error" not in str(make_report(output_error=None))
 
 
@@ -146,3 +153,80 @@ def test_from_dict_bad_input():
     del layer["name"]
     with pytest.raises(ValueError, match=r"LayerReport.*\['name'\]"):
         LayerReport.from_dict(layer)
+
+
+def test_sampler_row_renders_and_is_counted_apart():
+    report = make_report()
+    row = next(line for line in str(report).splitlines() if line.startswith("layer1.0.conv1"))
+    assert re.match(r"layer1\.0\.conv1\.sampler +sampler +256 → +128 +50\.0%", row)
+    sampler = report.layers[1]
+    report.layers += [
+        dataclasses.replace(sampler, name=f"layer{i}.0.conv1.sampler") for i in (2, 3)
+    ]
+    report.layers.append(dataclasses.replace(report.layers[0], name="features.3"))
+    assert "layers        2 of 3 pruned, 3 sampler layers\n" in str(report)
+    only_samplers = Report([sampler], 100, 50, 10, 5, 0.0, "l1", "none")
+    assert "0 of 0 pruned, 1 sampler layer" in str(only_samplers)
+
+
+def test_blocks_table_only_when_non_empty_and_aligned():
+    assert "output error\n" not in str(make_report())
+    assert "block" not in str(make_report(output_error=None))
+    report = make_report(blocks=BLOCKS)
+    lines = str(report).splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("block ")))
+    table = lines[header : header + 2 + len(BLOCKS)]
+    assert re.fullmatch(r"block +output error", table[0])
+    assert len({len(line) for line in table}) == 1  # header, rule and rows: same length
+    assert [row.split()[0] for row in table[2:]] == list(BLOCKS)  # insertion order
+    assert table[2].endswith(" 0.0123") and table[3].endswith(" -")
+    # after the layer table (and a blank line), before the totals (and a blank line)
+    assert lines[header - 1] == "" and lines[header - 2].startswith("classifier.0")
+    assert lines[header + len(table)] == "" and lines[header + len(table) + 1].startswith("FLOPs")
+
+
+def test_worst_block():
+    text = str(make_report(blocks=BLOCKS))
+    assert "worst block   layer10.0 (0.5000)" in text  # NaN skipped, first of a tie
+    assert "worst block" not in str(make_report())
+    assert "worst block" not in str(make_report(blocks={"layer1.0": math.nan}))
+    inf = str(make_report(blocks={"layer1.0": 0.1, "layer1.1": math.inf}))
+    assert "worst block   layer1.1 (inf)" in inf
+
+
+def test_blocks_json_round_trip_with_nan():
+    report = make_report(blocks=BLOCKS)
+    text = report.to_json()
+    assert "NaN" not in text
+    assert json.loads(text)["blocks"] == {
+        "layer1.0": 0.0123,
+        "layer1.1": None,
+        "layer10.0": 0.5,
+        "layer2.0": 0.5,
+    }
+    back = Report.from_json(text)
+    assert back == report
+    assert list(back.blocks) == list(BLOCKS)
+    assert math.isnan(back.blocks["layer1.1"])
+    assert str(back) == str(report)
+
+
+def test_from_dict_without_blocks():
+    d = make_report().to_dict()
+    del d["blocks"]  # a report saved before blocks existed
+    back = Report.from_dict(d)
+    assert back.blocks == {}
+    assert back == make_report()
+    assert Report([], 1, 1, 1, 1, 0.0, "l1", "none").blocks == {}
+
+
+def test_equality_compares_blocks():
+    assert make_report(blocks=BLOCKS) == make_report(blocks=dict(BLOCKS))
+    assert make_report(blocks=BLOCKS) != make_report(blocks={**BLOCKS, "layer1.0": 0.0124})
+    assert make_report(blocks=BLOCKS) != make_report(blocks={**BLOCKS, "layer1.1": 0.0})
+    assert make_report(blocks=BLOCKS) != make_report(blocks={"layer1.0": 0.0123})
+    assert make_report(blocks=BLOCKS) != make_report()
+    # a default is not shared between reports
+    a, b = (Report([], 1, 1, 1, 1, 0.0, "l1", "none") for _ in range(2))
+    a.blocks["layer1.0"] = 0.1
+    assert b.blocks == {}
