@@ -113,7 +113,7 @@ class SampledConv2d(nn.Conv2d):
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
             raise TypeError(f"The 'conv' argument must be a Conv2d with groups=1. Got {conv!r}.")
         dev = conv.weight.device
-        index = torch.as_tensor(index, dtype=torch.long).flatten().to(dev)
+        index = Sampler(index, conv.in_channels).index.to(dev)  # validated: ValueError
         if isinstance(conv, SampledConv2d):
             source, inner = conv.sampler.in_channels, conv.sampler.index[index]
         else:

@@ -125,39 +125,39 @@ def _lasso_cd(A: Tensor, b: Tensor, k: int) -> Tensor:
     hi = float(np.abs(b64).max())  # at λ >= max|b| no channel is active
     if not hi > 0:
         return _fallback(A, b, np.zeros(c), k)
-    jitter = 1e-10 * max(float(np.trace(A64)) / c, 1e-300)
-    L = scipy.linalg.cholesky(A64 + jitter * np.eye(c), lower=True)
+    L = _cholesky_psd(A64)
     X = np.ascontiguousarray(L.T)
     y = scipy.linalg.solve_triangular(L, b64, lower=True)
+    # The Gram passed to coordinate descent is A itself: the jitter that lets the
+    # Cholesky factor exist never acts as a ridge (which would split duplicate channels).
     est = Lasso(
         alpha=1.0,
         fit_intercept=False,
-        precompute=np.ascontiguousarray(A64 + jitter * np.eye(c)),
+        precompute=np.ascontiguousarray(A64),
         warm_start=True,
         max_iter=5000,
         tol=1e-8,
     )
 
-    def active(lam: float) -> np.ndarray:
+    def solve(lam: float) -> np.ndarray:
         est.set_params(alpha=lam / c)
         est.fit(X, y)
         return est.coef_.copy()
 
+    # Walk down by decades from λ = max|b| (nothing active) until >= k are active.
+    top = hi
     lo, beta_lo = hi, np.zeros(c)
-    while (beta_lo != 0).sum() < k and lo > hi * 1e-12:  # walk down to >= k active
-        hi_, lo = lo, lo * 0.1
-        beta_lo = active(lo)
-        if (beta_lo != 0).sum() < k:
-            hi = lo
-        else:
-            hi = hi_
-    if (beta_lo != 0).sum() == k:
+    while (beta_lo != 0).sum() < k and lo > top * 1e-12:
+        hi, lo = lo, lo * 0.1
+        beta_lo = solve(lo)
+    nnz = int((beta_lo != 0).sum())
+    if nnz == k:
         return _sorted(np.flatnonzero(beta_lo))
-    if (beta_lo != 0).sum() < k:
+    if nnz < k:  # degenerate channels never enter
         return _fallback(A, b, beta_lo, k)
-    for _ in range(_BISECTION_STEPS):
+    for _ in range(_BISECTION_STEPS):  # hi has < k active, lo has > k
         mid = float(np.sqrt(hi * lo))
-        beta = active(mid)
+        beta = solve(mid)
         nnz = int((beta != 0).sum())
         if nnz == k:
             return _sorted(np.flatnonzero(beta))
@@ -166,6 +166,20 @@ def _lasso_cd(A: Tensor, b: Tensor, k: int) -> Tensor:
         else:
             lo, beta_lo = mid, beta
     return _fallback(A, b, beta_lo, k)
+
+
+def _cholesky_psd(A: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of ``A + εI`` with the smallest ``ε`` (from 1e-12 of the
+    mean diagonal up) for which the factorisation succeeds."""
+    c = A.shape[0]
+    scale = max(float(np.trace(A)) / c, 1e-300)
+    for rel in (1e-12, 1e-10, 1e-8, 1e-6, 1e-4):
+        try:
+            return scipy.linalg.cholesky(A + rel * scale * np.eye(c), lower=True)
+        except np.linalg.LinAlgError:
+            continue
+    w, V = scipy.linalg.eigh(A)  # not PSD beyond round-off: clip the spectrum
+    return scipy.linalg.cholesky((V * np.clip(w, 1e-4 * scale, None)) @ V.T, lower=True)
 
 
 def lasso(A: Tensor, b: Tensor, k: int, *, solver: str = "auto") -> Tensor:

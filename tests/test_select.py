@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sklearn.linear_model import Lasso
 
+import recon.select
 from recon.select import (
     METHODS,
     by_score,
@@ -161,6 +162,135 @@ def test_lasso_exactly_k_on_degenerate_channels(case):
         assert_valid(kept, 6, k)
         if case in ("zero", "both") and k <= 4:
             assert not {1, 4} & set(kept.tolist()), "a dead channel kept before a live one"
+
+
+# --- LASSO by coordinate descent -----------------------------------------------------------
+
+
+def degenerate(case: str):
+    """The channel problem of ``materialised(2, c=6)`` with dead, duplicate or scaled channels."""
+    Z, y = materialised(2, c=6)
+    if case in ("zero", "both"):
+        Z[[1, 4]] = 0
+    if case in ("duplicate", "both"):
+        Z[3] = Z[0]
+        Z[5] = Z[2]
+    if case == "all_zero":
+        Z[:] = 0
+    if case == "scaled_copy":
+        Z[5] = -2 * Z[0]
+    return problem(Z, y)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("c", [6, 20, 40])
+def test_lasso_cd_returns_k_and_mostly_agrees_with_lars(seed, c):
+    Z, y = materialised(seed, c=c)
+    A, b = problem(Z, y)
+    agree = 0
+    for k in range(1, c + 1):
+        kept = lasso(A, b, k, solver="cd")
+        assert_valid(kept, c, k)
+        agree += kept.tolist() == lasso(A, b, k, solver="lars").tolist()
+    assert agree >= 0.9 * c  # they differ only where the path has several k-active segments
+
+
+def planted_problem():
+    """Y made from channels 1, 4, 6 of 8 exactly: the LASSO path never has more than 3 active."""
+    g = torch.Generator().manual_seed(0)
+    c, N, n, k = 8, 80, 4, 3
+    X = torch.randn(N, c, k, generator=g, dtype=torch.float64)
+    W = torch.randn(n, c, k, generator=g, dtype=torch.float64)
+    Z = torch.einsum("bck,nck->cbn", X, W).reshape(c, -1)
+    return problem(Z, Z[[1, 4, 6]].sum(0))
+
+
+def test_lasso_cd_recovers_planted_channels_and_equals_lars():
+    A, b = planted_problem()
+    assert lasso(A, b, 3, solver="cd").tolist() == [1, 4, 6]
+    for k in (1, 2, 3, 8):
+        assert lasso(A, b, k, solver="cd").tolist() == lasso(A, b, k, solver="lars").tolist()
+
+
+@pytest.mark.parametrize("k", [4, 5])
+def test_lasso_cd_ranks_never_entered_channels_by_score(k):
+    A, b = planted_problem()
+    score = (b.abs() / A.diagonal().sqrt()).numpy()
+    expected = sorted(np.argsort(-score, kind="stable")[:k].tolist())
+    assert lasso(A, b, k, solver="lars").tolist() == expected  # the documented rule
+    assert lasso(A, b, k, solver="cd").tolist() == expected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lasso_cd_kept_set_is_a_sklearn_support(seed):
+    # as test_lasso_kept_set_is_a_sklearn_support, for the bisection solver
+    Z, y = materialised(seed, c=6)
+    design, target = Z.T.numpy(), y.numpy()
+    A, b = problem(Z, y)
+    alphas, coefs = lasso_path(A, b)
+    nnz = (coefs != 0).sum(0)
+    for k in range(1, 6):
+        kept = lasso(A, b, k, solver="cd")
+        i = int(np.flatnonzero(nnz == k)[0])
+        lam = 0.5 * (alphas[i - 1] + alphas[i])
+        ref = Lasso(alpha=lam / len(target), fit_intercept=False, tol=1e-12, max_iter=100_000)
+        ref.fit(design, target)
+        assert np.flatnonzero(ref.coef_).tolist() == kept.tolist()
+
+
+@pytest.mark.parametrize("case", ["zero", "duplicate", "both", "all_zero", "scaled_copy"])
+def test_lasso_cd_exactly_k_on_degenerate_channels(case):
+    A, b = degenerate(case)
+    for k in range(1, 7):
+        kept = lasso(A, b, k, solver="cd")
+        assert_valid(kept, 6, k)
+        if case in ("zero", "both") and k <= 4:
+            assert not {1, 4} & set(kept.tolist()), "a dead channel kept before a live one"
+    if case == "all_zero":  # nothing to go by: the first k, as LARS does
+        assert lasso(A, b, 3, solver="cd").tolist() == [0, 1, 2]
+
+
+def test_lasso_cd_walk_down_is_bounded_when_k_exceeds_the_live_channels(monkeypatch):
+    alphas = []
+
+    class CountingLasso(Lasso):
+        def fit(self, X, y, **kwargs):
+            alphas.append(self.alpha)
+            return super().fit(X, y, **kwargs)
+
+    monkeypatch.setattr(recon.select, "Lasso", CountingLasso)
+    A, b = degenerate("zero")  # 4 live channels, k = 5
+    assert_valid(lasso(A, b, 5, solver="cd"), 6, 5)
+    assert min(alphas) > 0
+    assert len(alphas) <= 13 + recon.select._BISECTION_STEPS
+
+
+def test_lasso_unknown_solver_raises_naming_solver():
+    A, b = problem(*materialised(0, c=4))
+    for solver in ("newton", "LARS", None):
+        with pytest.raises(ValueError, match="'solver'"):
+            lasso(A, b, 2, solver=solver)
+    with pytest.raises(ValueError, match="'solver'"):
+        lasso(A, b, 4, solver="bogus")  # checked before the k == c shortcut
+
+
+def test_lasso_auto_solver_switches_at_lars_max_channels(monkeypatch):
+    A, b = problem(*materialised(1, c=6))
+    calls = []
+    for name in ("_lasso_lars", "_lasso_cd"):
+        impl = getattr(recon.select, name)
+        monkeypatch.setattr(
+            recon.select, name, lambda *a, _f=impl, _n=name: calls.append(_n) or _f(*a)
+        )
+    assert recon.select.LARS_MAX_CHANNELS >= 6
+    for k in range(1, 6):
+        assert lasso(A, b, k).tolist() == lasso(A, b, k, solver="lars").tolist()
+    assert set(calls) == {"_lasso_lars"}
+    calls.clear()
+    monkeypatch.setattr(recon.select, "LARS_MAX_CHANNELS", 2)
+    for k in range(1, 6):
+        assert lasso(A, b, k).tolist() == lasso(A, b, k, solver="cd").tolist()
+    assert set(calls) == {"_lasso_cd"}
 
 
 # --- ThiNet ---------------------------------------------------------------------------------
