@@ -21,12 +21,16 @@ ResNet
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "PRETRAINED_MANIFEST",
     "VGG",
     "VGG_CFGS",
     "BasicBlock",
@@ -39,6 +43,8 @@ __all__ = [
     "cifar_resnet110",
     "digits_resnet20",
     "digits_vgg",
+    "pretrained",
+    "pretrained_names",
     "vgg11",
     "vgg13",
     "vgg16",
@@ -686,3 +692,66 @@ def digits_resnet20(*, width: float = 1.0) -> CifarResNet:
     torch.Size([4, 10])
     """
     return cifar_resnet(20, num_classes=10, in_channels=1, width=width)
+
+
+# --------------------------------------------------------------------------------------
+# Shipped pretrained baselines
+# --------------------------------------------------------------------------------------
+
+#: The manifest of the checkpoints shipped in ``recon/assets``: for each name the
+#: builder and its arguments, the file and its sha256, how it was trained (data, seed,
+#: epochs, command) and its test accuracy. Written by ``scripts/train.py``.
+PRETRAINED_MANIFEST = Path(__file__).parent / "assets" / "pretrained.json"
+
+
+def _manifest() -> dict[str, dict]:
+    if not PRETRAINED_MANIFEST.exists():
+        return {}
+    return json.loads(PRETRAINED_MANIFEST.read_text(encoding="utf-8"))
+
+
+def pretrained_names() -> list[str]:
+    """Names of the shipped pretrained models, for :func:`pretrained`."""
+    return sorted(_manifest())
+
+
+def pretrained(name: str) -> nn.Module:
+    """A shipped pretrained model, in eval mode on the CPU, in float32.
+
+    The checkpoint's sha256 is checked against the manifest before it is loaded
+    (``torch.load(weights_only=True)``). :func:`pretrained_names` lists the names;
+    ``recon/assets/pretrained.json`` says how each was trained and how accurate it is.
+
+    Parameters
+    ----------
+    name : str
+        For example ``"vgg16_fmnist"``.
+
+    Returns
+    -------
+    nn.Module
+    """
+    manifest = _manifest()
+    if name not in manifest:
+        raise ValueError(
+            f"The 'name' argument must be one of {sorted(manifest)}. Got {name!r} instead."
+        )
+    entry = manifest[name]
+    path = PRETRAINED_MANIFEST.parent / entry["file"]
+    if not path.exists():
+        raise FileNotFoundError(
+            f"The checkpoint of {name!r} is missing at {path}; regenerate it with "
+            f"`{entry.get('command', 'python scripts/train.py ' + name)}`."
+        )
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise ValueError(
+            f"The checkpoint of {name!r} at {path} is damaged: sha256 {digest}, expected "
+            f"{entry['sha256']} (from {PRETRAINED_MANIFEST.name})."
+        )
+    builders = {"vgg16": vgg16, "cifar_resnet20": cifar_resnet20, "cifar_resnet56": cifar_resnet56}
+    model = builders[entry["builder"]](**entry["kwargs"])
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.eval()

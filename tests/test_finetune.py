@@ -1,0 +1,83 @@
+"""Short fine-tuning: it learns, is seeded, and checks its arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recon.finetune import _augment, finetune
+from recon.models import digits_vgg
+
+
+def _problem(n: int = 256):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
+    x[torch.arange(n), 0, y % 8, y // 8 + 2] += 3.0  # one bright pixel per class
+    return x, y
+
+
+def _loss(model, x, y) -> float:
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model.eval()(x), y))
+
+
+def test_finetune_lowers_the_loss_and_returns_eval_mode():
+    x, y = _problem()
+    torch.manual_seed(0)
+    net = digits_vgg(width=0.25)
+    before = _loss(net, x, y)
+    out = finetune(net, x, y, steps=60, lr=0.05, batch_size=32, augment=False, progress=False)
+    assert out is net and not net.training
+    assert _loss(net, x, y) < 0.5 * before
+
+
+def test_finetune_is_seeded():
+    x, y = _problem(64)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = digits_vgg(width=0.25)
+        finetune(net, x, y, steps=5, batch_size=16, seed=3, progress=False)
+        nets.append(net)
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_augment_shifts_and_flips_without_changing_shape():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float).view(2, 3, 5, 5)
+    out = _augment(x, torch.Generator().manual_seed(0), shift=2)
+    assert out.shape == x.shape
+    # every output pixel is either zero fill or a pixel of the same image and channel
+    for i in range(2):
+        for c in range(3):
+            values = set(out[i, c].flatten().tolist()) - {0.0}
+            assert values <= set(x[i, c].flatten().tolist())
+    same = _augment(x, torch.Generator().manual_seed(0), shift=0)
+    assert all(torch.equal(s, x[i]) or torch.equal(s, x[i].flip(2)) for i, s in enumerate(same))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, "'steps'"),
+        ({"steps": 2, "batch_size": 0}, "'batch_size'"),
+        ({"steps": 2, "lr": 0}, "'lr'"),
+        ({"steps": 2, "lr": True}, "'lr'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    x, y = _problem(8)
+    with pytest.raises(ValueError, match=match):
+        finetune(digits_vgg(width=0.25), x, y, progress=False, **kwargs)
+
+
+def test_bad_data():
+    x, y = _problem(8)
+    net = digits_vgg(width=0.25)
+    with pytest.raises(ValueError, match="'x'"):
+        finetune(net, x[:, 0], y, steps=1, progress=False)
+    with pytest.raises(ValueError, match="'y'"):
+        finetune(net, x, y.float(), steps=1, progress=False)
+    with pytest.raises(ValueError, match="'y'"):
+        finetune(net, x, y[:4], steps=1, progress=False)
