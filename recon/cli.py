@@ -19,18 +19,19 @@ from torch import Tensor, nn
 
 from ._version import __version__
 
-BUILTIN_DATA = ("digits",)
+BUILTIN_DATA = ("fmnist", "digits")
 
 _EPILOG = """\
 examples:
-  recon prune                                   # embedded default: digits VGG, 2x, lasso & thinet
+  recon prune                                   # embedded default: shipped VGG-16, 2x
+  recon prune --model pretrained:resnet20_fmnist --data fmnist --speedup 2
   recon prune --model torchvision:vgg16_bn --weights vgg16_bn.pth \\
               --data calib.pt --speedup 4 --out vgg16_small.pt --report report.json
   recon prune --model mypkg.nets:make_vgg --weights net.pt --data calib.npy \\
               --method thinet --keep-ratio 0.5 --ignore features.0
   recon prune --model torchvision:resnet50 --weights resnet50.pth --data calib.pt \
               --speedup 2 --no-sampler-layers --out resnet50_small.pt
-  recon eval --model vgg16_small.pt --data digits
+  recon eval --model vgg16_small.pt --data fmnist
 """
 
 
@@ -80,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "prune",
         help="prune a model (with no --model and no --data: the embedded default demo)",
         description="Prune a model's channels in one shot. With neither --model nor --data, "
-        "runs the embedded default: a small VGG trained on scikit-learn's digits (cached "
-        "after the first run), pruned 2x by LASSO and by ThiNet.",
+        "runs the embedded default: the shipped VGG-16 trained on Fashion-MNIST, pruned 2x "
+        "by LASSO and by ThiNet from the 1,000 embedded calibration images.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         metavar="SPEC",
-        help="'torchvision:NAME' (e.g. torchvision:vgg16_bn), 'package.module:factory' "
+        help="'pretrained:NAME' (a shipped model: vgg16_fmnist, resnet20_fmnist), "
+        "'torchvision:NAME' (e.g. torchvision:vgg16_bn), 'package.module:factory' "
         "(a callable returning an nn.Module), or a file holding a whole saved module",
     )
     g.add_argument(
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         metavar="SPEC",
         help="calibration images: a .pt file (a tensor (N,C,H,W), an (inputs, labels) pair or "
-        "a dict with 'inputs'), a .npy array, or a built-in set: " + ", ".join(BUILTIN_DATA),
+        "a dict with 'inputs'), a .npy array, or a built-in set: fmnist (the 1,000 embedded "
+        "Fashion-MNIST calibration images), digits",
     )
     g.add_argument("--max-images", type=int, metavar="N", help="use at most N calibration images")
     g.add_argument("--batch-size", type=int, default=64, help="calibration batch size (64)")
@@ -176,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--model", required=True, metavar="SPEC", help="as for 'recon prune'")
     e.add_argument("--weights", metavar="PATH", help="as for 'recon prune'")
-    e.add_argument("--data", default="digits", help="built-in set: " + ", ".join(BUILTIN_DATA))
+    e.add_argument(
+        "--data",
+        default="fmnist",
+        help="built-in set: fmnist (2,000 embedded Fashion-MNIST test images, default) or digits",
+    )
     return parser
 
 
@@ -196,6 +203,10 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
                 f"The '--model' file {spec!r} must hold a whole nn.Module. "
                 f"Got {type(model).__name__} instead."
             )
+    elif spec.startswith("pretrained:"):
+        from .models import pretrained
+
+        model = pretrained(spec.split(":", 1)[1])
     elif spec.startswith("torchvision:"):
         try:
             import torchvision
@@ -226,7 +237,8 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
             raise ValueError(f"The '--model' factory {spec!r} returned {type(model).__name__}.")
     else:
         raise ValueError(
-            "The '--model' spec must be 'torchvision:NAME', 'package.module:factory' or an "
+            "The '--model' spec must be 'pretrained:NAME', 'torchvision:NAME', "
+            "'package.module:factory' or an "
             f"existing file. Got {spec!r} instead."
         )
     if weights is not None:
@@ -241,6 +253,11 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
 
 def load_data(spec: str) -> tuple[Tensor, Tensor | None]:
     """Calibration inputs (and labels, if the source has them) for ``spec``."""
+    if spec == "fmnist":
+        from .data import load_embedded
+
+        x_calib, y_calib, _, _ = load_embedded()
+        return x_calib, y_calib
     if spec == "digits":
         from .data import load_digits_split
 
@@ -289,19 +306,21 @@ def _save_module(model: nn.Module, path: str) -> None:
 
 def _run_default(args: argparse.Namespace) -> int:
     from . import prune
-    from ._default import default_model
-    from .data import evaluate, load_digits_split
+    from .data import evaluate, load_embedded
+    from .models import pretrained
 
-    print("recon embedded default: a VGG trained on scikit-learn's digits, pruned 2x.")
-    model = default_model(progress=not args.quiet)
-    x_train, _, x_test, y_test = load_digits_split()
-    calib = x_train[:500]
-    base = evaluate(model, x_test, y_test)
+    print(
+        "recon embedded default: the shipped VGG-16 (quarter width, trained on "
+        "Fashion-MNIST), pruned 2x by LASSO and by ThiNet from 1,000 unlabeled images."
+    )
+    model = pretrained("vgg16_fmnist")
+    x_calib, _, x_eval, y_eval = load_embedded()
+    base = evaluate(model, x_eval, y_eval)
     rows = []
     for method in ("lasso", "thinet"):
         result = prune(
             model,
-            calib.split(args.batch_size),
+            x_calib.split(args.batch_size),
             method=method,
             speedup=args.speedup or 2.0,
             samples_per_image=args.samples_per_image,
@@ -310,8 +329,8 @@ def _run_default(args: argparse.Namespace) -> int:
         )
         print()
         print(result.report)
-        rows.append((method, result.report.speedup, evaluate(result.model, x_test, y_test)))
-    print(f"\ntest accuracy on {len(y_test)} held-out digits (calibration: 500 train images)")
+        rows.append((method, result.report.speedup, evaluate(result.model, x_eval, y_eval)))
+    print(f"\ntop-1 accuracy on {len(y_eval)} held-out Fashion-MNIST test images (no fine-tuning)")
     print(f"  original           {100 * base:6.2f}%")
     for method, speed, acc in rows:
         print(f"  {method:<7} {speed:4.2f}x    {100 * acc:6.2f}%  ({100 * (acc - base):+.2f})")
@@ -375,13 +394,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .data import evaluate, load_digits_split
+    from .data import evaluate, load_digits_split, load_embedded
 
     model = load_model(args.model, args.weights)
-    if args.data != "digits":
-        raise ValueError(f"The '--data' of 'recon eval' must be 'digits'. Got {args.data!r}.")
-    _, _, x_test, y_test = load_digits_split()
-    print(f"top-1 accuracy on digits test split: {100 * evaluate(model, x_test, y_test):.2f}%")
+    if args.data == "fmnist":
+        _, _, x, y = load_embedded()
+        what = f"{len(y)} embedded Fashion-MNIST evaluation images"
+    elif args.data == "digits":
+        _, _, x, y = load_digits_split()
+        what = "the digits test split"
+    else:
+        raise ValueError(
+            f"The '--data' of 'recon eval' must be one of {BUILTIN_DATA}. Got {args.data!r}."
+        )
+    print(f"top-1 accuracy on {what}: {100 * evaluate(model, x, y):.2f}%")
     return 0
 
 

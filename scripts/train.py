@@ -71,6 +71,7 @@ def main() -> None:
     path = out_dir / f"{args.name}.pt"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     torch.save(state, tmp)
     os.replace(tmp, path)
     manifest_path = out_dir / PRETRAINED_MANIFEST.name
