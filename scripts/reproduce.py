@@ -1,0 +1,631 @@
+"""Regenerate the published results table: every shipped Fashion-MNIST model pruned by
+every method, with and without least-squares re-fitting, before and after a short
+fine-tune.
+
+For each model, target speed-up (FLOPs ratio), method and re-fitting, the script prunes
+with calibration images drawn (seeded) from the Fashion-MNIST train split, measures
+top-1 accuracy on the test split, fine-tunes a copy with ``recon.finetune.finetune``
+and measures it again. Each run appends one JSON line to ``<out-dir>/results.jsonl`` as
+soon as it ends (``--resume`` skips the runs already there); at the end the script
+writes ``<out-dir>/results.md`` and one plot ``<out-dir>/results_<model>.png`` per model.
+
+    python scripts/reproduce.py                      # the full table (hours on a CPU)
+    python scripts/reproduce.py --resume             # go on after an interruption
+    python scripts/reproduce.py --quick --out-dir /tmp/quick   # smoke test (a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import recon
+from recon.data import evaluate, load_fashion_mnist, to_tensor32
+from recon.finetune import finetune
+from recon.models import pretrained, pretrained_names
+from recon.select import METHODS
+from recon.solve import RECONSTRUCT
+
+DEFAULT_MODELS = "vgg16_fmnist,resnet20_fmnist"
+DEFAULT_SPEEDUPS = (2.0, 3.0, 4.0)
+VGG_EXTRA_SPEEDUPS = (5.0,)  # VGG-16 is also pruned 5x, as in He et al. 2017
+# --quick: what each option defaults to in a smoke test (explicit options still win)
+QUICK = {
+    "calib": 128,
+    "speedups": (2.0,),
+    "methods": ("lasso", "thinet"),
+    "ft_steps": 5,
+    "n_test": 500,
+}
+DEFAULTS = {"calib": 1000, "ft_steps": 300, "n_test": None}
+RESULTS, TABLE = "results.jsonl", "results.md"
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _names(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list of names, each one of ``allowed``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [n for n in names if n not in allowed]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(
+                f"must be a comma-separated list of {what} from {', '.join(allowed)}. "
+                f"Got {text!r} instead."
+            )
+        return names
+
+    return parse
+
+
+def _speedups(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) and v >= 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"must be a comma-separated list of FLOPs ratios >= 1, e.g. 2,3,4. Got {text!r} "
+            "instead."
+        )
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1. Got {text!r} instead.")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0. Got {text!r} instead.")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a float > 0. Got {text!r} instead.")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        type=lambda s: tuple(n.strip() for n in s.split(",") if n.strip()),
+        default=tuple(DEFAULT_MODELS.split(",")),
+        help=f"shipped models to prune; names not shipped are skipped ({DEFAULT_MODELS})",
+    )
+    parser.add_argument(
+        "--speedups",
+        type=_speedups,
+        help="target FLOPs ratios (2,3,4, and 5 for VGG models; 2 with --quick)",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_names(METHODS, "methods"),
+        help=f"channel selection methods ({','.join(METHODS)}; lasso,thinet with --quick)",
+    )
+    parser.add_argument(
+        "--reconstruct",
+        type=_names(RECONSTRUCT, "re-fitting methods"),
+        default=("lstsq", "none"),
+        help="re-fitting methods (lstsq,none)",
+    )
+    parser.add_argument(
+        "--calib",
+        type=_positive_int,
+        help="calibration images drawn from the train split (1000; 128 with --quick)",
+    )
+    parser.add_argument(
+        "--n-test",
+        type=_positive_int,
+        help="evaluate on a seeded subset of this many test images (all 10,000; 500 with --quick)",
+    )
+    parser.add_argument(
+        "--ft-steps", type=_positive_int, help="fine-tuning SGD steps (300; 5 with --quick)"
+    )
+    parser.add_argument(
+        "--ft-lr", type=_positive_float, default=0.01, help="fine-tuning peak learning rate (0.01)"
+    )
+    parser.add_argument("--no-finetune", action="store_true", help="skip fine-tuning")
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seeds the calibration draw, pruning, test subset and fine-tuning (0)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device to run on (cpu)")
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("docs"), help="where the results go (docs/)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help=f"keep the rows of {RESULTS}, skip those runs"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 128 calibration images, 2x only, lasso and thinet, 5 fine-tuning "
+        "steps, 500 test images",
+    )
+    return parser
+
+
+def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the options left unset from --quick or the defaults, and check them."""
+    base = QUICK if args.quick else {}
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, base.get(key, default))
+    if args.methods is None:
+        args.methods = QUICK["methods"] if args.quick else METHODS
+    if args.speedups is None and args.quick:
+        args.speedups = QUICK["speedups"]
+    if args.calib > 60_000:
+        parser.error(f"argument --calib: must be at most 60000. Got {args.calib} instead.")
+    if args.n_test is not None and args.n_test > 10_000:
+        parser.error(f"argument --n-test: must be at most 10000. Got {args.n_test} instead.")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"argument --device: not a torch device: {args.device!r}.")
+    if args.no_finetune:
+        args.ft_steps = 0
+
+
+def _speedups_of(model: str, args: argparse.Namespace) -> tuple[float, ...]:
+    if args.speedups is not None:
+        return args.speedups
+    return DEFAULT_SPEEDUPS + (VGG_EXTRA_SPEEDUPS if model.startswith("vgg") else ())
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a row depends on besides its model, target, method and re-fitting."""
+    return {
+        "calib": args.calib,
+        "n_test": args.n_test,
+        "ft_steps": args.ft_steps,
+        "ft_lr": args.ft_lr if args.ft_steps else None,
+        "seed": args.seed,
+    }
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    settings = tuple(row[k] for k in ("calib", "n_test", "ft_steps", "ft_lr", "seed"))
+    return (row["model"], float(row["target"]), row["method"], row["reconstruct"], *settings)
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a run killed while writing its line
+                print(f"{path}:{i}: skipping a broken line", file=sys.stderr)
+    return rows
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+# --------------------------------------------------------------------------- data
+
+
+class _Data:
+    """Fashion-MNIST, loaded on first use: the train split is not needed to resume."""
+
+    def __init__(self, seed: int, n_test: int | None):
+        self.seed, self.n_test = seed, n_test
+        self._train: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._train is None:
+            images, labels = load_fashion_mnist("train")
+            self._train = to_tensor32(images), torch.from_numpy(labels)  # (60000, 1, 32, 32)
+        return self._train
+
+    @property
+    def test(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._test is None:
+            images, labels = load_fashion_mnist("test")
+            x, y = to_tensor32(images), torch.from_numpy(labels)
+            if self.n_test is not None and self.n_test < len(y):
+                g = torch.Generator().manual_seed(self.seed)
+                idx = torch.randperm(len(y), generator=g)[: self.n_test].sort().values
+                x, y = x[idx], y[idx]
+            self._test = x, y
+        return self._test
+
+    def calib(self, n: int) -> torch.Tensor:
+        x, _ = self.train
+        g = torch.Generator().manual_seed(self.seed)
+        return x[torch.randperm(len(x), generator=g)[:n]]  # (n, 1, 32, 32)
+
+
+def _run(
+    net: torch.nn.Module,
+    data: _Data,
+    args: argparse.Namespace,
+    model: str,
+    target: float,
+    method: str,
+    rec: str,
+) -> dict[str, Any]:
+    """Prune, evaluate, fine-tune a copy and evaluate again: one row."""
+    x_test, y_test = data.test
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        res = recon.prune(
+            net,
+            data.calib(args.calib).split(100),
+            method=method,
+            reconstruct=rec,
+            speedup=target,
+            seed=args.seed,
+            device=args.device,
+            progress=False,
+        )
+        prune_seconds = time.perf_counter() - t0
+    acc = evaluate(res.model, x_test, y_test)
+    acc_ft = ft_seconds = None
+    if args.ft_steps:
+        tuned = copy.deepcopy(res.model)
+        x_train, y_train = data.train
+        t0 = time.perf_counter()
+        finetune(
+            tuned,
+            x_train,
+            y_train,
+            steps=args.ft_steps,
+            lr=args.ft_lr,
+            seed=args.seed,
+            progress=False,
+        )
+        ft_seconds = time.perf_counter() - t0
+        acc_ft = evaluate(tuned, x_test, y_test)
+    report = res.report
+    return {
+        "model": model,
+        "target": target,
+        "method": method,
+        "reconstruct": rec,
+        **_settings(args),
+        "speedup": _finite(report.speedup),
+        "params_ratio": _finite(report.params_ratio),
+        "acc": acc,
+        "acc_ft": acc_ft,
+        "error_before": _mean([layer.error_before for layer in report.layers]),
+        "error_after": _mean([layer.error_after for layer in report.layers]),
+        "output_error": _finite(report.output_error),
+        "prune_seconds": prune_seconds,
+        "ft_seconds": ft_seconds,
+        "channels": res.channels,
+        "layer_errors": {
+            layer.name: [_finite(layer.error_before), _finite(layer.error_after)]
+            for layer in report.layers
+        },
+        "warnings": sorted({str(w.message) for w in caught}),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _model_table(
+    model: str, rows: list[dict[str, Any]], base: float, args: argparse.Namespace
+) -> list[str]:
+    speedups = sorted({r["target"] for r in rows})
+    by = {(r["method"], r["reconstruct"], r["target"]): r for r in rows}
+
+    def measured(s: float) -> str:
+        values = sorted({round(r["speedup"], 2) for r in rows if r["target"] == s})
+        return "/".join(f"{v:.2f}" for v in values)
+
+    cell = (
+        f"top-1 accuracy without fine-tuning / after {args.ft_steps} fine-tuning steps"
+        if args.ft_steps
+        else "top-1 accuracy, no fine-tuning"
+    )
+    lines = [
+        f"### {model}",
+        "",
+        f"Original accuracy: {_pct(base)}. Each cell: {cell}. Header: target FLOPs ratio "
+        "(measured).",
+        "",
+        "| method | reconstruct | "
+        + " | ".join(f"{s:g}× ({measured(s)}×)" for s in speedups)
+        + " |",
+        "|---|---|" + "---:|" * len(speedups),
+    ]
+    for method in args.methods:
+        for rec in args.reconstruct:
+            cells = []
+            for s in speedups:
+                r = by.get((method, rec, s))
+                if r is None:
+                    cells.append("")
+                elif args.ft_steps:
+                    cells.append(f"{_pct(r['acc'])} / {_pct(r['acc_ft'])}")
+                else:
+                    cells.append(_pct(r["acc"]))
+            lines.append(f"| {method} | {rec} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Mean per-layer relative reconstruction error before → after re-fitting · relative "
+        "error of the logits on the calibration images · pruning time (s):",
+        "",
+        "| method | reconstruct | " + " | ".join(f"{s:g}×" for s in speedups) + " |",
+        "|---|---|" + "---:|" * len(speedups),
+    ]
+
+    def err(x: float | None) -> str:
+        if x is None:
+            return "–"
+        return f"{x:.3f}" if x == 0 or x >= 1e-3 else f"{x:.1e}"
+
+    for method in args.methods:
+        for rec in args.reconstruct:
+            cells = []
+            for s in speedups:
+                r = by.get((method, rec, s))
+                cells.append(
+                    ""
+                    if r is None
+                    else f"{err(r['error_before'])} → {err(r['error_after'])} · "
+                    f"{err(r['output_error'])} · "
+                    f"{r['prune_seconds']:.1f}"
+                )
+            lines.append(f"| {method} | {rec} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _plot(model: str, rows: list[dict[str, Any]], base: float, path: Path, args) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install recon[plot])", file=sys.stderr)
+        return False
+    panels = [("acc", "without fine-tuning")]
+    if args.ft_steps:
+        panels.append(("acc_ft", f"after {args.ft_steps} fine-tuning steps"))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True
+    )
+    styles = {"lstsq": "-", "none": "--", "scale": ":"}
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    for ax, (field, title) in zip(axes[0], panels, strict=True):
+        for method in args.methods:
+            for rec in args.reconstruct:
+                pts = sorted(
+                    (r["speedup"], r[field])
+                    for r in rows
+                    if r["method"] == method and r["reconstruct"] == rec and r[field] is not None
+                )
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(
+                        xs,
+                        [100 * y for y in ys],
+                        styles.get(rec, "-."),
+                        marker="o",
+                        markersize=3,
+                        color=colors[method],
+                    )
+        ax.axhline(100 * base, color="gray", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("measured speed-up (FLOPs ratio)")
+        ax.set_ylabel("top-1 test accuracy (%)")
+        ax.set_title(f"{model}, {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colors[m], label=m) for m in args.methods]
+    handles += [
+        Line2D([], [], color="black", linestyle=styles.get(r, "-."), label=f"reconstruct={r}")
+        for r in args.reconstruct
+    ]
+    handles.append(Line2D([], [], color="gray", linestyle=":", label="original"))
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _write_markdown(
+    path: Path,
+    argv: Sequence[str],
+    args: argparse.Namespace,
+    models: list[str],
+    bases: dict[str, float],
+    rows: list[dict[str, Any]],
+    seconds: float,
+) -> None:
+    n_test = args.n_test or 10_000
+    ft = (
+        f"{args.ft_steps} SGD steps (`recon.finetune.finetune`: batch 128, momentum 0.9, "
+        f"weight decay 5e-4, cosine learning rate from {args.ft_lr:g}, shifts and flips) on "
+        "the 60,000-image train split"
+        if args.ft_steps
+        else "none"
+    )
+    run_seconds = sum(r["prune_seconds"] + (r["ft_seconds"] or 0) for r in rows)
+    lines = [
+        "# Reproduction: Fashion-MNIST models pruned by every method",
+        "",
+        f"- Machine: {platform.platform()}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device {args.device}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, recon {recon.__version__}.",
+        f"- Data: Fashion-MNIST (`recon.data.load_fashion_mnist`, `to_tensor32`); "
+        f"{args.calib} calibration images drawn with seed {args.seed} from the train split; "
+        f"top-1 accuracy on "
+        + (
+            "the 10,000-image test split."
+            if n_test >= 10_000
+            else f"{n_test} test images drawn with seed {args.seed}."
+        ),
+        f"- Seeds: {args.seed} (calibration draw, sampled positions, fine-tuning batches).",
+        f"- Fine-tuning: {ft}.",
+        f"- Command: `python scripts/reproduce.py {shlex.join(argv)}`.",
+        f"- Run time: {seconds:.0f} s for this invocation; {run_seconds:.0f} s of pruning and "
+        f"fine-tuning summed over the {len(rows)} runs (see `{RESULTS}` for every run).",
+        "",
+    ]
+    warned = sum(1 for r in rows if r["warnings"])
+    if warned:
+        lines += [
+            f"{warned} of {len(rows)} runs warned (e.g. under-determined re-fits); the "
+            f"messages are in `{RESULTS}`.",
+            "",
+        ]
+    for model in models:
+        lines += _model_table(model, [r for r in rows if r["model"] == model], bases[model], args)
+        if (path.parent / f"results_{model}.png").exists():
+            lines += [f"![{model}](results_{model}.png)", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    _resolve(args, parser)
+    t_start = time.perf_counter()
+
+    shipped = pretrained_names()
+    models = []
+    for name in args.models:
+        if name in shipped:
+            models.append(name)
+        else:
+            print(f"skipping {name!r}: not a shipped model (shipped: {', '.join(shipped)})")
+    if not models:
+        parser.error(f"argument --models: none of {args.models} is shipped ({shipped}).")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results = args.out_dir / RESULTS
+    old = _load_rows(results) if args.resume else []
+    if not args.resume:
+        results.write_text("", encoding="utf-8")
+    done = {_key(r): r for r in old}
+
+    torch.manual_seed(args.seed)
+    data = _Data(args.seed, args.n_test)
+    nets, bases = {}, {}
+    for name in list(models):
+        try:
+            nets[name] = pretrained(name).to(args.device)
+        except FileNotFoundError as exc:
+            print(f"skipping {name!r}: {exc}")
+            models.remove(name)
+            continue
+        bases[name] = evaluate(nets[name], *data.test)
+        print(f"{name}: original accuracy {_pct(bases[name])}")
+    if not models:
+        print("no model to prune", file=sys.stderr)
+        return 1
+
+    settings = _settings(args)
+    runs, rows = [], []
+    for model in models:
+        for target in _speedups_of(model, args):
+            for method in args.methods:
+                for rec in args.reconstruct:
+                    key = _key(
+                        {"model": model, "target": target, "method": method, "reconstruct": rec}
+                        | settings
+                    )
+                    if key in done:
+                        rows.append(done[key])
+                    else:
+                        runs.append((model, target, method, rec))
+    if len(rows):
+        print(f"resuming: {len(rows)} runs already in {results}, {len(runs)} to go")
+
+    bar = tqdm(runs, desc="runs", unit="run")
+    for model, target, method, rec in bar:
+        bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}")
+        row = _run(nets[model], data, args, model, target, method, rec)
+        row["acc_original"] = bases[model]
+        rows.append(row)
+        with results.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        bar.write(
+            f"{model} {target:g}x {method:>12}/{rec:<5} speed-up {row['speedup']:.2f}x  "
+            f"acc {_pct(row['acc'])}"
+            + (f" / {_pct(row['acc_ft'])} after FT  " if args.ft_steps else "  ")
+            + f"({row['prune_seconds']:.1f} s + {row['ft_seconds'] or 0:.1f} s)"
+        )
+    bar.close()
+
+    for model in models:
+        _plot(
+            model,
+            [r for r in rows if r["model"] == model],
+            bases[model],
+            args.out_dir / f"results_{model}.png",
+            args,
+        )
+    _write_markdown(
+        args.out_dir / TABLE, argv, args, models, bases, rows, time.perf_counter() - t_start
+    )
+    print(f"wrote {results}, {args.out_dir / TABLE} and the plots")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

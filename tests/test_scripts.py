@@ -1,0 +1,139 @@
+"""Smoke tests of scripts/reproduce.py and scripts/single_layer.py in --quick mode, run
+in-process through their ``main(argv)`` on the shipped ``vgg16_fmnist``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from recon.models import pretrained_names
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.skipif(
+    "vgg16_fmnist" not in pretrained_names(), reason="vgg16_fmnist is not shipped"
+)
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def _threads(n: int):
+    """Run with ``n`` torch threads, restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with _threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    from recon.data import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("test")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    return _load("reproduce")
+
+
+@pytest.fixture(scope="module")
+def single_layer():
+    return _load("single_layer")
+
+
+def test_reproduce_quick_and_resume(reproduce, tmp_path, capsys, monkeypatch):
+    argv = ["--quick", "--models", "no_such_model,vgg16_fmnist", "--methods", "thinet"]
+    argv += ["--out-dir", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    assert "skipping 'no_such_model'" in capsys.readouterr().out
+
+    lines = (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(r["method"], r["reconstruct"]) for r in rows] == [
+        ("thinet", "lstsq"),
+        ("thinet", "none"),
+    ]
+    for r in rows:
+        assert r["model"] == "vgg16_fmnist" and r["target"] == 2.0
+        assert (r["calib"], r["n_test"], r["ft_steps"]) == (128, 500, 5)
+        assert 0 <= r["acc"] <= 1 and 0 <= r["acc_ft"] <= 1 and 0 <= r["acc_original"] <= 1
+        assert abs(r["speedup"] / r["target"] - 1) < 0.05
+        assert r["prune_seconds"] > 0 and r["ft_seconds"] > 0
+        assert math.isfinite(r["error_before"]) and math.isfinite(r["error_after"])
+        assert len(r["layer_errors"]) == len(r["channels"]) == 13
+    fitted, unfitted = rows
+    assert fitted["error_after"] <= fitted["error_before"] + 1e-9  # the re-fit can only help
+    assert unfitted["error_after"] == pytest.approx(unfitted["error_before"])
+    assert fitted["acc"] > 0.8 > unfitted["acc"]  # at 2x, re-fitting is what keeps accuracy
+
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "### vgg16_fmnist" in md and "python scripts/reproduce.py --quick" in md
+    assert f"| thinet | lstsq | {100 * fitted['acc']:.2f}% / {100 * fitted['acc_ft']:.2f}% |" in md
+    assert "| thinet | none |" in md and "torch " in md
+    assert (tmp_path / "results_vgg16_fmnist.png").read_bytes()[:8] == PNG_MAGIC
+
+    # --resume: every run is already there, so nothing is pruned again
+    def boom(*args, **kwargs):
+        raise AssertionError("--resume re-ran a finished run")
+
+    monkeypatch.setattr(reproduce.recon, "prune", boom)
+    assert reproduce.main([*argv, "--resume"]) == 0
+    assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines() == lines
+    assert "--resume" in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--speedups", "0.5"], ["--methods", "magic"], ["--calib", "0"], ["--seed", "-1"]],
+)
+def test_reproduce_bad_options(reproduce, argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main([*argv, "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert f"argument {argv[0]}: must be" in capsys.readouterr().err
+
+
+def test_single_layer_quick(single_layer, tmp_path, capsys):
+    assert single_layer.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    assert "layers: features.0 (16 channels), features.40 (128 channels)" in capsys.readouterr().out
+    md = (tmp_path / "single_layer.md").read_text(encoding="utf-8")
+    assert "python scripts/single_layer.py --quick" in md
+    rows = [line for line in md.splitlines() if line.startswith("| features.")]
+    assert len(rows) == 2 * 4  # layers × methods
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] in ("first_k", "max_response", "thinet", "lasso")
+        (drop1, err1), (drop2, err2) = (map(float, c.split(" · ")) for c in cells[2:])
+        assert drop1 == 0 and err1 == 0  # s = 1 keeps every channel
+        assert -100 <= drop2 <= 100 and 0 <= err2 < 1
+    assert (tmp_path / "single_layer.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_single_layer_bad_layer(single_layer, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        single_layer.main(["--quick", "--layers", "features.1", "--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "not units of vgg16_fmnist" in capsys.readouterr().err
