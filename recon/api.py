@@ -51,9 +51,11 @@ class PruneResult:
     report : Report
         Per-layer errors and timings, FLOPs and parameters before and after.
     channels : dict of str to int
-        Channels kept per unit (unit = producer layer name).
+        Channels kept per unit (unit = producer layer name, or "<conv>.sampler" for the
+        sampler layer in front of a residual branch).
     kept : dict of str to list of int
-        Indices of the kept channels per unit, in the original numbering.
+        Indices of the kept channels per unit, in the original numbering (for a sampler,
+        the block-input channels its conv still reads).
     """
 
     model: nn.Module
