@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import budget as _budget
 from ._utils import model_device, model_dtype
-from .graph import Block, Graph, Unit, find_units, trace
+from .graph import Block, Graph, Unit, _node_of, find_units, trace
 from .layers import SampledConv2d
 from .report import LayerReport, Report
 from .sampling import _mix, gather_patches, gather_targets, layer_key, sample_positions
@@ -218,10 +218,6 @@ def _run(gm: fx.GraphModule, x: Tensor, names: Iterable[str], keep, *, to_end=Fa
         return None
 
 
-def _node(gm: fx.GraphModule, target: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
-
-
 def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
     """Per-channel factor ``a`` of an eval-mode BatchNorm ``a * z + d``, in float64."""
     a = (bn.running_var.double() + bn.eps).rsqrt()
@@ -266,8 +262,8 @@ def _accumulate(
             w = w * target.scale.to(device, w.dtype)[:, None, None]
         stats = ChannelStats(w, device=device)
     key = layer_key(unit.name)
-    out_node = _node(gm_o, unit.consumer).name
-    in_node = _node(gm_p, unit.consumer).args[0].name
+    out_node = _node_of(gm_o, unit.consumer).name
+    in_node = _node_of(gm_p, unit.consumer).args[0].name
     got: dict[str, Tensor] = {}
 
     def keep_o(name: str, v: Tensor) -> None:

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from nets import randomize_bn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,23 +23,10 @@ from recon.solve import RECONSTRUCT
 torchvision = pytest.importorskip("torchvision")
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
-
-
 @pytest.fixture
 def small() -> nn.Module:
     torch.manual_seed(0)
-    return _randomize_bn(models.vgg11(width=0.25)).eval()
+    return randomize_bn(models.vgg11(width=0.25)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +195,7 @@ def _sequential_net() -> nn.Sequential:
 )
 def test_user_models_end_to_end(build, calib):
     torch.manual_seed(0)
-    net = _randomize_bn(build()).eval()
+    net = randomize_bn(build()).eval()
     units = find_units(net).units
     runs = {rec: _quiet_prune(net, calib, keep_ratio=0.5, reconstruct=rec) for rec in RECONSTRUCT}
     for result in runs.values():

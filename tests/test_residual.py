@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import randomize_bn
 from torch import nn
 
 import recon
@@ -21,20 +22,6 @@ from recon.layers import SampledConv2d
 from recon.models import BasicBlock, cifar_resnet20, digits_resnet20
 
 torchvision = pytest.importorskip("torchvision")
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """BatchNorms with non-trivial statistics, so that a block's BN scale matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -170,7 +157,7 @@ def test_speedup_counts_sampler_savings(trained, digits):
 
 def test_keeping_every_channel_reproduces_outputs():
     torch.manual_seed(0)
-    net = _randomize_bn(cifar_resnet20()).eval()
+    net = randomize_bn(cifar_resnet20()).eval()
     x = torch.randn(8, 3, 16, 16)
     result = recon.prune(net, x, keep_ratio=1.0, progress=False)
     with torch.no_grad():
@@ -181,7 +168,7 @@ def test_keeping_every_channel_reproduces_outputs():
 def test_refit_keeping_every_channel_reproduces_outputs(block_target):
     """Every unit, samplers included, selected and re-fitted with all channels kept."""
     torch.manual_seed(0)
-    net = _randomize_bn(cifar_resnet20(width=0.5)).eval()
+    net = randomize_bn(cifar_resnet20(width=0.5)).eval()
     x = torch.randn(64, 3, 8, 8)
     batches = list(x.split(32))
     graph = find_units(net)
@@ -237,7 +224,7 @@ def tv_calib() -> list[torch.Tensor]:
 
 def _check_torchvision(name: str, calib: list[torch.Tensor]) -> None:
     torch.manual_seed(0)
-    net = _randomize_bn(getattr(torchvision.models, name)(weights=None)).eval()
+    net = randomize_bn(getattr(torchvision.models, name)(weights=None)).eval()
     x = torch.cat(calib)
     ref_blocks = _block_outputs(net, x[:2], _TV_BLOCKS)
     for speedup in (1.5, 2.0):
@@ -273,7 +260,7 @@ def test_torchvision_resnets_large(name, tv_calib):
 def test_torchvision_resnet_lasso(tv_calib):
     """The default method on a torchvision ResNet, wide layers included (coordinate descent)."""
     torch.manual_seed(0)
-    net = _randomize_bn(torchvision.models.resnet18(weights=None)).eval()
+    net = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         result = recon.prune(net, tv_calib, speedup=2.0, progress=False)
@@ -358,7 +345,7 @@ class _PreAct(nn.Module):
 
 def test_preactivation_block():
     torch.manual_seed(0)
-    net = _randomize_bn(_PreAct()).eval()
+    net = randomize_bn(_PreAct()).eval()
     graph = find_units(net)
     (block,) = graph.blocks
     assert block.convs == ("conv1", "conv2") and block.sampler and block.bn is None
