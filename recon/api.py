@@ -3,8 +3,9 @@
 This is the one module that knows every stage: it finds units in the graph
 (:mod:`recon.graph`), turns the target into channel counts (:mod:`recon.budget`), and
 for each unit in forward order accumulates statistics (:mod:`recon.stats`,
-:mod:`recon.sampling`), selects channels (:mod:`recon.select`), re-fits the consumer
-(:mod:`recon.solve`) and cuts the channels out (:mod:`recon.surgery`).
+:mod:`recon.sampling`, over the calibration passes of :mod:`recon.passes`), selects
+channels (:mod:`recon.select`), re-fits the consumer (:mod:`recon.solve`) and cuts the
+channels out (:mod:`recon.surgery`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from . import budget as _budget
+from ._plan import attach, make_plan
+from ._timing import PhaseTimer
 from ._utils import model_device, model_dtype
-from .graph import Block, Graph, Unit, _node_of, find_units, trace
+from .graph import Graph, Unit, _node_of, find_units, trace
 from .layers import SampledConv2d
+from .passes import DEFAULT_CACHE_BYTES, Passes
 from .report import LayerReport, Report
-from .sampling import _mix, gather_patches, gather_targets, layer_key, sample_positions
+from .sampling import _mix, gather_patches, gather_targets, layer_key
 from .select import METHODS, select_channels
 from .solve import RECONSTRUCT, channel_error, lstsq, patch_error, scale
 from .stats import ChannelStats, PatchStats
@@ -56,16 +60,22 @@ class PruneResult:
     kept : dict of str to list of int
         Indices of the kept channels per unit, in the original numbering (for a sampler,
         the block-input channels its conv still reads).
+    plan : dict
+        What was done, as plain JSON-serialisable data: per unit its structure and kept
+        channels, the sampler layers and their indices, the method, reconstruct mode,
+        seed, target and options, recon and torch versions, and a format version.
+        Unlike ``kept``, which numbers the channels of the model given to ``prune``,
+        the plan numbers those of the *unpruned* network: when a pruned model is
+        pruned again, its plan composes with the earlier one. Replay it on a fresh
+        model with :func:`recon.apply_plan`; :func:`recon.save` stores it with the
+        weights.
     """
 
     model: nn.Module
     report: Report
     channels: dict[str, int] = field(default_factory=dict)
     kept: dict[str, list[int]] = field(default_factory=dict)
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the values it needs are captured: skips the rest of forward."""
+    plan: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- checks
@@ -108,6 +118,11 @@ def _check_model(model: nn.Module) -> None:
             f"The 'model' argument must be a torch.nn.Module. Got {type(model).__name__} instead."
         )
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(
+                f"The 'model' argument has '{name}' on the meta device (no values); "
+                "load its weights before pruning."
+            )
         if t.is_floating_point() and not _finite(t):
             raise ValueError(
                 f"The 'model' argument has non-finite values (NaN or inf) in '{name}'; "
@@ -189,35 +204,6 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-class _Capture(fx.Interpreter):
-    """Runs a traced model, handing the values of some nodes to ``keep(name, value)``.
-
-    Stops the forward pass (``_StopForward``) once every named node has been computed,
-    unless ``to_end``; values no later node needs are freed on the way.
-    """
-
-    def __init__(self, gm: fx.GraphModule, names: Iterable[str], keep, *, to_end=False):
-        super().__init__(gm, garbage_collect_values=True)
-        self.names, self.keep, self.to_end = set(names), keep, to_end
-        self.seen = 0
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.keep(n.name, out)
-            self.seen += 1
-            if self.seen == len(self.names) and not self.to_end:
-                raise _StopForward
-        return out
-
-
-def _run(gm: fx.GraphModule, x: Tensor, names: Iterable[str], keep, *, to_end=False) -> Any:
-    try:
-        return _Capture(gm, names, keep, to_end=to_end).run(x)
-    except _StopForward:
-        return None
-
-
 def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
     """Per-channel factor ``a`` of an eval-mode BatchNorm ``a * z + d``, in float64."""
     a = (bn.running_var.double() + bn.eps).rsqrt()
@@ -237,6 +223,39 @@ class _Target:
     scale: Tensor  # (n,) float64: a, the BatchNorm's per-channel factor (ones if none)
 
 
+class _Rows:
+    """Feeds samples to patch statistics in blocks of about ``_ROWS_PER_UPDATE`` rows.
+
+    Small batches are joined into one float64 Gram update (fewer, larger BLAS calls);
+    the grouping depends only on the batch sizes, so it is the same on every path.
+    """
+
+    def __init__(self, stats: PatchStats | ChannelStats) -> None:
+        self.stats = stats
+        # ChannelStats expand each row to (c, n) contributions: never join those.
+        self.rows = _ROWS_PER_UPDATE if isinstance(stats, PatchStats) else 0
+        self.xs: list[Tensor] = []
+        self.ys: list[Tensor] = []
+        self.count = 0
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        self.xs.append(x)
+        self.ys.append(y)
+        self.count += x.shape[0]
+        if self.count >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.xs:
+            return
+        x = self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs)
+        y = self.ys[0] if len(self.ys) == 1 else torch.cat(self.ys)
+        self.xs, self.ys, self.count = [], [], 0
+        step = _ROWS_PER_UPDATE
+        for i in range(0, x.shape[0], step):
+            self.stats.update(x[i : i + step], y[i : i + step])
+
+
 def _accumulate(
     unit: Unit,
     gm_o: fx.GraphModule,
@@ -247,8 +266,33 @@ def _accumulate(
     samples_per_image: int | None,
     seed: int,
     progress: bool,
+    passes: Passes | None = None,
+    step: int = 0,
+    timer: PhaseTimer | None = None,
 ) -> PatchStats | ChannelStats:
-    """One pass over the calibration set: X from the pruned net, Y from the original."""
+    """One pass over the calibration set: X from the pruned net, Y from the original.
+
+    ``passes`` (:class:`recon.passes.Passes`) supplies the original network's targets
+    and runs the pruned network from its boundary cache, ``step`` being the unit's
+    place in its list; without it, both networks run from the input for this unit.
+    """
+    timer = timer or PhaseTimer()
+    if passes is None:
+        shortcut = None if target is None else target.shortcut
+        passes = Passes(
+            gm_o,
+            gm_p,
+            batches,
+            [unit],
+            {unit.name: shortcut},
+            [],
+            samples_per_image=samples_per_image,
+            seed=seed,
+            cache_bytes=0,
+            final=False,
+            timer=timer,
+        )
+        step = 0
     consumer = gm_p.get_submodule(unit.consumer)
     weight = consumer.weight.detach()
     n = weight.shape[0]
@@ -261,108 +305,47 @@ def _accumulate(
         if target is not None:
             w = w * target.scale.to(device, w.dtype)[:, None, None]
         stats = ChannelStats(w, device=device)
-    key = layer_key(unit.name)
-    out_node = _node_of(gm_o, unit.consumer).name
     in_node = _node_of(gm_p, unit.consumer).args[0].name
-    got: dict[str, Tensor] = {}
-
-    def keep_o(name: str, v: Tensor) -> None:
-        got["o:" + name] = v.detach()
-
-    def keep_p(name: str, v: Tensor) -> None:
-        got["p:" + name] = v.detach()
-
-    names_o = [out_node] + ([target.shortcut] if target is not None else [])
-    names_p = [in_node] + ([target.shortcut] if target is not None else [])
-    offset = 0
+    rows = _Rows(stats)
     bar = tqdm(batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch")
-    for xb in bar:
-        got.clear()
-        _run(gm_o, xb, names_o, keep_o)
-        _run(gm_p, xb, names_p, keep_p)
-        y = got["o:" + out_node]
-        bias = gm_o.get_submodule(unit.consumer).bias
-        if bias is not None:
-            y = y - bias.detach().view((1, -1) + (1,) * (y.dim() - 2))
-        x = got["p:" + in_node]
-        if isinstance(consumer, SampledConv2d):
-            x = consumer.sampler(x)
-        if unit.consumer_kind == "conv":
-            pos = sample_positions(
-                y.shape[0],
-                y.shape[2] * y.shape[3],
-                samples_per_image,
-                seed=seed,
-                layer=key,
-                image_offset=offset,
-                device=y.device,
-            )
-            x = gather_patches(
-                x,
-                pos,
-                kernel_size=consumer.kernel_size,
-                stride=consumer.stride,
-                padding=_conv_padding(consumer),
-                dilation=consumer.dilation,
-                out_width=y.shape[3],
-            )
-            y = gather_targets(y, pos)
+    for b, _ in enumerate(bar):
+        orig = passes.original(step, b)
+        got: dict[str, Tensor] = {}
+
+        def on_input(x: Tensor, orig=orig, got=got) -> None:
+            with timer("stats"):
+                x = x.detach()
+                if isinstance(consumer, SampledConv2d):
+                    x = consumer.sampler(x)
+                if unit.consumer_kind == "conv":
+                    got["x"] = gather_patches(
+                        x,
+                        orig.positions,
+                        kernel_size=consumer.kernel_size,
+                        stride=consumer.stride,
+                        padding=_conv_padding(consumer),
+                        dilation=consumer.dilation,
+                        out_width=orig.width,
+                    )
+                else:  # a copy: later in-place ops in the graph cannot change it
+                    got["x"] = x.reshape(x.shape[0], -1).clone()
+
+        def on_shortcut(v: Tensor, orig=orig, got=got) -> None:
+            with timer("stats"):
+                got["sc"] = gather_targets(v.detach(), orig.positions)
+
+        watch = [(in_node, on_input)]
+        if target is not None:
+            watch.append((target.shortcut, on_shortcut))
+        passes.pruned(step, b, watch)
+        with timer("stats"):
+            y = orig.y
             if target is not None:
-                sc_o = gather_targets(got["o:" + target.shortcut], pos)
-                sc_p = gather_targets(got["p:" + target.shortcut], pos)
-                y = y * target.scale.to(y.device, y.dtype) + (sc_o - sc_p)
-        else:
-            x = x.reshape(x.shape[0], -1)
-        for i in range(0, x.shape[0], _ROWS_PER_UPDATE):
-            stats.update(x[i : i + _ROWS_PER_UPDATE], y[i : i + _ROWS_PER_UPDATE])
-        offset += xb.shape[0]
+                y = y * target.scale.to(y.device, y.dtype) + (orig.shortcut - got["sc"])
+            rows.add(got["x"], y)
+    with timer("stats"):
+        rows.flush()
     return stats
-
-
-def _final_errors(
-    gm_o: fx.GraphModule,
-    gm_p: fx.GraphModule,
-    batches: list[Tensor],
-    blocks: list[Block],
-    *,
-    samples_per_image: int | None,
-    seed: int,
-) -> tuple[float | None, dict[str, float]]:
-    """Relative errors of the network output and of each block's output (sampled)."""
-    names = {b.add: b.name for b in blocks}
-    sums = {b.name: [0.0, 0.0] for b in blocks}  # block -> [err², ref²]
-    out: list[float] | None = [0.0, 0.0]
-    ref: dict[str, tuple[Tensor, Tensor]] = {}  # add node -> (positions, original values)
-    offset = [0]
-
-    def keep_o(name: str, v: Tensor) -> None:
-        pos = sample_positions(
-            v.shape[0],
-            v.shape[2] * v.shape[3],
-            samples_per_image,
-            seed=seed,
-            layer=layer_key(name),
-            image_offset=offset[0],
-            device=v.device,
-        )
-        ref[name] = (pos, gather_targets(v.detach(), pos).double())
-
-    def keep_p(name: str, v: Tensor) -> None:
-        pos, r = ref.pop(name)
-        sums[names[name]][0] += float(((gather_targets(v.detach(), pos) - r) ** 2).sum())
-        sums[names[name]][1] += float((r**2).sum())
-
-    for xb in batches:
-        y_o = _run(gm_o, xb, names, keep_o, to_end=True)
-        y_p = _run(gm_p, xb, names, keep_p, to_end=True)
-        if isinstance(y_o, Tensor) and isinstance(y_p, Tensor) and out is not None:
-            out[0] += float(((y_p.double() - y_o.double()) ** 2).sum())
-            out[1] += float((y_o.double() ** 2).sum())
-        else:
-            out = None
-        offset[0] += xb.shape[0]
-    out_err = None if out is None else (out[0] / out[1] if out[1] > 0 else 0.0)
-    return out_err, {k: (e / r if r > 0 else 0.0) for k, (e, r) in sums.items()}
 
 
 # --------------------------------------------------------------------------- one unit
@@ -378,14 +361,17 @@ def _prune_one(
     reconstruct: str,
     seed: int,
     row_scale: Tensor | None = None,
+    timer: PhaseTimer | None = None,
 ) -> tuple[Tensor, LayerReport]:
     """Select ``target`` channels of ``unit`` from ``stats``, re-fit, and cut.
 
     With ``row_scale`` (a block-sum target), the statistics are in units of the block's
     sum: the consumer's output rows are scaled by it for selection and re-fitting, and
-    the re-fitted rows scaled back.
+    the re-fitted rows scaled back. ``timer`` gets the select, solve and surgery times.
     """
     t0 = time.perf_counter()
+    timer = timer or PhaseTimer()
+    timer.push("select")
     consumer = pruned.get_submodule(unit.consumer)
     n = consumer.weight.shape[0]
     w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
@@ -395,6 +381,11 @@ def _prune_one(
         A, b = stats.channel_problem(w_cons.double() * a[:, None, None])
     else:
         A, b = stats.channel_problem(w_cons)
+    if not (_finite(A) and _finite(b)):  # activations overflowed on some image
+        raise FloatingPointError(
+            f"the statistics of '{unit.consumer}' are not finite (NaN or inf): the "
+            f"activations around it overflow {w_cons.dtype} on some calibration image"
+        )
     scores = None
     note = "block target" if a is not None else ""
     if method == "l1" and unit.producer is not None:
@@ -412,6 +403,7 @@ def _prune_one(
         seed=_mix(seed, layer_key(unit.name)),
     ).to(A.device)
     err_before = channel_error(A, b, stats.yy, keep)
+    timer.swap("solve")
     weight = bias_delta = None
     mode = reconstruct
     if mode == "lstsq" and isinstance(stats, ChannelStats):
@@ -444,7 +436,9 @@ def _prune_one(
         err_after = err_before
     if weight is not None and not _finite(weight):
         raise FloatingPointError(f"re-fitting '{unit.consumer}' produced non-finite weights")
+    timer.swap("surgery")
     prune_unit(pruned, unit, keep.cpu(), weight=weight, bias_delta=bias_delta)
+    timer.pop()
     report = LayerReport(
         name=unit.name,
         kind="sampler" if unit.kind == "sampler" else "conv",
@@ -480,6 +474,7 @@ def prune(
     block_target: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     inplace: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -539,6 +534,14 @@ def prune(
         Seeds position sampling and the ``random`` method.
     device : str or torch.device, optional
         Where to run; defaults to the model's device.
+    cache_bytes : int, default 2**30 (1 GiB)
+        Memory (on ``device``) recon may use to keep activations between units: first
+        the original network's outputs at the sampled positions for every unit,
+        gathered in one pass (positions × channels per unit), then the partly pruned
+        network's activations at the current layer boundary, so that each unit runs
+        the network from there instead of from the input. What does not fit is
+        recomputed from the input (0: everything is). The pruned model is the same
+        whatever the budget; only speed changes. See :mod:`recon.passes`.
     inplace : bool, default False
         Prune ``model`` itself instead of a copy.
     progress : bool, default True
@@ -584,10 +587,18 @@ def prune(
     ):
         if not isinstance(value, bool):
             raise TypeError(f"The '{arg}' argument must be a bool. Got {value!r} instead.")
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise _bad("cache_bytes", "an int >= 0 (bytes)", cache_bytes)
     try:
         dev = torch.device(device) if device is not None else model_device(model)
-    except (RuntimeError, TypeError) as exc:
-        raise _bad("device", "a torch device such as 'cpu' or 'cuda:0'", device) from exc
+        if device is not None:
+            torch.empty(0, device=dev)  # a device this torch cannot use fails here
+    except (RuntimeError, TypeError, AssertionError, NotImplementedError) as exc:
+        raise _bad(
+            "device", f"a torch device such as 'cpu' or 'cuda:0' usable here ({exc})", device
+        ) from exc
+    if dev.type == "meta":
+        raise _bad("device", "a device with data such as 'cpu' or 'cuda:0'", device)
     graph = find_units(model)
     if graph.unsupported:
         where, why = next(iter(graph.unsupported.items()))
@@ -615,12 +626,19 @@ def prune(
     example = batches[0][:1]
     try:
         with torch.no_grad():
-            original(example)
+            out = original(example)
     except Exception as exc:
         raise ValueError(
             f"The 'calib' argument's batches of shape {tuple(batches[0].shape)} do not fit the "
             f"model ({type(exc).__name__}: {exc})."
         ) from exc
+    if isinstance(out, Tensor) and out.is_floating_point() and not _finite(out):
+        raise ValueError(
+            f"The 'model' argument computes non-finite values (NaN or inf) from the first "
+            f"calibration image, in {model_dtype(model)}: its activations overflow. recon "
+            "cannot fit layers to non-finite targets; prune it in float32. No channels "
+            "were removed."
+        )
     flops_before, module_flops = _budget.count_flops(original, example)
     budget_units = [
         _budget.BudgetUnit(u.name, u.width, (u.producer,) if u.producer else (), (u.consumer,))
@@ -645,9 +663,26 @@ def prune(
     layers: list[LayerReport] = []
     kept: dict[str, list[int]] = {}
     todo = [u for u in graph.units if targets[u.name] < u.width]
+    timer = PhaseTimer(dev)
+    shortcuts = {}
+    for unit in todo:
+        block = graph.block_of(unit.consumer) if block_target else None
+        shortcuts[unit.name] = block.shortcut if block is not None and block.linear_tail else None
     bar = tqdm(todo, desc="recon", disable=not progress, unit="layer")
     with torch.no_grad():
-        for unit in bar:
+        passes = Passes(
+            gm_o,
+            gm_p,
+            batches,
+            todo,
+            shortcuts,
+            graph.blocks,
+            samples_per_image=samples_per_image,
+            seed=seed,
+            cache_bytes=cache_bytes,
+            timer=timer,
+        )
+        for step, unit in enumerate(bar):
             bar.set_postfix_str(f"{unit.name} {unit.width}->{targets[unit.name]}")
             t0 = time.perf_counter()
             block = graph.block_of(unit.consumer) if block_target else None
@@ -666,7 +701,11 @@ def prune(
                 samples_per_image=samples_per_image,
                 seed=seed,
                 progress=progress,
+                passes=passes,
+                step=step,
+                timer=timer,
             )
+            passes.drop_targets(step)
             t_stats = time.perf_counter() - t0
             keep, row = _prune_one(
                 unit,
@@ -677,6 +716,7 @@ def prune(
                 reconstruct=reconstruct,
                 seed=seed,
                 row_scale=None if target is None else target.scale,
+                timer=timer,
             )
             if unit.kind == "sampler":  # a new module: the traced copy must call it too
                 gm_p.set_submodule(unit.consumer, pruned.get_submodule(unit.consumer))
@@ -684,14 +724,8 @@ def prune(
             layers.append(row)
             kept[unit.name] = keep.tolist()
             del stats
-        out_err, block_errors = _final_errors(
-            gm_o,
-            gm_p,
-            batches,
-            graph.blocks,
-            samples_per_image=samples_per_image,
-            seed=seed,
-        )
+        out_err, block_errors = passes.finish()
+        del passes
     for unit in graph.units:  # units left whole keep every channel
         kept.setdefault(unit.name, list(range(unit.width)))
     kept = {u.name: kept[u.name] for u in graph.units}
@@ -710,6 +744,23 @@ def prune(
         reconstruct=reconstruct,
         output_error=out_err if out_err is not None and math.isfinite(out_err) else None,
         blocks=block_errors,
+        phases=timer.report(time.perf_counter() - t_start),
     )
     counts = {u.name: targets[u.name] for u in graph.units}
-    return PruneResult(model=pruned, report=report, channels=counts, kept=kept)
+    settings = {
+        "method": method,
+        "reconstruct": reconstruct,
+        "seed": seed,
+        "target": {"speedup": speedup, "keep_ratio": keep_ratio, "channels": channels},
+        "options": {
+            "ignored_layers": list(ignored_layers),
+            "round_to": round_to,
+            "samples_per_image": samples_per_image,
+            "max_images": max_images,
+            "sampler_layers": sampler_layers,
+            "block_target": block_target,
+        },
+    }
+    plan = make_plan(graph.units, kept, original, pruned, settings=settings)
+    attach(pruned, plan)  # a copy: pruning the model again composes with it
+    return PruneResult(model=pruned, report=report, channels=counts, kept=kept, plan=plan)

@@ -486,7 +486,17 @@ def resolve_channels(
             ratios = {n: r for n in widths if n not in ignored}
         for name, r in ratios.items():
             width = widths[name]
-            result[name] = min(width, _round_up(max(1, round(r * width)), round_to))
+            count = math.floor(r * width + 0.5)  # round half up: 0.5 of 1 channel keeps it
+            if count < 1 and width > 1:  # a 1-channel layer has nothing to remove
+                arg = (
+                    "keep_ratio" if not isinstance(keep_ratio, Mapping) else f"keep_ratio[{name!r}]"
+                )
+                raise ValueError(
+                    f"The '{arg}' argument keeps {r:g} * {width} = {r * width:.3g} channels of "
+                    f"layer '{name}'; it must keep at least one (ratio >= {0.5 / width:.3g}). "
+                    "Use ignored_layers or a larger ratio."
+                )
+            result[name] = min(width, _round_up(max(count, 1), round_to))
         return result
 
     return _resolve_speedup(units, speedup, ignored, round_to, module_flops, total_flops)

@@ -147,4 +147,6 @@ class SampledConv2d(nn.Conv2d):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(self.sampler(x))  # (N, source, H, W) -> (N, n, H', W')
+        # Not super().forward(): TorchScript cannot compile super() calls.
+        x = self.sampler(x)  # (N, source, H, W) -> (N, c, H, W)
+        return self._conv_forward(x, self.weight, self.bias)  # (N, n, H', W')

@@ -252,6 +252,13 @@ class Report:
         the calibration data (NaN if not computable); empty for networks without
         residual blocks. Shown as a second table by :meth:`to_text`, in insertion
         order.
+    phases : dict of str to float, default {}
+        Wall time of the run per phase, in seconds: ``forward`` (passes of the networks
+        over the calibration set), ``stats`` (gathering patches at the sampled positions
+        and accumulating the float64 statistics), ``select``, ``solve`` (re-fitting and
+        errors), ``surgery`` and ``other`` (checks, tracing, FLOPs counting). They add up
+        to ``seconds``. On CUDA, kernels are charged to the phase that waits for them
+        unless ``recon._timing.SYNCHRONIZE`` is set (``recon bench`` sets it).
 
     Examples
     --------
@@ -275,6 +282,7 @@ class Report:
     reconstruct: str
     output_error: float | None = None
     blocks: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -295,7 +303,7 @@ class Report:
             return NotImplemented
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            if f.name == "blocks":
+            if f.name in ("blocks", "phases"):
                 if not _same_floats(a, b):
                     return False
             elif isinstance(a, float) or isinstance(b, float):
@@ -402,6 +410,7 @@ class Report:
             "reconstruct": self.reconstruct,
             "output_error": _json_float(self.output_error),
             "blocks": {name: _json_float(err) for name, err in self.blocks.items()},
+            "phases": {name: _json_float(sec) for name, sec in self.phases.items()},
             "speedup": _json_float(self.speedup),
         }
 
@@ -413,7 +422,8 @@ class Report:
         ----------
         d : dict
             As written by :meth:`to_dict`; keys that are not fields are ignored, and
-            a missing ``"blocks"`` (reports saved before it existed) means no blocks.
+            a missing ``"blocks"`` or ``"phases"`` (reports saved before they existed)
+            means none.
 
         Returns
         -------
@@ -429,6 +439,8 @@ class Report:
         kwargs["seconds"] = _from_json_float(kwargs["seconds"])
         blocks = kwargs.get("blocks") or {}
         kwargs["blocks"] = {str(name): _from_json_float(err) for name, err in blocks.items()}
+        phases = kwargs.get("phases") or {}
+        kwargs["phases"] = {str(name): _from_json_float(sec) for name, sec in phases.items()}
         return cls(**kwargs)
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:

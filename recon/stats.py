@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import scipy.linalg.blas
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelStats", "PatchStats", "channel_gram"]
+__all__ = ["ChannelStats", "PatchStats", "add_gram_", "channel_gram"]
 
 
 @dataclass
@@ -63,7 +64,7 @@ class PatchStats:
         """Add a batch of samples: ``x`` (N, c*k) patches, ``y`` (N, n) targets."""
         x = x.to(self.G.device, torch.float64)
         y = y.to(self.G.device, torch.float64)
-        self.G.addmm_(x.T, x)
+        add_gram_(self.G, x)
         self.C.addmm_(x.T, y)
         self.s += x.sum(0)
         self.t += y.sum(0)
@@ -87,6 +88,25 @@ class PatchStats:
         See :func:`channel_gram`.
         """
         return channel_gram(self.G, self.C, weight)
+
+
+def add_gram_(G: Tensor, x: Tensor) -> Tensor:
+    """``G += xᵀx`` in place, for a symmetric float64 ``G`` (d, d) and ``x`` (N, d).
+
+    On the CPU this is a BLAS symmetric rank-k update (``dsyrk``): half the
+    multiply-adds of a general product, since only one triangle is computed; the other
+    is mirrored from it. Elsewhere (CUDA) it is ``G.addmm_(x.T, x)``.
+    """
+    if G.device.type != "cpu" or G.dtype != torch.float64 or not G.is_contiguous():
+        return G.addmm_(x.T, x)
+    if x.shape[0] == 0:
+        return G
+    # G's memory read column-major (a Fortran-order view) is Gᵀ = G. dsyrk adds xᵀx to
+    # that view's upper triangle, i.e. to G's lower one, which is then mirrored.
+    g = G.numpy().T  # (d, d), Fortran order: a view, updated in place
+    scipy.linalg.blas.dsyrk(1.0, x.detach().numpy().T, beta=1.0, c=g, trans=0, overwrite_c=1)
+    G.copy_(G.tril() + G.tril(-1).T)
+    return G
 
 
 def channel_gram(G: Tensor, C: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,486 @@
+"""Forward passes over the calibration set for :func:`recon.prune`.
+
+To prune unit ``i``, recon needs for every calibration batch the consumer's output
+``y`` in the original network (at the sampled positions) and the consumer's input
+``x`` in the partly pruned network. Computing both from the input for every unit
+costs two prefix passes per unit. :class:`Passes` brings that down to about two
+forward passes in all:
+
+* **The original network's targets, in one pass.** The original never changes, so a
+  single pass gathers what every unit will need from it: each consumer's output at
+  that unit's sampled positions (bias removed), the shortcut values of block targets,
+  and what the final errors compare against (each residual ``add`` at its sampled
+  positions, and the network output). These are small: positions × channels per unit.
+* **A boundary cache for the pruned network.** Pruning a unit changes only its own
+  modules (producer, BatchNorms between, consumer, BatchNorm after the consumer). So
+  every node of the graph before the first module that unit ``i`` *or any later unit*
+  changes -- the *cut* ``s_i`` -- already has its final value. The values live at that
+  cut (computed before it, read at or after it) are kept per batch, and the next unit
+  runs the graph from the cut rather than from the input (a :class:`GraphRunner` range).
+
+Because the cut lies before the producer, the producer runs again after it is pruned
+(at its new width) instead of its cached output being sliced: the cached and the
+recomputed paths do exactly the same arithmetic, so the pruned model is the same, bit
+for bit, whatever the cache budget. The price is that each layer runs twice in all,
+once at full output width (to give ``x``) and once pruned.
+
+``cache_bytes`` bounds what is held. The targets come first; if they do not fit, each
+unit runs the original network from the input again (as without a cache). The
+boundary values then fit batch by batch: a batch that does not fit starts from the
+input at the next unit. Values are cloned when cached, so in-place operations later in
+the graph (``ReLU(inplace=True)``, ``out += x``) cannot change them.
+
+This module sees traced graphs, modules and tensors; it knows nothing of selection or
+re-fitting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, fx
+
+from ._timing import PhaseTimer
+from .graph import Block, Unit, _node_of
+from .sampling import gather_targets, layer_key, sample_positions
+
+__all__ = ["DEFAULT_CACHE_BYTES", "GraphRunner", "Original", "Passes"]
+
+#: Default of ``recon.prune(cache_bytes=...)``: 1 GiB of cached activations.
+DEFAULT_CACHE_BYTES = 1 << 30
+
+Watch = Sequence[tuple[str, Callable[[Any], None]]]
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, tuple | list):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, tuple | list):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+class GraphRunner:
+    """Runs a range of a traced graph's nodes, starting from values already computed.
+
+    Nodes are numbered in the graph's (topological) order. ``run(x, start, stop, env)``
+    executes nodes ``start .. stop-1`` with ``env`` (node index -> value) holding every
+    value *live* at ``start`` (computed before it and read at or after it); values are
+    freed after their last use, as :class:`torch.fx.Interpreter` does.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes: list[fx.Node] = list(gm.graph.nodes)
+        self.index = {n.name: i for i, n in enumerate(self.nodes)}
+        where = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = [
+            max((where[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)
+        ]
+        self._frees: list[list[fx.Node]] = [[] for _ in self.nodes]
+        for i, j in enumerate(self.last_use):
+            self._frees[j].append(self.nodes[i])
+        self._interp = fx.Interpreter(gm)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def live(self, cut: int) -> list[int]:
+        """Indices of the nodes computed before ``cut`` and read at or after it."""
+        return [i for i in range(min(cut, len(self.nodes))) if self.last_use[i] >= cut]
+
+    def module_nodes(self) -> dict[str, int]:
+        """Index of the (first) node calling each module, by qualified module name."""
+        out: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            if n.op == "call_module":
+                out.setdefault(str(n.target), i)
+        return out
+
+    def run(
+        self,
+        x: Tensor,
+        start: int,
+        stop: int,
+        env: dict[int, Any] | None = None,
+        *,
+        watch: dict[int, list[Callable[[Any], None]]] | None = None,
+        snapshot_at: int | None = None,
+    ) -> dict[int, Any] | None:
+        """Run nodes ``start .. stop-1``; return the live values at ``snapshot_at``.
+
+        Parameters
+        ----------
+        x : Tensor
+            The network input (read only if the placeholder is in the range).
+        env : dict of int to value, optional
+            Values live at ``start`` (needed unless ``start == 0``).
+        watch : dict of int to list of callables
+            Called with a node's value right after it is computed (at once, from
+            ``env``, for a node before ``start``).
+        snapshot_at : int, optional
+            A cut in ``start .. stop``: the values live there are returned, cloned.
+        """
+        interp = self._interp
+        values: dict[fx.Node, Any] = {self.nodes[j]: v for j, v in (env or {}).items()}
+        interp.env = values
+        interp.args_iter = iter((x,))
+        snap = None
+        try:
+            for i in sorted(j for j in (watch or {}) if j < start):  # computed earlier
+                node = self.nodes[i]
+                if node not in values:
+                    raise RuntimeError(f"recon.passes: node '{node.name}' is not live at {start}")
+                for fn in watch[i]:
+                    fn(values[node])
+            for i in range(start, stop):
+                if i == snapshot_at:
+                    snap = {j: _clone(values[self.nodes[j]]) for j in self.live(i)}
+                node = self.nodes[i]
+                value = interp.run_node(node)
+                values[node] = value
+                for fn in (watch or {}).get(i, ()):
+                    fn(value)
+                for dead in self._frees[i]:
+                    values.pop(dead, None)
+            if snapshot_at == stop:
+                snap = {j: _clone(values[self.nodes[j]]) for j in self.live(stop)}
+        finally:
+            interp.env = {}
+        return snap
+
+
+@dataclass
+class Original:
+    """What one unit needs from the original network, for one batch.
+
+    Attributes
+    ----------
+    positions : Tensor, shape (B, S), or None
+        Sampled flat output positions (None for a linear consumer: a row per image).
+    width : int or None
+        Width of the consumer's output map (to turn positions into rows and columns).
+    y : Tensor, shape (B*S, n) or (B, n)
+        The consumer's output at those positions, its bias removed.
+    shortcut : Tensor, shape (B*S, n), or None
+        The block target's shortcut operand at the same positions.
+    """
+
+    positions: Tensor | None
+    width: int | None
+    y: Tensor
+    shortcut: Tensor | None = None
+
+
+class Passes:
+    """The calibration passes of one pruning run (see the module docstring).
+
+    Parameters
+    ----------
+    gm_o, gm_p : fx.GraphModule
+        Traces of the original and of the (partly) pruned network; node names agree.
+    batches : list of Tensor
+        Calibration batches, on the model's device.
+    units : list of Unit
+        The units to prune, in the order they will be pruned.
+    shortcuts : dict of str to str or None
+        Unit name -> fx node name of its block target's shortcut operand (or None).
+    blocks : list of Block
+        Residual blocks whose output errors :meth:`finish` measures.
+    samples_per_image : int or None
+    seed : int
+    cache_bytes : int
+        Budget for the original's targets plus the pruned network's boundary values.
+    final : bool
+        Whether :meth:`finish` will be called (keep the boundary after the last unit
+        and the targets of the final errors).
+    timer : PhaseTimer, optional
+    """
+
+    def __init__(
+        self,
+        gm_o: fx.GraphModule,
+        gm_p: fx.GraphModule,
+        batches: list[Tensor],
+        units: list[Unit],
+        shortcuts: dict[str, str | None],
+        blocks: list[Block],
+        *,
+        samples_per_image: int | None,
+        seed: int,
+        cache_bytes: int,
+        final: bool = True,
+        timer: PhaseTimer | None = None,
+    ) -> None:
+        self.ro, self.rp = GraphRunner(gm_o), GraphRunner(gm_p)
+        self.gm_o = gm_o
+        self.batches = batches
+        self.units = units
+        self.blocks = blocks
+        self.per_image, self.seed = samples_per_image, seed
+        self.budget = cache_bytes
+        self.final = final
+        self.timer = timer or PhaseTimer()
+        self.offsets = [0]
+        for xb in batches:
+            self.offsets.append(self.offsets[-1] + xb.shape[0])
+        self._wants = [self._want(u, shortcuts.get(u.name)) for u in units]
+        # The cut of step i: the first node that unit i or a later unit changes.
+        first = self.rp.module_nodes()
+        cuts = []
+        for u in units:
+            names = [u.producer, *u.channelwise, u.consumer, u.consumer_bn]
+            cuts.append(min(first[n] for n in names if n is not None and n in first))
+        for i in range(len(cuts) - 2, -1, -1):
+            cuts[i] = min(cuts[i], cuts[i + 1])
+        self.cuts = [*cuts, len(self.rp)]
+        self.step = 0
+        self.frontier: list[dict[int, Any] | None] = [None] * len(batches)
+        self._frontier_bytes = [0] * len(batches)
+        self.held = 0  # bytes held: targets + boundary values
+        self.peak_held = self.targets_bytes = 0
+        self.targets: list[dict[Any, Any]] | None = None
+        self._sums = {b.name: [0.0, 0.0] for b in blocks}
+        self._out: list[float] | None = [0.0, 0.0]
+        self.output_error: float | None = None
+        self.block_errors: dict[str, float] = {}
+        self._gather_targets()
+
+    # ------------------------------------------------------------------ original side
+
+    def _want(self, unit: Unit, shortcut: str | None) -> tuple[int, int | None, Tensor | None]:
+        out = self.ro.index[_node_of(self.gm_o, unit.consumer).name]
+        sc = None if shortcut is None else self.ro.index[shortcut]
+        bias = self.gm_o.get_submodule(unit.consumer).bias
+        return out, sc, None if bias is None else bias.detach()
+
+    def _positions(self, b: int, value: Tensor, key: int) -> Tensor:
+        return sample_positions(
+            value.shape[0],
+            value.shape[2] * value.shape[3],
+            self.per_image,
+            seed=self.seed,
+            layer=key,
+            image_offset=self.offsets[b],
+            device=value.device,
+        )
+
+    def _unit_watch(self, b: int, i: int, entry: dict[Any, Any]) -> dict[int, list]:
+        """Watchers that put unit ``i``'s :class:`Original` parts into ``entry``."""
+        unit = self.units[i]
+        out, sc, bias = self._wants[i]
+        key = layer_key(unit.name)
+        conv = unit.consumer_kind == "conv"
+
+        def pos(v: Tensor) -> Tensor | None:
+            if not conv:
+                return None
+            if ("pos", i) not in entry:  # shortcut and output share the positions
+                entry[("pos", i)] = self._positions(b, v, key)
+                entry[("width", i)] = v.shape[3]
+            return entry[("pos", i)]
+
+        def on_out(v: Tensor) -> None:
+            with self.timer("stats"):
+                y = v.detach()
+                if bias is not None:
+                    y = y - bias.view((1, -1) + (1,) * (y.dim() - 2))
+                p = pos(y)  # a copy either way: later in-place ops cannot change it
+                entry[("y", i)] = y.clone() if p is None else gather_targets(y, p)
+
+        def on_sc(v: Tensor) -> None:
+            with self.timer("stats"):
+                entry[("sc", i)] = gather_targets(v.detach(), pos(v))
+
+        watch: dict[int, list] = {out: [on_out]}
+        if sc is not None:
+            watch.setdefault(sc, []).append(on_sc)
+        return watch
+
+    def _final_watch(self, b: int, entry: dict[Any, Any]) -> dict[int, list]:
+        """Watchers that put the final errors' references into ``entry``."""
+        watch: dict[int, list] = {}
+        for block in self.blocks:
+
+            def on_add(v: Tensor, name: str = block.add) -> None:
+                with self.timer("stats"):
+                    p = self._positions(b, v, layer_key(name))
+                    entry[("add", name)] = (p, gather_targets(v.detach(), p).double())
+
+            watch.setdefault(self.ro.index[block.add], []).append(on_add)
+
+        def on_output(v: Any) -> None:
+            entry["output"] = v.detach() if isinstance(v, Tensor) else None
+
+        watch.setdefault(len(self.ro) - 1, []).append(on_output)
+        return watch
+
+    def _original_pass(self, b: int) -> dict[Any, Any]:
+        entry: dict[Any, Any] = {}
+        watch: dict[int, list] = {}
+        for i in range(len(self.units)):
+            for k, fns in self._unit_watch(b, i, entry).items():
+                watch.setdefault(k, []).extend(fns)
+        stop = max(watch, default=-1) + 1
+        if self.final:
+            for k, fns in self._final_watch(b, entry).items():
+                watch.setdefault(k, []).extend(fns)
+            stop = len(self.ro)
+        with self.timer("forward"):
+            self.ro.run(self.batches[b], 0, stop, watch=watch)
+        return entry
+
+    def _gather_targets(self) -> None:
+        """One pass of the original network for every unit, if the targets fit."""
+        if self.budget <= 0 or not self.batches:
+            return
+        first = self._original_pass(0)
+        per_image = _nbytes(first) / self.batches[0].shape[0]
+        if per_image * self.offsets[-1] > self.budget:
+            return
+        self.targets = [first] + [self._original_pass(b) for b in range(1, len(self.batches))]
+        self.held = self.targets_bytes = sum(_nbytes(t) for t in self.targets)
+        self.peak_held = self.held
+
+    def original(self, step: int, b: int) -> Original:
+        """Unit ``step``'s targets for batch ``b``: stored, or computed from the input."""
+        if self.targets is not None:
+            entry = self.targets[b]
+        else:
+            entry = {}
+            watch = self._unit_watch(b, step, entry)
+            with self.timer("forward"):
+                self.ro.run(self.batches[b], 0, max(watch) + 1, watch=watch)
+        return Original(
+            entry.get(("pos", step)),
+            entry.get(("width", step)),
+            entry[("y", step)],
+            entry.get(("sc", step)),
+        )
+
+    def drop_targets(self, step: int) -> None:
+        """Free unit ``step``'s stored targets (done with them)."""
+        if self.targets is None:
+            return
+        for entry in self.targets:
+            for key in (("pos", step), ("width", step), ("y", step), ("sc", step)):
+                value = entry.pop(key, None)
+                self.held -= _nbytes(value)
+
+    # ------------------------------------------------------------------ pruned side
+
+    def _final_values(self, lo: int, hi: int, ref: dict[Any, Any]) -> dict[int, list]:
+        """Watchers accumulating the final errors of the nodes in ``lo .. hi-1``."""
+        watch: dict[int, list] = {}
+        for block in self.blocks:
+            k = self.rp.index[block.add]
+            if lo <= k < hi:
+
+                def on_add(v: Tensor, name: str = block.add, blk: str = block.name) -> None:
+                    with self.timer("stats"):
+                        p, r = ref[("add", name)]
+                        sums = self._sums[blk]
+                        sums[0] += float(((gather_targets(v.detach(), p) - r) ** 2).sum())
+                        sums[1] += float((r**2).sum())
+
+                watch.setdefault(k, []).append(on_add)
+        k = len(self.rp) - 1
+        if lo <= k < hi:
+
+            def on_output(v: Any) -> None:
+                y_o = ref["output"]
+                if isinstance(y_o, Tensor) and isinstance(v, Tensor) and self._out is not None:
+                    self._out[0] += float(((v.double() - y_o.double()) ** 2).sum())
+                    self._out[1] += float((y_o.double() ** 2).sum())
+                else:
+                    self._out = None
+
+            watch.setdefault(k, []).append(on_output)
+        return watch
+
+    def _advance(self, b: int, watch: dict[int, list], need: int) -> None:
+        """Run batch ``b`` of the pruned net through step ``self.step``'s range."""
+        i = self.step
+        lo, cut = (self.cuts[i - 1] if i > 0 else 0), self.cuts[i]
+        if self.final and self.targets is not None and lo < cut:
+            for k, fns in self._final_values(lo, cut, self.targets[b]).items():
+                watch.setdefault(k, []).extend(fns)
+        env, self.frontier[b] = self.frontier[b], None
+        self.held -= self._frontier_bytes[b]
+        self._frontier_bytes[b] = 0
+        start = lo if env is not None else 0
+        keep = self.budget > 0 and (i + 1 < len(self.units) or (self.final and cut < len(self.rp)))
+        stop = max(need, cut if keep else 0, max(watch, default=-1) + 1)
+        with self.timer("forward"):
+            snap = self.rp.run(
+                self.batches[b], start, stop, env, watch=watch, snapshot_at=cut if keep else None
+            )
+        del env
+        if snap is not None:
+            size = _nbytes(snap)
+            if self.held + size <= self.budget:
+                self.frontier[b], self._frontier_bytes[b] = snap, size
+                self.held += size
+                self.peak_held = max(self.peak_held, self.held)
+
+    def pruned(self, step: int, b: int, watch: Watch) -> None:
+        """Run batch ``b`` of the pruned network for unit ``step``.
+
+        ``watch`` lists (node name, callback) pairs: each callback gets that node's
+        value in the partly pruned network. Steps must come in order, every batch of a
+        step before the next step.
+        """
+        if step != self.step:
+            if step != self.step + 1 or b != 0:
+                raise RuntimeError(f"recon.passes: step {step} out of order (at {self.step})")
+            self.step = step
+        w: dict[int, list] = {}
+        for name, fn in watch:
+            w.setdefault(self.rp.index[name], []).append(fn)
+        self._advance(b, w, max(w, default=-1) + 1)
+
+    def finish(self) -> tuple[float | None, dict[str, float]]:
+        """Run the rest of the pruned network; the output and block errors.
+
+        With the targets stored, the errors of each node were summed as soon as its
+        value was final, and only the rest of the graph runs here; otherwise both
+        networks run once more from the input.
+
+        Returns
+        -------
+        output_error : float or None
+            ``Σ‖y' − y‖² / Σ‖y‖²`` of the network output (None if not a tensor).
+        block_errors : dict of str to float
+            The same, sampled, for each residual block's output.
+        """
+        if not self.final:
+            raise RuntimeError("recon.passes: finish() on passes made with final=False")
+        self.step = len(self.units)
+        n = len(self.rp)
+        for b in range(len(self.batches)):
+            if self.targets is not None:
+                self._advance(b, {}, n)
+                continue
+            ref: dict[Any, Any] = {}
+            with self.timer("forward"):
+                self.ro.run(self.batches[b], 0, n, watch=self._final_watch(b, ref))
+                self.rp.run(self.batches[b], 0, n, watch=self._final_values(0, n, ref))
+        self.frontier = [None] * len(self.batches)
+        self.targets = None
+        self.held = 0
+        out = self._out
+        self.output_error = None if out is None else (out[0] / out[1] if out[1] > 0 else 0.0)
+        self.block_errors = {k: (e / r if r > 0 else 0.0) for k, (e, r) in self._sums.items()}
+        return self.output_error, self.block_errors
