@@ -193,9 +193,14 @@ def test_resolve_channels_keep_ratio():
     # round(0.3 * 64) = 19 -> 24 with round_to=8; 0.3 * 128 = 38.4 -> 38 -> 40
     got = resolve_channels(units, keep_ratio=0.3, round_to=8, ignored_layers=["c5"])
     assert got == {"c1": 24, "c2": 40, "c3": 80, "c4": 160, "c5": 512}
-    # tiny ratio: at least one channel, rounded up to round_to
-    assert resolve_channels(units, keep_ratio=1e-6)["c1"] == 1
-    assert resolve_channels(units, keep_ratio=1e-6, round_to=16)["c1"] == 16
+    # a ratio keeping one channel of the narrowest layer, rounded up to round_to
+    assert resolve_channels(units, keep_ratio=0.6 / 64)["c1"] == 1
+    assert resolve_channels(units, keep_ratio=0.6 / 64, round_to=16)["c1"] == 16
+    # a ratio that rounds to 0 channels of some layer is an error naming it
+    with pytest.raises(ValueError, match=r"keep_ratio.*channels of layer 'c1'"):
+        resolve_channels(units, keep_ratio=1e-6)
+    with pytest.raises(ValueError, match=r"keep_ratio\['c2'\].*channels of layer 'c2'"):
+        resolve_channels(units, keep_ratio={"c2": 1e-3})
     # round_to above the width caps at the width
     assert resolve_channels(two_units(), keep_ratio=0.5, round_to=16) == {"a": 4, "b": 8}
 
@@ -386,6 +391,10 @@ def random_problem(draw):
 )
 def test_keep_ratio_counts_in_range_and_rounded(problem, ratio, round_to):
     units, _, _ = problem
+    if any(u.width > 1 and ratio * u.width < 0.5 for u in units):  # 0 channels: refused
+        with pytest.raises(ValueError, match="must keep at least one"):
+            resolve_channels(units, keep_ratio=ratio, round_to=round_to)
+        return
     got = resolve_channels(units, keep_ratio=ratio, round_to=round_to)
     for unit in units:
         count = got[unit.name]
