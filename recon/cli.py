@@ -1,4 +1,4 @@
-"""Command line: ``recon prune`` and ``recon eval`` (also ``python -m recon``)."""
+"""Command line: ``recon prune``, ``recon eval`` and ``recon bench`` (also ``python -m recon``)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ examples:
   recon prune --model torchvision:resnet50 --weights resnet50.pth --data calib.pt \
               --speedup 2 --no-sampler-layers --out resnet50_small.pt
   recon eval --model vgg16_small.pt --data fmnist
+  recon bench                                   # time and memory of the default 2x run
 """
 
 
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--round-to", type=int, default=1, help="round channel counts to a multiple")
     m.add_argument("--seed", type=int, default=0, help="seed for position sampling (0)")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model is)")
+    _add_cache_mb(m)
 
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="PATH", help="save the pruned module (torch.save) here")
@@ -184,7 +186,72 @@ def build_parser() -> argparse.ArgumentParser:
         default="fmnist",
         help="built-in set: fmnist (2,000 embedded Fashion-MNIST test images, default) or digits",
     )
+    b = sub.add_parser(
+        "bench",
+        help="time and peak memory of one pruning run, against one plain forward pass",
+        description="Prune a model once and print the time of each phase (forward passes, "
+        "statistics, selection, solves, surgery), the peak memory, and the total in units "
+        "of one plain forward pass of the calibration set through the original model, "
+        "measured in the same run. Defaults: the shipped VGG-16 on the 1,000 embedded "
+        "Fashion-MNIST images, 10 positions per image, 2x. scripts/bench.py adds the naive "
+        "reference, scaling runs and latency.",
+    )
+    b.add_argument(
+        "--model",
+        default="pretrained:vgg16_fmnist",
+        metavar="SPEC",
+        help="as for 'recon prune' (default: pretrained:vgg16_fmnist)",
+    )
+    b.add_argument("--weights", metavar="PATH", help="as for 'recon prune'")
+    b.add_argument(
+        "--data", default="fmnist", metavar="SPEC", help="as for 'recon prune' (default: fmnist)"
+    )
+    b.add_argument(
+        "--max-images",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="calibration images (default 1000)",
+    )
+    b.add_argument("--batch-size", type=int, default=64, help="calibration batch size (64)")
+    b.add_argument("--speedup", type=_positive_float, default=2.0, help="FLOPs target (2)")
+    b.add_argument(
+        "--method",
+        default="lasso",
+        choices=("lasso", "thinet", "l1", "max_response", "first_k", "random"),
+        help="channel selection (default: lasso)",
+    )
+    b.add_argument(
+        "--samples-per-image",
+        type=_samples,
+        default=10,
+        metavar="N|all",
+        help="output positions sampled per image and layer (default 10)",
+    )
+    b.add_argument("--device", help="cpu, cuda, ... (default: where the model is)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    b.add_argument("--repeats", type=int, default=3, help="forward passes timed (median; 3)")
+    _add_cache_mb(b)
+    b.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     return parser
+
+
+def _add_cache_mb(group: Any) -> None:
+    group.add_argument(
+        "--cache-mb",
+        type=float,
+        default=1024.0,
+        metavar="MB",
+        help="memory (MiB) for activations kept between layers: the original network's "
+        "sampled outputs, then the pruned network's activations at the current layer; "
+        "0 recomputes everything from the input (same result, slower). Default 1024",
+    )
+
+
+def _cache_bytes(args: argparse.Namespace) -> int:
+    if not args.cache_mb >= 0:
+        raise ValueError(f"The '--cache-mb' must be >= 0. Got {args.cache_mb} instead.")
+    return int(args.cache_mb * 2**20)
 
 
 # --------------------------------------------------------------------------- loading
@@ -325,6 +392,7 @@ def _run_default(args: argparse.Namespace) -> int:
             speedup=args.speedup or 2.0,
             samples_per_image=args.samples_per_image,
             seed=args.seed,
+            cache_bytes=_cache_bytes(args),
             progress=not args.quiet,
         )
         print()
@@ -375,6 +443,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         block_target=args.block_target,
         seed=args.seed,
         device=args.device,
+        cache_bytes=_cache_bytes(args),
         progress=not args.quiet,
         **target,
     )
@@ -390,6 +459,38 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.out:
         _save_module(result.model, args.out)
         print(f"pruned model written to {args.out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"The '--threads' must be >= 1. Got {args.threads} instead.")
+        torch.set_num_threads(args.threads)
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"The '--max-images' must be >= 1. Got {args.max_images} instead.")
+    model = load_model(args.model, args.weights)
+    x, _ = load_data(args.data)
+    x = x[: args.max_images]
+    result, _ = bench.run(
+        model,
+        x,
+        name=args.model,
+        speedup=args.speedup,
+        method=args.method,
+        samples_per_image=args.samples_per_image,
+        batch_size=args.batch_size,
+        cache_bytes=_cache_bytes(args),
+        device=args.device,
+        repeats=args.repeats,
+    )
+    print(result.to_text())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result.to_dict(), fh, indent=2)
+        print(f"numbers written to {args.json}")
     return 0
 
 
@@ -418,7 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"prune": _cmd_prune, "eval": _cmd_eval}[args.command](args)
+        commands = {"prune": _cmd_prune, "eval": _cmd_eval, "bench": _cmd_bench}
+        return commands[args.command](args)
     except (ValueError, TypeError) as exc:
         print(f"recon {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,119 @@
+"""The benchmark (recon.bench, ``recon bench``, scripts/bench.py) runs end to end on a
+tiny model and data. Correctness only: no timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recon import bench, cli
+from recon.budget import count_flops
+from recon.models import VGG, digits_vgg
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+pytestmark = pytest.mark.filterwarnings("ignore:re-fitting:UserWarning")
+TINY = ["--model", "recon.models:digits_vgg", "--data", "digits"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("_script_bench", SCRIPTS / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_probes_return_bytes():
+    rss, peak = bench.rss_bytes(), bench.peak_rss_bytes()
+    assert peak > 0
+    if rss is not None:  # Linux
+        assert 0 < rss <= peak
+        bench.reset_peak_rss()
+        assert bench.peak_rss_bytes() <= peak
+
+
+def test_work_counts_forward_and_statistics():
+    torch.manual_seed(0)
+    net = VGG([4, "M", 6], in_channels=1, input_size=4, num_classes=3).eval()
+    example = torch.zeros(1, 1, 4, 4)
+    fwd, stats = bench.work(net, example, images=5, samples_per_image=3)
+    assert fwd == count_flops(net, example)[0] // 2 * 5
+    # unit features.0 -> features.4 (2x2 map: 3 of 4 positions), d = 4*9, n = 6;
+    # unit features.4 -> classifier (linear, one row per image), d = 6*4, n = 3
+    d1, d2 = 36, 24
+    assert stats == 5 * 3 * (d1 * (d1 + 1) // 2 + d1 * 6) + 5 * (d2 * (d2 + 1) // 2 + d2 * 3)
+
+
+def test_bench_run_reports_phases_memory_and_ratio():
+    torch.manual_seed(0)
+    x = torch.randn(48, 1, 8, 8)
+    result, pruned = bench.run(digits_vgg().eval(), x, batch_size=16, repeats=1, warmup=False)
+    assert result.forward_seconds > 0 and result.prune_seconds > 0
+    assert result.ratio == pytest.approx(result.prune_seconds / result.forward_seconds)
+    assert set(result.phases) >= {"forward", "stats", "select", "solve", "surgery", "other"}
+    assert result.peak_rss > 0 and result.stats_macs > 0 and result.forward_macs > 0
+    assert result.flops_ratio == pytest.approx(pruned.report.speedup)
+    text = result.to_text()
+    assert "forward passes" in text and "peak memory" in text
+    json.dumps(result.to_dict())  # JSON-safe
+
+
+def test_recon_bench_cli(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", *TINY, "--max-images", "48", "--batch-size", "16", "--repeats", "1"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "one plain forward pass" in text and "stats" in text
+    numbers = json.loads(out.read_text())
+    assert numbers["images"] == 48 and numbers["ratio"] > 0
+
+
+def test_recon_prune_takes_cache_mb(tmp_path, capsys):
+    argv = ["prune", *TINY, "--max-images", "48", "--keep-ratio", "0.5", "--quiet"]
+    assert cli.main([*argv, "--cache-mb", "0"]) == 0
+    assert "recon pruning report" in capsys.readouterr().out
+    assert cli.main([*argv, "--cache-mb", "-1"]) == 2
+    assert "--cache-mb" in capsys.readouterr().err
+
+
+def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
+    md = tmp_path / "benchmarks.md"
+    out = script.main(["all", "--quick", "--in-process", "--threads", "1", "--out", str(md)])
+    c = out["compare"]
+    assert c["units"] == 5 and c["same_units"] == c["units"]  # same channels as the naive
+    assert all(row["same_at_lambda"] for row in c["rows"])
+    assert c["recon"]["kept"] == c["naive"]["kept"]
+    assert [r["label"] for r in out["scale"]] == ["base"] * 2 + ["images x4"] * 2 + ["width x2"] * 2
+    assert out["scale"][2]["images"] == 4 * out["scale"][0]["images"]
+    assert len(out["latency"]) == 2 * 2 * 2  # models x targets x batch sizes
+    text = md.read_text()
+    for heading in ("## Machine", "## 1. recon against", "## 2. Scaling", "## 3. Inference"):
+        assert heading in text
+    assert "naive / recon" in text and "The bars of issue 5" in text
+    assert "python scripts/bench.py all --quick --in-process" in text
+
+
+def test_bench_script_compare_in_child_processes(script, tmp_path):
+    """The default path: each side in its own process, same channels, JSON written."""
+    path = tmp_path / "out.json"
+    script.main(["compare", "--quick", "--threads", "1", "--json", str(path)])
+    c = json.loads(path.read_text())["compare"]
+    assert c["recon"]["kept"] == c["naive"]["kept"]
+    assert c["recon"]["peak_rss"] > 0 and c["naive"]["peak_rss"] > 0
+    assert c["recon"]["side"] == "recon" and c["naive"]["side"] == "naive"
