@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help=f"keep the rows of {RESULTS}, skip those runs"
     )
     parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help=f"run nothing: write the tables and plots from the rows already in {RESULTS} "
+        "(runs not done yet are blank cells)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 128 calibration images, 2x only, lasso and thinet, 5 fine-tuning "
@@ -522,6 +528,12 @@ def _write_markdown(
         f"fine-tuning summed over the {len(rows)} runs (see `{RESULTS}` for every run).",
         "",
     ]
+    if getattr(args, "missing", 0):
+        lines += [
+            f"**Partial table**: {args.missing} of {args.missing + len(rows)} runs are not done "
+            "yet (blank cells); `python scripts/reproduce.py --resume` completes them.",
+            "",
+        ]
     warned = sum(1 for r in rows if r["warnings"])
     if warned:
         lines += [
@@ -558,6 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = args.out_dir / RESULTS
+    if args.table_only:
+        args.resume = True
     old = _load_rows(results) if args.resume else []
     if not args.resume:
         results.write_text("", encoding="utf-8")
@@ -595,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs.append((model, target, method, rec))
     if len(rows):
         print(f"resuming: {len(rows)} runs already in {results}, {len(runs)} to go")
+    args.missing = len(runs) if args.table_only else 0
+    if args.table_only:
+        runs = []
 
     bar = tqdm(runs, desc="runs", unit="run")
     for model, target, method, rec in bar:

@@ -1,4 +1,4 @@
-"""Smoke tests of scripts/reproduce.py and scripts/single_layer.py in --quick mode, run
+"""Smoke tests of scripts/reproduce.py, quality_bar.py and single_layer.py in --quick mode, run
 in-process through their ``main(argv)`` on the shipped ``vgg16_fmnist``."""
 
 from __future__ import annotations
@@ -60,6 +60,27 @@ def reproduce():
 
 
 @pytest.fixture(scope="module")
+def quality_bar(reproduce):  # needs the same Fashion-MNIST files
+    return _load("quality_bar")
+
+
+def test_quality_bar_quick(quality_bar, tmp_path, capsys):
+    quality_bar.main(["--quick", "--out-dir", str(tmp_path)])
+    md = (tmp_path / "quality.md").read_text(encoding="utf-8")
+    assert "python scripts/quality_bar.py --quick" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| 64 ", "| 128 "))]
+    assert len(rows) == 8  # 2 calibration sizes, 4 variants at 64 images, 2 allocations
+    for row in rows:
+        speedup = float(row.split("|")[2].strip().rstrip("x"))
+        assert 1.4 < speedup < 2.1
+    # per-layer errors on calibration and held-out images, one column per conv of VGG-16
+    calib = next(line for line in md.splitlines() if line.startswith("| calib |"))
+    held = next(line for line in md.splitlines() if line.startswith("| held out |"))
+    assert len(calib.split("|")) == len(held.split("|")) == 13 + 3
+    assert "calibration images" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
 def single_layer():
     return _load("single_layer")
 
@@ -103,6 +124,15 @@ def test_reproduce_quick_and_resume(reproduce, tmp_path, capsys, monkeypatch):
     assert reproduce.main([*argv, "--resume"]) == 0
     assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines() == lines
     assert "--resume" in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+    # --table-only: runs nothing, writes the table of what is done, blank cells for the rest
+    both = ["--quick", "--models", "vgg16_fmnist", "--methods", "thinet,lasso"]
+    assert reproduce.main([*both, "--out-dir", str(tmp_path), "--table-only"]) == 0
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "**Partial table**: 2 of 4 runs are not done yet" in md
+    assert f"| thinet | lstsq | {100 * fitted['acc']:.2f}% / {100 * fitted['acc_ft']:.2f}% |" in md
+    assert "| lasso | lstsq |  |" in md
+    assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines() == lines
 
 
 @pytest.mark.parametrize(
