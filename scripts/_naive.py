@@ -204,6 +204,7 @@ def _counts(model: nn.Module, graph: Graph, example: Tensor, speedup: float) -> 
     )
 
 
+@torch.no_grad()
 def prune_naive(
     model: nn.Module,
     calib: Tensor,
@@ -223,7 +224,6 @@ def prune_naive(
     """
     import copy
 
-    torch.set_grad_enabled(False)
     original = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model).eval()
     batches = list(calib.split(batch_size))

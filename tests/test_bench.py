@@ -117,3 +117,11 @@ def test_bench_script_compare_in_child_processes(script, tmp_path):
     assert c["recon"]["kept"] == c["naive"]["kept"]
     assert c["recon"]["peak_rss"] > 0 and c["naive"]["peak_rss"] > 0
     assert c["recon"]["side"] == "recon" and c["naive"]["side"] == "naive"
+
+
+def test_naive_reference_leaves_autograd_on(script):
+    """The in-process naive run must not switch gradients off for the rest of the process."""
+    torch.manual_seed(0)
+    net = digits_vgg(width=0.125).eval()
+    out = script._naive.prune_naive(net, torch.randn(16, 1, 8, 8), speedup=1.5)
+    assert out["kept"] and torch.is_grad_enabled()
