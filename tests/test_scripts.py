@@ -80,6 +80,20 @@ def test_quality_bar_quick(quality_bar, tmp_path, capsys):
     assert "calibration images" in capsys.readouterr().out
 
 
+def test_profile_latency_runs(capsys):
+    rows = _load("profile_latency").main(["--batch", "2", "--repeats", "1"])
+    assert [name for name, _, _ in rows] == [
+        "original",
+        "2x",
+        "2x, round_to=8",
+        "4x",
+        "4x, round_to=8",
+    ]
+    for _, total, ms in rows:
+        assert total > 0 and ms["conv"] > 0 and ms["max-pool"] > 0
+    assert "| original | 1.00 |" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def single_layer():
     return _load("single_layer")
