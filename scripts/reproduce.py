@@ -525,7 +525,9 @@ def _write_markdown(
         f"- Fine-tuning: {ft}.",
         f"- Command: `python scripts/reproduce.py {shlex.join(argv)}`.",
         f"- Run time: {seconds:.0f} s for this invocation; {run_seconds:.0f} s of pruning and "
-        f"fine-tuning summed over the {len(rows)} runs (see `{RESULTS}` for every run).",
+        f"fine-tuning summed over the {len(rows)} runs (see `{RESULTS}` for every run). "
+        "Times are each run's wall clock as recorded: runs made in different sessions, "
+        "code versions or machine loads (a resumed table) are not comparable.",
         "",
     ]
     if getattr(args, "missing", 0):
