@@ -25,13 +25,17 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _args
 
 import recon
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
@@ -58,55 +62,6 @@ RESULTS, TABLE = "results.jsonl", "results.md"
 # --------------------------------------------------------------------------- options
 
 
-def _names(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
-    """An argparse type: a comma-separated list of names, each one of ``allowed``."""
-
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(s.strip() for s in text.split(",") if s.strip())
-        bad = [n for n in names if n not in allowed]
-        if not names or bad:
-            raise argparse.ArgumentTypeError(
-                f"must be a comma-separated list of {what} from {', '.join(allowed)}. "
-                f"Got {text!r} instead."
-            )
-        return names
-
-    return parse
-
-
-def _speedups(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) and v >= 1 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of FLOPs ratios >= 1, e.g. 2,3,4. Got {text!r} "
-            "instead."
-        )
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1. Got {text!r} instead.")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0. Got {text!r} instead.")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -129,32 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--speedups",
-        type=_speedups,
+        type=_args.ratios("FLOPs ratios", "2,3,4"),
         help="target FLOPs ratios (2,3,4, and 5 for VGG models; 2 with --quick)",
     )
     parser.add_argument(
         "--methods",
-        type=_names(METHODS, "methods"),
+        type=_args.names(METHODS, "methods"),
         help=f"channel selection methods ({','.join(METHODS)}; lasso,thinet with --quick)",
     )
     parser.add_argument(
         "--reconstruct",
-        type=_names(RECONSTRUCT, "re-fitting methods"),
+        type=_args.names(RECONSTRUCT, "re-fitting methods"),
         default=("lstsq", "none"),
         help="re-fitting methods (lstsq,none)",
     )
     parser.add_argument(
         "--calib",
-        type=_positive_int,
+        type=_args.int_at_least(1),
         help="calibration images drawn from the train split (1000; 128 with --quick)",
     )
     parser.add_argument(
         "--n-test",
-        type=_positive_int,
+        type=_args.int_at_least(1),
         help="evaluate on a seeded subset of this many test images (all 10,000; 500 with --quick)",
     )
     parser.add_argument(
-        "--ft-steps", type=_positive_int, help="fine-tuning SGD steps (300; 5 with --quick)"
+        "--ft-steps", type=_args.int_at_least(1), help="fine-tuning SGD steps (300; 5 with --quick)"
     )
     parser.add_argument(
         "--ft-lr", type=_positive_float, default=0.01, help="fine-tuning peak learning rate (0.01)"
@@ -162,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-finetune", action="store_true", help="skip fine-tuning")
     parser.add_argument(
         "--seed",
-        type=_seed,
+        type=_args.int_at_least(0),
         default=0,
         help="seeds the calibration draw, pruning, test subset and fine-tuning (0)",
     )

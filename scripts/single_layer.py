@@ -22,13 +22,17 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _args
 
 import recon
 from recon.data import evaluate, load_embedded, load_fashion_mnist, to_tensor32
@@ -46,42 +50,6 @@ QUICK = {"calib": 128, "n_eval": 300, "speedups": (1.0, 2.0)}
 # --------------------------------------------------------------------------- options
 
 
-def _methods(text: str) -> tuple[str, ...]:
-    names = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not names or any(n not in METHODS for n in names):
-        raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of methods from {', '.join(METHODS)}. "
-            f"Got {text!r} instead."
-        )
-    return names
-
-
-def _factors(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) and v >= 1 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"must be a comma-separated list of channel reduction factors >= 1, e.g. "
-            f"1,2,3,4,5. Got {text!r} instead."
-        )
-    return tuple(sorted(set(values)))
-
-
-def _int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}. Got {text!r} instead.")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--speedups",
-        type=_factors,
+        type=_args.ratios("channel reduction factors", "1,2,3,4,5", sort=True),
         help="channel reduction factors of the layer (1,2,3,4,5; 1,2 with --quick)",
     )
     parser.add_argument(
         "--methods",
-        type=_methods,
+        type=_args.names(METHODS, "methods"),
         default=DEFAULT_METHODS,
         help=f"channel selection methods ({','.join(DEFAULT_METHODS)})",
     )
@@ -117,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of the test split, offline); fmnist: calibration from the train split, "
         "evaluation on the test split (embedded)",
     )
-    parser.add_argument("--calib", type=_int(1), help="calibration images (1000; 128 with --quick)")
+    parser.add_argument(
+        "--calib", type=_args.int_at_least(1), help="calibration images (1000; 128 with --quick)"
+    )
     parser.add_argument(
         "--n-eval",
-        type=_int(1),
+        type=_args.int_at_least(1),
         help="evaluation images (all of the chosen data; 300 with --quick)",
     )
-    parser.add_argument("--seed", type=_int(0), default=0, help="seed (0)")
+    parser.add_argument("--seed", type=_args.int_at_least(0), default=0, help="seed (0)")
     parser.add_argument("--device", default="cpu", help="torch device to run on (cpu)")
     parser.add_argument(
         "--out-dir", type=Path, default=Path("docs"), help="where the outputs go (docs/)"
