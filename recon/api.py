@@ -10,6 +10,7 @@ channels out (:mod:`recon.surgery`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -23,6 +24,7 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from . import budget as _budget
+from . import distributed as _dist
 from ._plan import attach, make_plan
 from ._timing import PhaseTimer
 from ._utils import model_device, model_dtype
@@ -130,10 +132,8 @@ def _check_model(model: nn.Module) -> None:
             )
 
 
-def _calibration_batches(
-    calib: Any, max_images: int | None, device: torch.device, dtype: torch.dtype
-) -> list[Tensor]:
-    """The calibration inputs as batches on ``device`` in the model's ``dtype``, no labels."""
+def _calibration_batches(calib: Any, max_images: int | None) -> list[Tensor]:
+    """The calibration inputs as batches (as given, not moved or cast), no labels."""
     if isinstance(calib, Tensor):
         items: Iterable[Any] = [calib]
     elif isinstance(calib, str | bytes | Mapping) or not isinstance(calib, Iterable):
@@ -169,13 +169,68 @@ def _calibration_batches(
         if max_images is not None:
             x = x[: max_images - seen]
         if len(x):
-            batches.append(x.to(device, dtype))
+            batches.append(x)
             seen += len(x)
         if max_images is not None and seen >= max_images:
             break
     if not batches:
         raise ValueError("The 'calib' argument must contain at least one image. Got no images.")
     return batches
+
+
+def _shard(
+    batches: list[Tensor], ctx: _dist.Context | None, sharded: bool, max_images: int | None
+) -> tuple[list[Tensor], list[int]]:
+    """This process's calibration batches and the global index of each one's first image.
+
+    In one process that is every batch. In a distributed run either every rank was given
+    the same images (``sharded=False``: they are checked to be the same, and rank ``r``
+    keeps the ``r``-th of ``world`` contiguous parts), or each rank its own part
+    (``sharded=True``: images are numbered rank by rank, ``max_images`` counts them all).
+    """
+    sizes = [b.shape[0] for b in batches]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    total = sum(sizes)
+    if ctx is None:
+        return batches, starts
+    if sharded:
+        counts = [c[0] for c in ctx.gather_ints([total], "counting calibration images")]
+        first = sum(counts[: ctx.rank])
+        total = sum(counts)
+        if max_images is not None:
+            total = min(total, max_images)
+        lo, hi = first, min(first + sum(sizes), total)
+    else:
+        acc = torch.zeros(2, dtype=torch.float64)
+        for b in batches:
+            acc += torch.stack([b.double().sum(), b.double().square().sum()]).cpu()
+        if not ctx.same([total, *acc.tolist()], "comparing calibration data"):
+            raise ValueError(
+                "The 'calib' argument differs between the processes of this distributed run. "
+                "Give every rank the same images (recon splits them), or pass "
+                "calib_sharded=True when each rank's loader yields its own part (e.g. "
+                "with a DistributedSampler)."
+            )
+        lo, hi = _dist.shard_range(total, ctx.rank, ctx.world)
+        first = 0
+    mine, offsets = [], []
+    for b, start in zip(batches, starts, strict=True):
+        s = first + start  # global index of the batch's first image
+        a, z = max(lo, s), min(hi, s + b.shape[0])
+        if a < z:
+            mine.append(b[a - s : z - s])
+            offsets.append(a)
+    return mine, offsets
+
+
+def _fingerprint(model: nn.Module) -> list[float]:
+    """A few float64 sums of the model's tensors: equal models give equal numbers."""
+    total = torch.zeros(3, dtype=torch.float64)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            d = t.detach().double()
+            total += torch.stack([d.sum(), d.square().sum(), torch.tensor(float(d.numel()))])
+    return total.tolist()
 
 
 def _check_layer_names(graph: Graph, **named: Any) -> None:
@@ -362,12 +417,15 @@ def _prune_one(
     seed: int,
     row_scale: Tensor | None = None,
     timer: PhaseTimer | None = None,
+    ctx: _dist.Context | None = None,
 ) -> tuple[Tensor, LayerReport]:
     """Select ``target`` channels of ``unit`` from ``stats``, re-fit, and cut.
 
     With ``row_scale`` (a block-sum target), the statistics are in units of the block's
     sum: the consumer's output rows are scaled by it for selection and re-fitting, and
     the re-fitted rows scaled back. ``timer`` gets the select, solve and surgery times.
+    In a distributed run (``ctx``), rank 0's channels and re-fitted weights are used
+    by every rank.
     """
     t0 = time.perf_counter()
     timer = timer or PhaseTimer()
@@ -402,6 +460,8 @@ def _prune_one(
         width=unit.width,
         seed=_mix(seed, layer_key(unit.name)),
     ).to(A.device)
+    if ctx is not None:
+        keep = ctx.broadcast_(keep, f"channels of {unit.name}")
     err_before = channel_error(A, b, stats.yy, keep)
     timer.swap("solve")
     weight = bias_delta = None
@@ -434,6 +494,10 @@ def _prune_one(
         weight = w_cons[:, keep.to(w_cons.device)].double() * s.to(w_cons.device)[None, :, None]
     else:
         err_after = err_before
+    if ctx is not None and weight is not None:
+        weight = ctx.broadcast_(weight, f"weights of {unit.consumer}")
+        if bias_delta is not None:
+            bias_delta = ctx.broadcast_(bias_delta, f"bias of {unit.consumer}")
     if weight is not None and not _finite(weight):
         raise FloatingPointError(f"re-fitting '{unit.consumer}' produced non-finite weights")
     timer.swap("surgery")
@@ -475,6 +539,8 @@ def prune(
     seed: int = 0,
     device: str | torch.device | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    distributed: bool | None = None,
+    calib_sharded: bool = False,
     inplace: bool = False,
     progress: bool = True,
 ) -> PruneResult:
@@ -542,10 +608,26 @@ def prune(
         the network from there instead of from the input. What does not fit is
         recomputed from the input (0: everything is). The pruned model is the same
         whatever the budget; only speed changes. See :mod:`recon.passes`.
+    distributed : bool or None, default None
+        Split the calibration work over the processes of ``torch.distributed`` (see
+        :mod:`recon.distributed`). None: do so when its default process group is
+        initialised with more than one process (e.g. under ``torchrun``); True: require
+        that; False: ignore it (each process prunes on its own). Every rank must call
+        ``prune`` with the same model and arguments. Each rank accumulates the
+        statistics of its share of the images, the sums are all-reduced, and every
+        rank ends with the same pruned model, equal to the one-process result up to
+        the order of floating-point sums. An error on one rank stops every rank with
+        an error naming it.
+    calib_sharded : bool, default False
+        Distributed only. False: every rank passes the same ``calib`` (checked) and
+        rank ``r`` of ``w`` uses the ``r``-th of ``w`` contiguous parts. True: each rank
+        passes its own part (e.g. a DataLoader with a ``DistributedSampler``); images
+        are numbered rank by rank, so the result depends on how they were split, and
+        ``max_images`` counts the images of all ranks.
     inplace : bool, default False
         Prune ``model`` itself instead of a copy.
     progress : bool, default True
-        Show tqdm progress bars.
+        Show tqdm progress bars (on rank 0 only, in a distributed run).
 
     Returns
     -------
@@ -599,168 +681,196 @@ def prune(
         ) from exc
     if dev.type == "meta":
         raise _bad("device", "a device with data such as 'cpu' or 'cuda:0'", device)
-    graph = find_units(model)
-    if graph.unsupported:
-        where, why = next(iter(graph.unsupported.items()))
-        more = len(graph.unsupported) - 1
-        raise ValueError(
-            f"recon cannot prune this {type(model).__name__}: at '{where}', {why}"
-            + (f" (and {more} more such place(s))" if more else "")
-            + ". No channels were removed."
+    ctx = _dist.context(distributed)
+    if not isinstance(calib_sharded, bool):
+        raise TypeError(
+            f"The 'calib_sharded' argument must be a bool. Got {calib_sharded!r} instead."
         )
-    if not sampler_layers:
-        graph.units = [u for u in graph.units if u.kind != "sampler"]
-    batches = _calibration_batches(calib, max_images, dev, model_dtype(model))
-    if not graph.units:
-        reasons = "; ".join(f"'{k}': {v}" for k, v in list(graph.skipped.items())[:5])
-        raise ValueError(
-            f"recon found no prunable layers in {type(model).__name__}"
-            + (f" ({reasons})" if reasons else " (it has no Conv2d layers)")
+    show = progress and (ctx is None or ctx.rank == 0)
+    # In a distributed run, an error on one rank is passed on to the others (no hang).
+    with ctx.guard("pruning") if ctx is not None else contextlib.nullcontext():
+        graph = find_units(model)
+        if graph.unsupported:
+            where, why = next(iter(graph.unsupported.items()))
+            more = len(graph.unsupported) - 1
+            raise ValueError(
+                f"recon cannot prune this {type(model).__name__}: at '{where}', {why}"
+                + (f" (and {more} more such place(s))" if more else "")
+                + ". No channels were removed."
+            )
+        if not sampler_layers:
+            graph.units = [u for u in graph.units if u.kind != "sampler"]
+        given = _calibration_batches(calib, None if calib_sharded else max_images)
+        example = given[0][:1].to(dev, model_dtype(model))  # the first image (of this rank)
+        local, offsets = _shard(given, ctx, calib_sharded, max_images)
+        batches = [b.to(dev, model_dtype(model)) for b in local]  # (B, C, H, W) each
+        del given, local
+        if ctx is not None and not ctx.same(_fingerprint(model), "comparing models"):
+            raise ValueError(
+                "The 'model' argument differs between the processes of this distributed "
+                "run: load the same weights on every rank before pruning."
+            )
+        if not graph.units:
+            reasons = "; ".join(f"'{k}': {v}" for k, v in list(graph.skipped.items())[:5])
+            raise ValueError(
+                f"recon found no prunable layers in {type(model).__name__}"
+                + (f" ({reasons})" if reasons else " (it has no Conv2d layers)")
+            )
+        _check_layer_names(
+            graph, keep_ratio=keep_ratio, channels=channels, ignored_layers=ignored_layers
         )
-    _check_layer_names(
-        graph, keep_ratio=keep_ratio, channels=channels, ignored_layers=ignored_layers
-    )
 
-    modes = {name: m.training for name, m in model.named_modules()}
-    original = copy.deepcopy(model).to(dev).eval()
-    example = batches[0][:1]
-    try:
-        with torch.no_grad():
-            out = original(example)
-    except Exception as exc:
-        raise ValueError(
-            f"The 'calib' argument's batches of shape {tuple(batches[0].shape)} do not fit the "
-            f"model ({type(exc).__name__}: {exc})."
-        ) from exc
-    if isinstance(out, Tensor) and out.is_floating_point() and not _finite(out):
-        raise ValueError(
-            f"The 'model' argument computes non-finite values (NaN or inf) from the first "
-            f"calibration image, in {model_dtype(model)}: its activations overflow. recon "
-            "cannot fit layers to non-finite targets; prune it in float32. No channels "
-            "were removed."
+        modes = {name: m.training for name, m in model.named_modules()}
+        original = copy.deepcopy(model).to(dev).eval()
+        try:
+            with torch.no_grad():
+                out = original(example)
+        except Exception as exc:
+            raise ValueError(
+                f"The 'calib' argument's images of shape {tuple(example.shape[1:])} do not fit the "
+                f"model ({type(exc).__name__}: {exc})."
+            ) from exc
+        if isinstance(out, Tensor) and out.is_floating_point() and not _finite(out):
+            raise ValueError(
+                f"The 'model' argument computes non-finite values (NaN or inf) from the first "
+                f"calibration image, in {model_dtype(model)}: its activations overflow. recon "
+                "cannot fit layers to non-finite targets; prune it in float32. No channels "
+                "were removed."
+            )
+        flops_before, module_flops = _budget.count_flops(original, example)
+        budget_units = [
+            _budget.BudgetUnit(u.name, u.width, (u.producer,) if u.producer else (), (u.consumer,))
+            for u in graph.units
+        ]
+        targets = _budget.resolve_channels(
+            budget_units,
+            speedup=speedup,
+            keep_ratio=keep_ratio,
+            channels=channels,
+            ignored_layers=ignored_layers,
+            round_to=round_to,
+            module_flops=module_flops,
+            total_flops=flops_before,
         )
-    flops_before, module_flops = _budget.count_flops(original, example)
-    budget_units = [
-        _budget.BudgetUnit(u.name, u.width, (u.producer,) if u.producer else (), (u.consumer,))
-        for u in graph.units
-    ]
-    targets = _budget.resolve_channels(
-        budget_units,
-        speedup=speedup,
-        keep_ratio=keep_ratio,
-        channels=channels,
-        ignored_layers=ignored_layers,
-        round_to=round_to,
-        module_flops=module_flops,
-        total_flops=flops_before,
-    )
-    params_before = _budget.count_params(original)
+        params_before = _budget.count_params(original)
 
-    # Everything above validates; only now is a model changed.
-    pruned = model if inplace else copy.deepcopy(model)
-    pruned.to(dev).eval()
-    gm_o, gm_p = trace(original), trace(pruned)  # run node by node, sharing the modules
-    layers: list[LayerReport] = []
-    kept: dict[str, list[int]] = {}
-    todo = [u for u in graph.units if targets[u.name] < u.width]
-    timer = PhaseTimer(dev)
-    shortcuts = {}
-    for unit in todo:
-        block = graph.block_of(unit.consumer) if block_target else None
-        shortcuts[unit.name] = block.shortcut if block is not None and block.linear_tail else None
-    bar = tqdm(todo, desc="recon", disable=not progress, unit="layer")
-    with torch.no_grad():
-        passes = Passes(
-            gm_o,
-            gm_p,
-            batches,
-            todo,
-            shortcuts,
-            graph.blocks,
-            samples_per_image=samples_per_image,
-            seed=seed,
-            cache_bytes=cache_bytes,
-            timer=timer,
-        )
-        for step, unit in enumerate(bar):
-            bar.set_postfix_str(f"{unit.name} {unit.width}->{targets[unit.name]}")
-            t0 = time.perf_counter()
+        # Everything above validates; only now is a model changed.
+        pruned = model if inplace else copy.deepcopy(model)
+        pruned.to(dev).eval()
+        gm_o, gm_p = trace(original), trace(pruned)  # run node by node, sharing the modules
+        layers: list[LayerReport] = []
+        kept: dict[str, list[int]] = {}
+        todo = [u for u in graph.units if targets[u.name] < u.width]
+        timer = PhaseTimer(dev)
+        shortcuts = {}
+        for unit in todo:
             block = graph.block_of(unit.consumer) if block_target else None
-            target = None
-            if block is not None and block.linear_tail:
-                bn = block.bn and pruned.get_submodule(block.bn)
-                n_out = pruned.get_submodule(unit.consumer).out_channels
-                a = _bn_scale(bn) if bn else torch.ones(n_out, dtype=torch.float64, device=dev)
-                target = _Target(shortcut=block.shortcut, scale=a)
-            stats = _accumulate(
-                unit,
+            shortcuts[unit.name] = (
+                block.shortcut if block is not None and block.linear_tail else None
+            )
+        bar = tqdm(todo, desc="recon", disable=not show, unit="layer")
+        with torch.no_grad():
+            passes = Passes(
                 gm_o,
                 gm_p,
                 batches,
-                target=target,
+                todo,
+                shortcuts,
+                graph.blocks,
                 samples_per_image=samples_per_image,
                 seed=seed,
-                progress=progress,
-                passes=passes,
-                step=step,
+                cache_bytes=cache_bytes,
                 timer=timer,
+                image_offsets=offsets,
             )
-            passes.drop_targets(step)
-            t_stats = time.perf_counter() - t0
-            keep, row = _prune_one(
-                unit,
-                targets[unit.name],
-                stats,
-                pruned,
-                method=method,
-                reconstruct=reconstruct,
-                seed=seed,
-                row_scale=None if target is None else target.scale,
-                timer=timer,
-            )
-            if unit.kind == "sampler":  # a new module: the traced copy must call it too
-                gm_p.set_submodule(unit.consumer, pruned.get_submodule(unit.consumer))
-            row.seconds += t_stats
-            layers.append(row)
-            kept[unit.name] = keep.tolist()
-            del stats
-        out_err, block_errors = passes.finish()
-        del passes
-    for unit in graph.units:  # units left whole keep every channel
-        kept.setdefault(unit.name, list(range(unit.width)))
-    kept = {u.name: kept[u.name] for u in graph.units}
-    flops_after, _ = _budget.count_flops(pruned, example)
-    for name, m in pruned.named_modules():
-        if name in modes:
-            m.train(modes[name])
-    report = Report(
-        layers=layers,
-        flops_before=int(flops_before),
-        flops_after=int(flops_after),
-        params_before=int(params_before),
-        params_after=int(_budget.count_params(pruned)),
-        seconds=time.perf_counter() - t_start,
-        method=method,
-        reconstruct=reconstruct,
-        output_error=out_err if out_err is not None and math.isfinite(out_err) else None,
-        blocks=block_errors,
-        phases=timer.report(time.perf_counter() - t_start),
-    )
-    counts = {u.name: targets[u.name] for u in graph.units}
-    settings = {
-        "method": method,
-        "reconstruct": reconstruct,
-        "seed": seed,
-        "target": {"speedup": speedup, "keep_ratio": keep_ratio, "channels": channels},
-        "options": {
-            "ignored_layers": list(ignored_layers),
-            "round_to": round_to,
-            "samples_per_image": samples_per_image,
-            "max_images": max_images,
-            "sampler_layers": sampler_layers,
-            "block_target": block_target,
-        },
-    }
-    plan = make_plan(graph.units, kept, original, pruned, settings=settings)
-    attach(pruned, plan)  # a copy: pruning the model again composes with it
-    return PruneResult(model=pruned, report=report, channels=counts, kept=kept, plan=plan)
+            for step, unit in enumerate(bar):
+                bar.set_postfix_str(f"{unit.name} {unit.width}->{targets[unit.name]}")
+                t0 = time.perf_counter()
+                block = graph.block_of(unit.consumer) if block_target else None
+                target = None
+                if block is not None and block.linear_tail:
+                    bn = block.bn and pruned.get_submodule(block.bn)
+                    n_out = pruned.get_submodule(unit.consumer).out_channels
+                    a = _bn_scale(bn) if bn else torch.ones(n_out, dtype=torch.float64, device=dev)
+                    target = _Target(shortcut=block.shortcut, scale=a)
+                stats = _accumulate(
+                    unit,
+                    gm_o,
+                    gm_p,
+                    batches,
+                    target=target,
+                    samples_per_image=samples_per_image,
+                    seed=seed,
+                    progress=show,
+                    passes=passes,
+                    step=step,
+                    timer=timer,
+                )
+                passes.drop_targets(step)
+                if ctx is not None:  # sums over every rank's shard
+                    with timer("communication"):
+                        count = torch.tensor(float(stats.count), dtype=torch.float64)
+                        ctx.all_reduce_([*stats.tensors(), count], f"statistics of {unit.name}")
+                        stats.count = int(count)
+                t_stats = time.perf_counter() - t0
+                keep, row = _prune_one(
+                    unit,
+                    targets[unit.name],
+                    stats,
+                    pruned,
+                    method=method,
+                    reconstruct=reconstruct,
+                    seed=seed,
+                    row_scale=None if target is None else target.scale,
+                    timer=timer,
+                    ctx=ctx,
+                )
+                if unit.kind == "sampler":  # a new module: the traced copy must call it too
+                    gm_p.set_submodule(unit.consumer, pruned.get_submodule(unit.consumer))
+                row.seconds += t_stats
+                layers.append(row)
+                kept[unit.name] = keep.tolist()
+                del stats
+            reduce = None if ctx is None else (lambda v: ctx.sum(v, "final errors"))
+            out_err, block_errors = passes.finish(reduce)
+            del passes
+        for unit in graph.units:  # units left whole keep every channel
+            kept.setdefault(unit.name, list(range(unit.width)))
+        kept = {u.name: kept[u.name] for u in graph.units}
+        flops_after, _ = _budget.count_flops(pruned, example)
+        for name, m in pruned.named_modules():
+            if name in modes:
+                m.train(modes[name])
+        report = Report(
+            layers=layers,
+            flops_before=int(flops_before),
+            flops_after=int(flops_after),
+            params_before=int(params_before),
+            params_after=int(_budget.count_params(pruned)),
+            seconds=time.perf_counter() - t_start,
+            method=method,
+            reconstruct=reconstruct,
+            output_error=out_err if out_err is not None and math.isfinite(out_err) else None,
+            blocks=block_errors,
+            phases=timer.report(time.perf_counter() - t_start),
+        )
+        counts = {u.name: targets[u.name] for u in graph.units}
+        settings = {
+            "method": method,
+            "reconstruct": reconstruct,
+            "seed": seed,
+            "target": {"speedup": speedup, "keep_ratio": keep_ratio, "channels": channels},
+            "options": {
+                "ignored_layers": list(ignored_layers),
+                "round_to": round_to,
+                "samples_per_image": samples_per_image,
+                "max_images": max_images,
+                "sampler_layers": sampler_layers,
+                "block_target": block_target,
+            },
+        }
+        plan = make_plan(graph.units, kept, original, pruned, settings=settings)
+        attach(pruned, plan)  # a copy: pruning the model again composes with it
+        if ctx is not None:  # no rank returns while another has failed
+            ctx.check("the end of pruning")
+        return PruneResult(model=pruned, report=report, channels=counts, kept=kept, plan=plan)

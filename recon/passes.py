@@ -207,6 +207,10 @@ class Passes:
         Whether :meth:`finish` will be called (keep the boundary after the last unit
         and the targets of the final errors).
     timer : PhaseTimer, optional
+    image_offsets : sequence of int, optional
+        Global index of each batch's first image (seeds its positions); by default
+        the batches are numbered consecutively from 0. A process of a distributed run
+        passes where its shard starts.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class Passes:
         cache_bytes: int,
         final: bool = True,
         timer: PhaseTimer | None = None,
+        image_offsets: Sequence[int] | None = None,
     ) -> None:
         self.ro, self.rp = GraphRunner(gm_o), GraphRunner(gm_p)
         self.gm_o = gm_o
@@ -233,9 +238,14 @@ class Passes:
         self.budget = cache_bytes
         self.final = final
         self.timer = timer or PhaseTimer()
-        self.offsets = [0]
-        for xb in batches:
-            self.offsets.append(self.offsets[-1] + xb.shape[0])
+        sizes = [xb.shape[0] for xb in batches]
+        self.n_images = sum(sizes)
+        if image_offsets is None:  # global index of each batch's first image
+            self.offsets = [sum(sizes[:b]) for b in range(len(batches))]
+        elif len(image_offsets) != len(batches):
+            raise ValueError("recon.passes: one image offset per batch is needed")
+        else:
+            self.offsets = list(image_offsets)
         self._wants = [self._want(u, shortcuts.get(u.name)) for u in units]
         # The cut of step i: the first node that unit i or a later unit changes.
         first = self.rp.module_nodes()
@@ -348,7 +358,7 @@ class Passes:
             return
         first = self._original_pass(0)
         per_image = _nbytes(first) / self.batches[0].shape[0]
-        if per_image * self.offsets[-1] > self.budget:
+        if per_image * self.n_images > self.budget:
             return
         self.targets = [first] + [self._original_pass(b) for b in range(1, len(self.batches))]
         self.held = self.targets_bytes = sum(_nbytes(t) for t in self.targets)
@@ -451,12 +461,15 @@ class Passes:
             w.setdefault(self.rp.index[name], []).append(fn)
         self._advance(b, w, max(w, default=-1) + 1)
 
-    def finish(self) -> tuple[float | None, dict[str, float]]:
+    def finish(
+        self, reduce: Callable[[list[float]], list[float]] | None = None
+    ) -> tuple[float | None, dict[str, float]]:
         """Run the rest of the pruned network; the output and block errors.
 
         With the targets stored, the errors of each node were summed as soon as its
         value was final, and only the rest of the graph runs here; otherwise both
-        networks run once more from the input.
+        networks run once more from the input. ``reduce``, if given, sums the error
+        numerators and denominators over processes (a list of floats in, its sum out).
 
         Returns
         -------
@@ -480,6 +493,13 @@ class Passes:
         self.frontier = [None] * len(self.batches)
         self.targets = None
         self.held = 0
+        if reduce is not None:
+            names = list(self._sums)
+            flat = [v for k in names for v in self._sums[k]]
+            out = self._out or [0.0, 0.0]
+            flat = reduce([*flat, out[0], out[1], float(self._out is None)])
+            self._sums = {k: flat[2 * i : 2 * i + 2] for i, k in enumerate(names)}
+            self._out = None if flat[-1] > 0 else flat[-3:-1]
         out = self._out
         self.output_error = None if out is None else (out[0] / out[1] if out[1] > 0 else 0.0)
         self.block_errors = {k: (e / r if r > 0 else 0.0) for k, (e, r) in self._sums.items()}

@@ -128,10 +128,10 @@ def spy(monkeypatch):
         runs[-1]["cached" if self.frontier[b] is not None else "recomputed"] += 1
         return advance(self, b, watch, need)
 
-    def _finish(self):
+    def _finish(self, reduce=None):
         runs[-1].update(targets=self.targets is not None, peak=self.peak_held)
         runs[-1].update(targets_bytes=self.targets_bytes)
-        return finish(self)
+        return finish(self, reduce)
 
     monkeypatch.setattr(Passes, "_advance", _advance)
     monkeypatch.setattr(Passes, "finish", _finish)
