@@ -6,6 +6,9 @@ fine-tune closes. :func:`finetune` is that loop: SGD with momentum and weight de
 a cosine learning rate over all steps, seeded mini-batches and optional light
 augmentation (random shifts and horizontal flips). ``scripts/train.py`` trains the
 shipped baselines with the same function.
+
+Launched in several processes (``torchrun``), :func:`finetune` trains under
+``DistributedDataParallel``: every step's mini-batch is split between the processes.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ._utils import model_device
@@ -37,6 +42,13 @@ def _augment(x: Tensor, generator: torch.Generator, shift: int) -> Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+def _process_group() -> tuple[int, int]:
+    """This process's rank and the world size; ``(0, 1)`` outside ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def finetune(
     model: nn.Module,
     x: Tensor,
@@ -50,12 +62,27 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
-    """Train ``model`` in place for ``steps`` SGD steps on ``(x, y)``; return it in eval mode.
+    r"""Train ``model`` in place for ``steps`` SGD steps on ``(x, y)``; return it in eval mode.
 
     Minimises the mean cross-entropy of mini-batches drawn without replacement (a new
     seeded permutation each pass) with SGD, momentum 0.9, weight decay
     ``weight_decay``, and a learning rate following a cosine from ``lr`` to 0 over the
     ``steps`` steps.
+
+    Run in several processes (``torch.distributed`` initialised with more than one
+    process, e.g. under ``torchrun``), every process must call it with the same
+    arguments and the same model (the same architecture; rank 0's weights and buffers
+    are copied to the others on entry), e.g. the output of :func:`recon.prune` run
+    distributed, which is identical on every rank. The model is then trained under
+    ``DistributedDataParallel`` (``device_ids=[device]`` on CUDA, none on the CPU):
+    each step, every process draws the same global mini-batch of ``batch_size`` images
+    with the same seeded generator (the same batch order and augmentation as a single
+    process) and process ``r`` trains on the ``r``-th of ``world`` contiguous slices
+    of it (``torch.tensor_split``). Each process's mean loss is scaled by
+    ``n_r * world / N`` (``n_r`` its slice's size, ``N`` the batch's), so the gradient
+    ``DistributedDataParallel`` averages over the processes is the mean over the whole
+    batch, also when ``N`` is not a multiple of ``world``. Every process returns its
+    own copy of the trained model (not the wrapper); they are identical.
 
     Parameters
     ----------
@@ -63,6 +90,7 @@ def finetune(
         A classifier returning logits (batch, classes), e.g. ``PruneResult.model``.
     x : Tensor of shape (N, C, H, W)
         Training images (float); moved to the model's device batch by batch.
+        Distributed, every process passes all of them.
     y : Tensor of shape (N,)
         Integer labels.
     steps : int
@@ -70,18 +98,39 @@ def finetune(
     lr : float, default 0.01
         Peak learning rate (> 0).
     batch_size : int, default 128
+        Images per step, over all processes (>= the number of processes).
     weight_decay : float, default 5e-4
     augment : bool, default True
         Random shifts of up to 4 pixels and horizontal flips.
     seed : int, default 0
         Seeds the batch order and the augmentation.
     progress : bool, default True
-        Show a tqdm bar with the running loss.
+        Show a tqdm bar with the running loss (distributed: on rank 0 only, showing
+        rank 0's loss on its slice of each batch).
 
     Returns
     -------
     nn.Module
         ``model``, trained, in eval mode.
+
+    Notes
+    -----
+    At step :math:`t`, with batch :math:`B_t` and learning rate
+    :math:`\eta_t = \tfrac{lr}{2}(1 + \cos(\pi t / steps))`, the parameters
+    :math:`\theta` follow SGD with momentum 0.9 on
+
+    .. math:: \frac{1}{|B_t|} \sum_{i \in B_t} \mathrm{CE}(f_\theta(x_i), y_i)
+              + \frac{\lambda}{2} \lVert \theta \rVert^2, \quad \lambda = weight\_decay.
+
+    Distributed, the result equals the single-process one (up to the order of
+    floating-point sums) only for models without ``BatchNorm`` layers: in train mode
+    each process normalises its slice with the statistics of that slice, as in
+    ordinary ``DistributedDataParallel`` training (there is no ``SyncBatchNorm`` on
+    the CPU), and the running statistics are rank 0's (broadcast at every step and
+    at the end). With ``BatchNorm`` the training is statistically equivalent, not
+    equal. On GPUs, convert the model with
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` before the call to normalise over
+    the whole batch.
 
     Examples
     --------
@@ -106,6 +155,18 @@ def finetune(
             f"The 'y' argument must be an integer tensor of shape ({len(x)},). Got "
             f"{type(y).__name__} {tuple(getattr(y, 'shape', ()))} instead."
         )
+    rank, world = _process_group()
+    if world > 1:  # every process needs images in every step's backward
+        if batch_size < world:
+            raise ValueError(
+                f"The 'batch_size' argument must be at least the number of processes "
+                f"({world}). Got {batch_size} instead."
+            )
+        if len(x) < world:
+            raise ValueError(
+                f"The 'x' argument must hold at least one image per process ({world}). "
+                f"Got {len(x)} instead."
+            )
     device = model_device(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -114,23 +175,39 @@ def finetune(
     generator = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(x), generator=generator), 0
     model.train()
-    bar = tqdm(range(steps), desc="fine-tuning", disable=not progress, leave=False)
+    net: nn.Module = model
+    if world > 1:  # copies rank 0's parameters and buffers to the others
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    show = progress and rank == 0
+    bar = tqdm(range(steps), desc="fine-tuning", disable=not show, leave=False)
     running = None
     for _ in bar:
         if pos + batch_size > len(x):  # a new pass
             order, pos = torch.randperm(len(x), generator=generator), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
-        xb, yb = x[idx], y[idx]
+        xb, yb = x[idx], y[idx]  # the global batch, the same on every process
         if augment:
             xb = _augment(xb, generator, shift=4)
-        loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
+        if world > 1:
+            # this process's slice, in the standard layout: _augment's is channels-last,
+            # which makes the weights' gradients channels-last too and DDP warn, because
+            # its gradient buckets are not (.contiguous() keeps that layout when C == 1)
+            xb = xb.tensor_split(world)[rank].clone(memory_format=torch.contiguous_format)
+            yb = yb.tensor_split(world)[rank]
+        loss = F.cross_entropy(net(xb.to(device)), yb.to(device))
+        scaled = loss if world == 1 else loss * (len(yb) * world / len(idx))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         optimizer.step()
         schedule.step()
-        value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        bar.set_postfix(loss=f"{running:.4f}")
+        if show:
+            value = float(loss.detach())
+            running = value if running is None else 0.95 * running + 0.05 * value
+            bar.set_postfix(loss=f"{running:.4f}")
     bar.close()
+    if world > 1:
+        del net  # drop the wrapper (and its gradient hooks) before returning the model
+        for buffer in model.buffers():  # the last forward updated each rank's own
+            dist.broadcast(buffer, src=0)
     return model.eval()

@@ -12,6 +12,11 @@ writes ``<out-dir>/results.md`` and one plot ``<out-dir>/results_<model>.png`` p
     python scripts/reproduce.py                      # the full table (hours on a CPU)
     python scripts/reproduce.py --resume             # go on after an interruption
     python scripts/reproduce.py --quick --out-dir /tmp/quick   # smoke test (a minute)
+    torchrun --nproc_per_node=2 scripts/reproduce.py   # split over 2 processes (rank 0 writes)
+
+Under ``torchrun`` every process makes the same runs: ``recon.prune`` splits the
+calibration images and ``recon.finetune.finetune`` each mini-batch between the
+processes, and only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -31,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -462,11 +469,20 @@ def _write_markdown(
         else "none"
     )
     run_seconds = sum(r["prune_seconds"] + (r["ft_seconds"] or 0) for r in rows)
+    world = getattr(args, "world", 1)
+    processes, launcher = "", "python"
+    if world > 1:  # run under torchrun
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        processes = f" × {world} processes ({dist.get_backend()})"
+        launcher = f"torchrun --nproc_per_node={per_node}"
+        if per_node != world:
+            launcher += f" --nnodes={world // per_node}"
     lines = [
         "# Reproduction: Fashion-MNIST models pruned by every method",
         "",
         f"- Machine: {platform.platform()}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads, device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads{processes}, device {args.device}, "
+        f"torch {torch.__version__}, "
         f"Python {platform.python_version()}, recon {recon.__version__}.",
         f"- Data: Fashion-MNIST (`recon.data.load_fashion_mnist`, `to_tensor32`); "
         f"{args.calib} calibration images drawn with seed {args.seed} from the train split; "
@@ -478,7 +494,7 @@ def _write_markdown(
         ),
         f"- Seeds: {args.seed} (calibration draw, sampled positions, fine-tuning batches).",
         f"- Fine-tuning: {ft}.",
-        f"- Command: `python scripts/reproduce.py {shlex.join(argv)}`.",
+        f"- Command: `{launcher} scripts/reproduce.py {shlex.join(argv)}`.",
         f"- Run time: {seconds:.0f} s for this invocation; {run_seconds:.0f} s of pruning and "
         f"fine-tuning summed over the {len(rows)} runs (see `{RESULTS}` for every run). "
         "Times are each run's wall clock as recorded: runs made in different sessions, "
@@ -508,12 +524,51 @@ def _write_markdown(
 # --------------------------------------------------------------------------- main
 
 
+def _init_distributed(args: argparse.Namespace) -> tuple[int, int, bool]:
+    """Join the process group ``torchrun`` describes: ``(rank, world, whether we made it)``.
+
+    Outside ``torchrun`` (no ``WORLD_SIZE`` > 1 in the environment) nothing happens; a
+    process group the caller already made is used as it is. Under ``torchrun`` the
+    group is ``nccl`` if ``--device`` is CUDA (each process on the GPU of its
+    ``LOCAL_RANK`` unless the device names one), ``gloo`` otherwise.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    if args.device.type == "cuda":
+        if args.device.index is None:
+            args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _resolve(args, parser)
+    rank, world, owned = _init_distributed(args)
+    try:
+        return _reproduce(parser, argv, args, rank, world)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _reproduce(
+    parser: argparse.ArgumentParser,
+    argv: list[str],
+    args: argparse.Namespace,
+    rank: int,
+    world: int,
+) -> int:
+    """Every run on every process; only rank 0 (``lead``) prints and writes files."""
     t_start = time.perf_counter()
+    lead = rank == 0
+    say = print if lead else lambda *a, **k: None
+    args.world = world
 
     shipped = pretrained_names()
     models = []
@@ -521,17 +576,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in shipped:
             models.append(name)
         else:
-            print(f"skipping {name!r}: not a shipped model (shipped: {', '.join(shipped)})")
+            say(f"skipping {name!r}: not a shipped model (shipped: {', '.join(shipped)})")
     if not models:
         parser.error(f"argument --models: none of {args.models} is shipped ({shipped}).")
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     results = args.out_dir / RESULTS
     if args.table_only:
         args.resume = True
-    old = _load_rows(results) if args.resume else []
-    if not args.resume:
-        results.write_text("", encoding="utf-8")
+    old = []
+    if lead:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        old = _load_rows(results) if args.resume else []
+        if not args.resume:
+            results.write_text("", encoding="utf-8")
+    if world > 1:  # every process makes the runs rank 0 has not done yet
+        box = [old]
+        dist.broadcast_object_list(box, src=0)
+        old = box[0]
     done = {_key(r): r for r in old}
 
     torch.manual_seed(args.seed)
@@ -541,13 +602,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             nets[name] = pretrained(name).to(args.device)
         except FileNotFoundError as exc:
-            print(f"skipping {name!r}: {exc}")
+            say(f"skipping {name!r}: {exc}")
             models.remove(name)
             continue
         bases[name] = evaluate(nets[name], *data.test)
-        print(f"{name}: original accuracy {_pct(bases[name])}")
+        say(f"{name}: original accuracy {_pct(bases[name])}")
     if not models:
-        print("no model to prune", file=sys.stderr)
+        say("no model to prune", file=sys.stderr)
         return 1
 
     settings = _settings(args)
@@ -565,17 +626,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else:
                         runs.append((model, target, method, rec))
     if len(rows):
-        print(f"resuming: {len(rows)} runs already in {results}, {len(runs)} to go")
+        say(f"resuming: {len(rows)} runs already in {results}, {len(runs)} to go")
     args.missing = len(runs) if args.table_only else 0
     if args.table_only:
         runs = []
 
-    bar = tqdm(runs, desc="runs", unit="run")
+    bar = tqdm(runs, desc="runs", unit="run", disable=not lead)
     for model, target, method, rec in bar:
         bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}")
         row = _run(nets[model], data, args, model, target, method, rec)
         row["acc_original"] = bases[model]
         rows.append(row)
+        if not lead:
+            continue
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
         bar.write(
@@ -585,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             + f"({row['prune_seconds']:.1f} s + {row['ft_seconds'] or 0:.1f} s)"
         )
     bar.close()
+    if not lead:
+        return 0
 
     for model in models:
         _plot(
