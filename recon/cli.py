@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ._version import __version__
+from .distributed import DistributedError, RankFailedError
+
+_DIST_ERRORS = (DistributedError, RankFailedError)  # another process failed: no traceback
 
 BUILTIN_DATA = ("fmnist", "digits")
 
@@ -32,6 +37,8 @@ examples:
   recon prune --model torchvision:resnet50 --weights resnet50.pth --data calib.pt \
               --speedup 2 --no-sampler-layers --out resnet50_small.pt
   recon eval --model vgg16_small.pt --data fmnist
+  torchrun --nproc_per_node=2 -m recon prune --model pretrained:vgg16_fmnist --data fmnist
+                                                # calibration split over 2 processes
   recon bench                                   # time and memory of the default 2x run
 """
 
@@ -168,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed for position sampling (0)")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model is)")
     _add_cache_mb(m)
+
+    d = p.add_argument_group(
+        "distributed (under torchrun)",
+        "Launched by torchrun (which sets RANK and WORLD_SIZE), every process loads the same "
+        "model and data, takes its share of the calibration images, and the statistics are "
+        "summed over processes; all end with the same model, which rank 0 reports and "
+        "writes. The backend is nccl with --device cuda (each process on cuda:LOCAL_RANK), "
+        "gloo otherwise.",
+    )
+    d.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long a process waits for the others before giving up with an error (1800)",
+    )
 
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="PATH", help="save the pruned module (torch.save) here")
@@ -405,7 +428,58 @@ def _run_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+@contextlib.contextmanager
+def _distributed(args: argparse.Namespace) -> Iterator[int]:
+    """Join the process group torchrun describes (if any); yield this process's rank.
+
+    Ranks other than 0 print nothing on stdout and write no files.
+    """
+    if _world_size() <= 1 or not torch.distributed.is_available():
+        yield 0
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    if not args.dist_timeout > 0:
+        raise ValueError(f"The '--dist-timeout' must be > 0. Got {args.dist_timeout} instead.")
+    cuda = args.device is not None and str(args.device).startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    owner = not dist.is_initialized()
+    if owner:
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout)
+        )
+    rank = dist.get_rank()
+    try:
+        if rank == 0:
+            yield rank
+        else:
+            args.quiet = True
+            args.out = args.report = None
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield rank
+    finally:
+        if owner:
+            dist.destroy_process_group()
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
+    with _distributed(args):
+        return _prune_command(args)
+
+
+def _prune_command(args: argparse.Namespace) -> int:
     from . import prune
     from .data import evaluate
 
@@ -521,8 +595,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"prune": _cmd_prune, "eval": _cmd_eval, "bench": _cmd_bench}
         return commands[args.command](args)
-    except (ValueError, TypeError) as exc:
-        print(f"recon {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, _DIST_ERRORS):
+            raise
+        where = (
+            f" [rank {os.environ['RANK']}]" if _world_size() > 1 and "RANK" in os.environ else ""
+        )
+        print(f"recon {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
 
 
