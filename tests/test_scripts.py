@@ -181,3 +181,15 @@ def test_single_layer_bad_layer(single_layer, tmp_path, capsys):
         single_layer.main(["--quick", "--layers", "features.1", "--out-dir", str(tmp_path)])
     assert exc.value.code == 2
     assert "not units of vgg16_fmnist" in capsys.readouterr().err
+
+
+def test_bench_distributed_quick(tmp_path, capsys):
+    bench_distributed = _load("bench_distributed")
+    out = tmp_path / "distributed.md"
+    rows = bench_distributed.main(["--quick", "--threads", "1", "--out", str(out)])
+    assert [(r["nproc"], r["threads"]) for r in rows] == [(1, 1), (2, 1)]
+    assert rows[0]["speedup_vs_baseline"] == 1.0 and rows[1]["seconds"] > 0
+    assert rows[1]["max_weight_diff"] < 1e-5  # the 2-process model is the 1-process one
+    assert rows[1]["flops_speedup"] > 1.8 and "communication" in rows[1]["phases"]
+    text = out.read_text()
+    assert "| 2 × 1 |" in text and "communication" in text
