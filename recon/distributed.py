@@ -160,15 +160,19 @@ class Context:
         self._collective(f"all-gather ({where})", torch.distributed.all_gather, out, mine)
         return [o.tolist() for o in out]
 
-    def same(self, values: Sequence[float], where: str) -> bool:
-        """Whether every rank passed the same ``values`` (compared exactly)."""
+    def same(self, values: Sequence[float], where: str, rtol: float = 1e-9) -> bool:
+        """Whether every rank passed the same ``values``, to a relative ``rtol``.
+
+        The tolerance lets machines that sum in a different order (other vector
+        units) agree on what is the same model or data.
+        """
         self.check(where)
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         lo, hi = t.clone(), t.clone()
         op = torch.distributed.ReduceOp
         self._collective(f"comparison ({where})", torch.distributed.all_reduce, lo, op.MIN)
         self._collective(f"comparison ({where})", torch.distributed.all_reduce, hi, op.MAX)
-        return bool(torch.equal(lo, hi))
+        return bool(((hi - lo) <= rtol * torch.maximum(lo.abs(), hi.abs())).all())
 
     @contextlib.contextmanager
     def guard(self, where: str) -> Iterator[None]:
