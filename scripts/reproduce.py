@@ -636,6 +636,7 @@ def _reproduce(
         bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}")
         row = _run(nets[model], data, args, model, target, method, rec)
         row["acc_original"] = bases[model]
+        row["processes"] = world  # fine-tuning with BatchNorm depends on it
         rows.append(row)
         if not lead:
             continue
