@@ -137,7 +137,8 @@ def test_reproduce_quick_and_resume(reproduce, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(reproduce.recon, "prune", boom)
     assert reproduce.main([*argv, "--resume"]) == 0
     assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines() == lines
-    assert "--resume" in (tmp_path / "results.md").read_text(encoding="utf-8")
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "python scripts/reproduce.py --quick" in md and "--resume" not in md  # same results
 
     # --table-only: runs nothing, writes the table of what is done, blank cells for the rest
     both = ["--quick", "--models", "vgg16_fmnist", "--methods", "thinet,lasso"]
@@ -193,3 +194,22 @@ def test_bench_distributed_quick(tmp_path, capsys):
     assert rows[1]["flops_speedup"] > 1.8 and "communication" in rows[1]["phases"]
     text = out.read_text()
     assert "| 2 × 1 |" in text and "communication" in text
+
+
+def test_reproduce_quality_bars(reproduce):
+    def row(model, target, acc, acc_ft, method="lasso"):
+        return {"model": model, "target": target, "method": method, "reconstruct": "lstsq",
+                "acc": acc, "acc_ft": acc_ft}  # fmt: skip
+
+    bases = {"vgg16_fmnist": 0.9400, "resnet20_fmnist": 0.9300}
+    rows = [
+        row("vgg16_fmnist", 2.0, 0.9360, 0.9390),  # loses 0.40 / 0.10: both met
+        row("vgg16_fmnist", 4.0, 0.9200, 0.9300, method="thinet"),  # not LASSO: no line
+        row("resnet20_fmnist", 2.0, 0.9150, 0.9290),  # loses 1.50: missed
+    ]
+    md = "\n".join(reproduce._quality_bars(rows, bases))
+    assert "| vgg16_fmnist | 2× | without | 93.60% | 0.40 | ≤ 0.5 | met |" in md
+    assert "| vgg16_fmnist | 2× | after | 93.90% | 0.10 | ≤ 0.3 | met |" in md
+    assert "| resnet20_fmnist | 2× | without | 91.50% | 1.50 | ≤ 1 | **missed** |" in md
+    assert "4×" not in md
+    assert reproduce._quality_bars([], bases) == []
