@@ -1,4 +1,4 @@
-"""Helpers shared by the tests that build networks."""
+"""Helpers shared by the tests that build networks or the small data they learn."""
 
 from __future__ import annotations
 
@@ -18,3 +18,12 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
     return model
+
+
+def bright_pixels(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable 8x8 one-channel problem: noise plus one bright pixel per class."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
+    x[torch.arange(n), 0, y % 8, y // 8 + 2] += 3.0  # one bright pixel per class
+    return x, y

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nets import bright_pixels
 
 from recon.finetune import _augment, finetune
 from recon.models import digits_vgg
 
 
 def _problem(n: int = 256):
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
-    x[torch.arange(n), 0, y % 8, y // 8 + 2] += 3.0  # one bright pixel per class
-    return x, y
+    return bright_pixels(n)
 
 
 def _loss(model, x, y) -> float:

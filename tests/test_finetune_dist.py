@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _dist import run_ranks, values
+from nets import bright_pixels
 
 from recon.finetune import finetune
 from recon.models import DIGITS_VGG_CFG, VGG, digits_vgg
@@ -16,11 +17,7 @@ ARGS = {"steps": 6, "lr": 0.05, "batch_size": 15, "augment": True, "seed": 3, "p
 
 
 def _problem(n: int = 64):
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3
-    x[torch.arange(n), 0, y % 8, y // 8 + 2] += 3.0  # one bright pixel per class
-    return x, y
+    return bright_pixels(n)
 
 
 def _plain_net() -> VGG:
