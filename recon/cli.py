@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._version import __version__
-from .distributed import DistributedError, RankFailedError
+from .distributed import DistributedError, RankFailedError, join_torchrun, torchrun_world_size
 
 _DIST_ERRORS = (DistributedError, RankFailedError)  # another process failed: no traceback
 
@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Launched by torchrun (which sets RANK and WORLD_SIZE), every process loads the same "
         "model and data, takes its share of the calibration images, and the statistics are "
         "summed over processes; all end with the same model, which rank 0 reports and "
-        "writes. The backend is nccl with --device cuda (each process on cuda:LOCAL_RANK), "
+        "writes. The backend is nccl with --device cuda (each process on cuda:LOCAL_RANK "
+        "unless the device names a GPU), "
         "gloo otherwise.",
     )
     d.add_argument(
@@ -428,39 +429,20 @@ def _run_default(args: argparse.Namespace) -> int:
     return 0
 
 
-def _world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 @contextlib.contextmanager
 def _distributed(args: argparse.Namespace) -> Iterator[int]:
     """Join the process group torchrun describes (if any); yield this process's rank.
 
     Ranks other than 0 print nothing on stdout and write no files.
     """
-    if _world_size() <= 1 or not torch.distributed.is_available():
+    if torchrun_world_size() <= 1 or not torch.distributed.is_available():
         yield 0
         return
-    import datetime
-
-    import torch.distributed as dist
-
     if not args.dist_timeout > 0:
         raise ValueError(f"The '--dist-timeout' must be > 0. Got {args.dist_timeout} instead.")
-    cuda = args.device is not None and str(args.device).startswith("cuda")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        args.device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    owner = not dist.is_initialized()
-    if owner:
-        dist.init_process_group(
-            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout)
-        )
-    rank = dist.get_rank()
+    device, owner = join_torchrun(args.device, timeout=args.dist_timeout)
+    args.device = None if device is None else str(device)
+    rank = torch.distributed.get_rank()
     try:
         if rank == 0:
             yield rank
@@ -471,7 +453,7 @@ def _distributed(args: argparse.Namespace) -> Iterator[int]:
                 yield rank
     finally:
         if owner:
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -598,9 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and not isinstance(exc, _DIST_ERRORS):
             raise
-        where = (
-            f" [rank {os.environ['RANK']}]" if _world_size() > 1 and "RANK" in os.environ else ""
-        )
+        ranked = torchrun_world_size() > 1 and "RANK" in os.environ
+        where = f" [rank {os.environ['RANK']}]" if ranked else ""
         print(f"recon {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,8 @@ This module sees tensors and process groups; it knows nothing of layers or model
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -35,7 +37,9 @@ __all__ = [
     "DistributedError",
     "RankFailedError",
     "context",
+    "join_torchrun",
     "shard_range",
+    "torchrun_world_size",
 ]
 
 
@@ -49,6 +53,47 @@ class RankFailedError(RuntimeError):
 
 def _available() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def torchrun_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (set by ``torchrun``); 1 when unset or not an int."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def join_torchrun(
+    device: str | torch.device | None = None, timeout: float | None = None
+) -> tuple[torch.device | None, bool]:
+    """Join the process group that ``torchrun``'s environment describes, if any.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) with no group yet, initialise the default
+    group: ``nccl`` when ``device`` is CUDA -- a device without an index becomes
+    ``cuda:LOCAL_RANK``, and is made the current one -- ``gloo`` otherwise;
+    ``timeout`` (seconds) bounds every wait for the other processes (torch's default
+    if None). Outside ``torchrun``, or with a group already made, nothing changes.
+
+    Returns
+    -------
+    device : torch.device or None
+        ``device``, with the GPU index filled in.
+    owned : bool
+        Whether this call made the group (and the caller should destroy it).
+    """
+    dev = None if device is None else torch.device(device)
+    if torchrun_world_size() <= 1 or not torch.distributed.is_available():
+        return dev, False
+    if torch.distributed.is_initialized():
+        return dev, False
+    cuda = dev is not None and dev.type == "cuda"
+    if cuda:
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", **kwargs)
+    return dev, True
 
 
 def shard_range(total: int, rank: int, world: int) -> tuple[int, int]:

@@ -51,20 +51,14 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     import warnings
 
+    import torch.distributed as dist
+
     import recon
     from recon.cli import load_data, load_model
+    from recon.distributed import join_torchrun
 
-    rank, world = 0, 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        cuda = args.device.startswith("cuda")
-        if cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            args.device = f"cuda:{local}"
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+    args.device, owned = join_torchrun(args.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     model = load_model(args.model)
     x, _ = load_data(args.data)
@@ -94,7 +88,7 @@ def _worker(args: argparse.Namespace) -> None:
             "threads": args.threads,
         }
         Path(args.result + ".json").write_text(json.dumps(info), encoding="utf-8")
-    if world > 1:
+    if owned:
         dist.destroy_process_group()
 
 

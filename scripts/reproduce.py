@@ -46,6 +46,7 @@ import _args
 
 import recon
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
+from recon.distributed import join_torchrun
 from recon.finetune import finetune
 from recon.models import pretrained, pretrained_names
 from recon.select import METHODS
@@ -576,21 +577,13 @@ def _write_markdown(
 def _init_distributed(args: argparse.Namespace) -> tuple[int, int, bool]:
     """Join the process group ``torchrun`` describes: ``(rank, world, whether we made it)``.
 
-    Outside ``torchrun`` (no ``WORLD_SIZE`` > 1 in the environment) nothing happens; a
-    process group the caller already made is used as it is. Under ``torchrun`` the
-    group is ``nccl`` if ``--device`` is CUDA (each process on the GPU of its
-    ``LOCAL_RANK`` unless the device names one), ``gloo`` otherwise.
+    See :func:`recon.distributed.join_torchrun`: nothing happens outside ``torchrun``,
+    a group the caller already made is used as it is, ``nccl`` with a CUDA ``--device``.
     """
+    args.device, owned = join_torchrun(args.device)
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    if args.device.type == "cuda":
-        if args.device.index is None:
-            args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
+        return dist.get_rank(), dist.get_world_size(), owned
+    return 0, 1, owned
 
 
 def main(argv: Sequence[str] | None = None) -> int:
