@@ -203,7 +203,8 @@ def _shard(
     else:
         acc = torch.zeros(2, dtype=torch.float64)
         for b in batches:
-            acc += torch.stack([b.double().sum(), b.double().square().sum()]).cpu()
+            d = b.double()  # one float64 copy per batch, not two
+            acc += torch.stack([d.sum(), d.square().sum()]).cpu()
         if not ctx.same([total, *acc.tolist()], "comparing calibration data"):
             raise ValueError(
                 "The 'calib' argument differs between the processes of this distributed run. "
