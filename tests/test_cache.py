@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from _compare import assert_same_error
 from nets import randomize_bn
 from torch import nn
 
@@ -246,4 +247,5 @@ def test_final_errors_match_the_returned_model(images, cache_bytes):
     with torch.no_grad():
         ref, out = net(images).double(), result.model(images).double()
     expected = float(((out - ref) ** 2).sum() / (ref**2).sum())
-    assert result.report.output_error == pytest.approx(expected, rel=1e-6)
+    # recon ran the images in its own batches, so in another float32 summation order
+    assert_same_error(result.report.output_error, expected, atol=1e-5)

@@ -2,6 +2,8 @@
 
 Each tool must work on the pruned model wherever it works on the original; the
 sampler layer (``index_select`` with a registered buffer) must not get in the way.
+A converted model may run other kernels (fused, decomposed), so outputs are compared
+in relative terms (tests/_compare.py), not bit for bit.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from _compare import assert_same_outputs
 from nets import randomize_bn
 from torch import nn
 
@@ -93,7 +96,7 @@ def test_pruned_model_converts_where_the_original_does(pair, tool):
             pytest.skip(f"the original does not convert either: {type(exc).__name__}")
         converted = tool(pruned)
     with torch.no_grad():
-        torch.testing.assert_close(converted(X16), pruned(X16), rtol=0, atol=1e-6)
+        assert_same_outputs(converted(X16), pruned(X16), rtol=1e-5)
 
 
 def test_scriptable_resnet_scripts():
@@ -106,7 +109,7 @@ def test_scriptable_resnet_scripts():
         scripted = torch.jit.script(result.model.eval())
     assert isinstance(result.model.layer1[1].conv1, SampledConv2d)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(X16), result.model(X16), rtol=0, atol=1e-6)
+        assert_same_outputs(scripted(X16), result.model(X16), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["vgg", "cifar_resnet"])
@@ -125,4 +128,4 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
     with torch.no_grad():
         expected = pruned(X16)
     assert got.shape == tuple(expected.shape)
-    assert float((torch.from_numpy(got) - expected).abs().max()) <= 1e-4
+    assert_same_outputs(torch.from_numpy(got), expected, rtol=1e-4)  # another runtime's kernels

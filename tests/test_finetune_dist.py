@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _compare import relative_difference
 from _dist import run_ranks, values
 from nets import bright_pixels
 
@@ -84,12 +85,18 @@ def test_ddp_matches_one_process_without_batch_norm():
     states = [_tensors(s) for s in values(run_ranks(_tune_plain, world=2))]
     x, y = _problem()
     reference = _tensors(_state(finetune(_plain_net(), x, y, **ARGS)))
-    initial = _plain_net().classifier.weight.detach()
-    assert not torch.allclose(reference["classifier.weight"], initial, atol=1e-3)  # it trained
+    initial = _plain_net().state_dict()
+    assert not torch.allclose(
+        reference["classifier.weight"], initial["classifier.weight"], atol=1e-3
+    )
+    # DDP sums the halves' gradients in another order than one process does, so compare
+    # what training changed, relative to its size: measured up to 3e-4 (a feature bias
+    # that moved by 1e-3), where a gradient scaled wrongly would be off by 50 %
     for state in states:
         assert state.keys() == reference.keys()
         for name, value in reference.items():
-            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-5, msg=name)
+            rel = relative_difference(state[name] - initial[name], value - initial[name])
+            assert rel <= 1e-2, f"{name}: its update differs by {rel:.1e} relative"
 
 
 def test_ddp_with_batch_norm_keeps_ranks_identical_and_learns():

@@ -1,4 +1,9 @@
-"""The sampler layer and the sampled convolution, against plain ``F.conv2d`` on sliced input."""
+"""The sampler layer and the sampled convolution, against plain ``F.conv2d`` on sliced input.
+
+Outputs are compared with ``assert_close``'s float32 defaults (rtol 1.3e-6, atol 1e-5):
+a convolution may pick another kernel, summing in another order, for a sliced or
+differently laid-out input; a wrong channel or tap is off by ~0.1.
+"""
 
 from __future__ import annotations
 
@@ -90,7 +95,7 @@ def test_from_conv_equals_conv_on_sliced_input(kwargs, index):
     )
     assert (layer.bias is None) == (conv.bias is None)
     assert layer.weight.shape == (4, len(index), 3, 3)
-    torch.testing.assert_close(layer(x), reference(conv, x, index), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), reference(conv, x, index))
 
 
 def test_from_conv_keeps_padding_mode():
@@ -100,7 +105,7 @@ def test_from_conv_keeps_padding_mode():
     assert layer.padding_mode == "reflect"
     padded = F.pad(x[:, index], (1, 1, 1, 1), mode="reflect")
     expected = F.conv2d(padded, conv.weight[:, index], conv.bias)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), expected)
 
 
 @pytest.mark.parametrize("kwargs", CONV_VARIANTS[:3], ids=lambda d: "-".join(map(str, d.values())))
@@ -109,7 +114,7 @@ def test_from_conv_identity_index_equals_original(kwargs):
     x = inputs()
     layer = SampledConv2d.from_conv(conv, list(range(5)))
     assert torch.equal(layer.weight, conv.weight)
-    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), conv(x))
 
 
 def test_from_conv_weight_replaces_sliced_weight():
@@ -120,7 +125,7 @@ def test_from_conv_weight_replaces_sliced_weight():
     assert torch.equal(layer.weight, w)
     assert layer.weight.data_ptr() != w.data_ptr()  # a copy, not the caller's tensor
     assert torch.equal(layer.bias, conv.bias)
-    torch.testing.assert_close(layer(x), reference(conv, x, index, w), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), reference(conv, x, index, w))
     flat = SampledConv2d.from_conv(conv, index, weight=w.reshape(4, -1))  # (n, c*kh*kw)
     assert torch.equal(flat.weight, w)
 
@@ -134,7 +139,7 @@ def test_from_conv_composes_with_an_existing_sampler():
     assert inner.sampler.in_channels == 5  # still reads the original width
     assert inner.in_channels == 2
     assert torch.equal(inner.weight, conv.weight[:, [3, 0]])
-    torch.testing.assert_close(inner(x), reference(conv, x, [3, 0]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(inner(x), reference(conv, x, [3, 0]))
     assert outer.sampler.index.tolist() == [0, 2, 3]  # the input layer is not changed
 
 
