@@ -5,7 +5,18 @@
 >>> print(result.report)                                         # doctest: +SKIP
 >>> recon.save(result, "pruned.pt")                              # doctest: +SKIP
 >>> model = recon.load("pruned.pt", build_unpruned_model)       # doctest: +SKIP
+
+The public submodules are attributes too, imported on first use (PEP 562), so that
+``import recon`` loads only what :func:`prune` needs:
+
+>>> recon.models.pretrained("vgg16_fmnist")                     # doctest: +SKIP
+>>> recon.plans.names()                                         # doctest: +SKIP
 """
+
+import importlib as _importlib
+import pkgutil as _pkgutil
+from functools import cache as _cache
+from types import ModuleType as _ModuleType
 
 from ._plan import apply_plan
 from ._version import __version__
@@ -23,3 +34,20 @@ __all__ = [
     "prune",
     "save",
 ]
+
+
+@_cache
+def _submodules() -> frozenset[str]:
+    """The public submodules: every module of the package not named with a leading _."""
+    return frozenset(m.name for m in _pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def __getattr__(name: str) -> _ModuleType:
+    # Only called for names not found the usual way: a submodule not imported yet.
+    if name in _submodules():
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _submodules())
