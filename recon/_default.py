@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from ._utils import model_device
 from .data import load_digits_split
 from .models import digits_vgg
@@ -101,7 +101,14 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
 
     model.train()
-    bar = tqdm(range(epochs), desc="training default model", disable=not progress, leave=False)
+    bar = progress_bar(
+        range(epochs),
+        desc="training default model",
+        disable=not progress,
+        leave=False,
+        unit="epoch",
+        log="end",
+    )
     for _ in bar:
         order = torch.randperm(n, generator=generator).to(device)
         total = 0.0

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from tqdm.auto import tqdm
 
 from . import budget as _budget
 from . import distributed as _dist
 from ._plan import attach, make_plan
+from ._progress import progress_bar
 from ._timing import PhaseTimer
 from ._utils import model_device, model_dtype
 from .graph import Graph, Unit, _node_of, find_units, trace
@@ -363,7 +363,9 @@ def _accumulate(
         stats = ChannelStats(w, device=device)
     in_node = _node_of(gm_p, unit.consumer).args[0].name
     rows = _Rows(stats)
-    bar = tqdm(batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch")
+    bar = progress_bar(
+        batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch", log="none"
+    )
     for b, _ in enumerate(bar):
         orig = passes.original(step, b)
         got: dict[str, Tensor] = {}
@@ -769,7 +771,7 @@ def prune(
             shortcuts[unit.name] = (
                 block.shortcut if block is not None and block.linear_tail else None
             )
-        bar = tqdm(todo, desc="recon", disable=not show, unit="layer")
+        bar = progress_bar(todo, desc="recon", disable=not show, unit="layer", log="each")
         with torch.no_grad():
             passes = Passes(
                 gm_o,

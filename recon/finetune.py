@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from ._utils import model_device
 
 __all__ = ["finetune"]
@@ -179,7 +179,9 @@ def finetune(
     if world > 1:  # copies rank 0's parameters and buffers to the others
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     show = progress and rank == 0
-    bar = tqdm(range(steps), desc="fine-tuning", disable=not show, leave=False)
+    bar = progress_bar(
+        range(steps), desc="fine-tuning", disable=not show, leave=False, unit="step", log="end"
+    )
     running = None
     for _ in bar:
         if pos + batch_size > len(x):  # a new pass
