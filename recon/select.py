@@ -22,13 +22,17 @@ from torch import Tensor
 __all__ = [
     "METHODS",
     "by_score",
+    "channel_order",
     "first_k",
     "lasso",
     "lasso_coef",
+    "lasso_order",
     "lasso_path",
     "random",
+    "score_order",
     "select_channels",
     "thinet",
+    "thinet_order",
 ]
 
 METHODS = ("lasso", "thinet", "l1", "max_response", "first_k", "random")
@@ -219,17 +223,27 @@ def thinet(A: Tensor, b: Tensor | None, k: int) -> Tensor:
     """
     c = A.shape[0]
     _check_k(k, c)
+    removed = torch.ones(c, dtype=torch.bool)
+    removed[_greedy_removals(A, c - k)] = False
+    return torch.nonzero(removed).flatten()
+
+
+def _greedy_removals(A: Tensor, steps: int) -> Tensor:
+    """The first ``steps`` channels removed by ThiNet's greedy rule, in removal order."""
+    c = A.shape[0]
     A64 = A.detach().double().cpu()
     diag = A64.diagonal().clone()
     running = torch.zeros(c, dtype=torch.float64)  # (A 1_T)
     removed = torch.zeros(c, dtype=torch.bool)
-    for _ in range(c - k):
+    order = torch.empty(steps, dtype=torch.int64)
+    for step in range(steps):
         cost = 2 * running + diag
         cost[removed] = float("inf")
         j = int(torch.argmin(cost))
         removed[j] = True
+        order[step] = j
         running += A64[:, j]
-    return torch.nonzero(~removed).flatten()
+    return order
 
 
 def by_score(scores: Tensor, k: int) -> Tensor:
@@ -279,3 +293,162 @@ def select_channels(
     if method == "random":
         return random(width, k, seed)
     raise ValueError(f"The 'method' argument must be one of {METHODS}. Got {method!r} instead.")
+
+
+# ------------------------------------------------------------------------ nested orders
+
+
+def thinet_order(A: Tensor) -> Tensor:
+    """ThiNet's nested order of the channels: the reverse of its greedy removal order.
+
+    The greedy rule of :func:`thinet` removes one channel at a time, so its kept sets
+    are nested: ``sorted(order[:k])`` equals ``thinet(A, None, k)`` for every ``k``.
+
+    Parameters
+    ----------
+    A : Tensor, shape (c, c)
+        The channel Gram.
+
+    Returns
+    -------
+    Tensor, shape (c,), int64
+        A permutation of ``0 .. c-1``: ``order[0]`` is kept first (removed last).
+    """
+    c = _check_gram(A)
+    removals = _greedy_removals(A, c - 1)
+    last = torch.ones(c, dtype=torch.bool)
+    last[removals] = False
+    return torch.cat([torch.nonzero(last).flatten(), removals.flip(0)])
+
+
+def lasso_order(A: Tensor, b: Tensor, *, max_active: int | None = None) -> Tensor:
+    """The order in which channels enter the LASSO path (objective of :func:`lasso_path`).
+
+    Channels are ranked by the first point of the path (largest ``λ``) at which their
+    coefficient is non-zero. Channels that never enter (dead or duplicate channels,
+    or all channels beyond ``max_active``) follow, ranked by ``|b_i| / sqrt(A_ii)`` as
+    in :func:`lasso`'s fallback; remaining ties go to the lower index.
+
+    ``sorted(order[:k])`` equals ``lasso(A, b, k, solver="lars")`` for every ``k`` up to
+    the first point where a channel leaves the active set (no channel leaves on
+    well-conditioned problems with few active channels); beyond it the order is the
+    order of first entry, which stays nested where the path does not.
+
+    Parameters
+    ----------
+    A : Tensor, shape (c, c)
+    b : Tensor, shape (c,)
+    max_active : int, optional
+        Follow the path for this many steps only (one channel enters or leaves per
+        step; ``k`` steps cost about ``c·k²``: the whole path takes 0.4 s at
+        ``c = 512`` and 2.6 s at ``c = 1024`` on one core); channels not entered by
+        then are ranked by the fallback score. Default: the whole path.
+
+    Returns
+    -------
+    Tensor, shape (c,), int64
+        A permutation of ``0 .. c-1``: ``order[0]`` is the first channel to enter.
+    """
+    c = _check_gram(A)
+    _check_b(b, c)
+    if max_active is not None:
+        if isinstance(max_active, bool) or not isinstance(max_active, int | np.integer):
+            raise TypeError(
+                f"The 'max_active' argument must be an int >= 1 or None. Got {max_active!r}."
+            )
+        if max_active < 1:
+            raise ValueError(
+                f"The 'max_active' argument must be an int >= 1 or None. Got {max_active!r}."
+            )
+    A64 = A.detach().double().cpu().numpy()
+    b64 = b.detach().double().cpu().numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LARS warns on collinear/degenerate channels
+        _, _, coefs = lars_path_gram(  # (c, n_alphas); one channel enters or leaves a step
+            Xy=b64, Gram=A64, n_samples=1, method="lasso", max_iter=max_active or 4 * c
+        )
+    active = coefs != 0
+    entered = np.where(active.any(1), active.argmax(1), np.iinfo(np.int64).max)
+    diag = np.clip(A.detach().double().cpu().numpy().diagonal(), 0, None)
+    score = np.abs(b.detach().double().cpu().numpy()) / np.sqrt(diag + 1e-300)
+    return torch.as_tensor(np.lexsort((-score, entered)), dtype=torch.int64)
+
+
+def score_order(scores: Tensor) -> Tensor:
+    """Channels by decreasing score, ties to the lower index: nested :func:`by_score`."""
+    if not isinstance(scores, Tensor) or scores.dim() != 1:
+        raise ValueError(
+            "The 'scores' argument must be a 1-D Tensor. "
+            f"Got {getattr(scores, 'shape', type(scores).__name__)} instead."
+        )
+    order = np.argsort(-scores.detach().double().cpu().numpy(), kind="stable")
+    return torch.as_tensor(order, dtype=torch.int64)
+
+
+def channel_order(
+    method: str,
+    *,
+    A: Tensor | None = None,
+    b: Tensor | None = None,
+    scores: Tensor | None = None,
+    width: int | None = None,
+    seed: int = 0,
+    max_active: int | None = None,
+) -> Tensor:
+    """A method's nested order of the channels: which channel it keeps first, second, ...
+
+    The arguments are those of :func:`select_channels` (``max_active`` as in
+    :func:`lasso_order`). Keeping the first ``k`` channels of the order is the method's
+    selection of ``k`` channels where the method is nested:
+
+    - ``thinet``: :func:`thinet_order`, ``sorted(order[:k]) == thinet(A, b, k)``;
+    - ``lasso``: :func:`lasso_order`, equal to ``lasso(A, b, k)`` until a channel
+      leaves the path (and up to ``LARS_MAX_CHANNELS`` channels, where ``lasso``
+      follows the path);
+    - ``l1``, ``max_response``: :func:`score_order`; ``first_k``: ``0 .. width-1``;
+      ``random``: the seeded permutation whose first ``k`` :func:`random` keeps.
+
+    Returns
+    -------
+    Tensor, shape (c,), int64
+        A permutation of the ``c`` channels.
+    """
+    if method in ("lasso", "thinet"):
+        if A is None:
+            raise ValueError(f"The 'A' argument is required for method {method!r}. Got None.")
+        if method == "thinet":
+            return thinet_order(A)
+        if b is None:
+            raise ValueError("The 'b' argument is required for method 'lasso'. Got None.")
+        return lasso_order(A, b, max_active=max_active)
+    if method in ("l1", "max_response"):
+        if scores is None:
+            raise ValueError(f"The 'scores' argument is required for method {method!r}. Got None.")
+        return score_order(scores)
+    if method in ("first_k", "random"):
+        if isinstance(width, bool) or not isinstance(width, int | np.integer) or width < 1:
+            raise ValueError(
+                f"The 'width' argument must be an int >= 1 for method {method!r}. "
+                f"Got {width!r} instead."
+            )
+        if method == "first_k":
+            return torch.arange(int(width))
+        return torch.randperm(int(width), generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"The 'method' argument must be one of {METHODS}. Got {method!r} instead.")
+
+
+def _check_gram(A: object) -> int:
+    if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1] or A.shape[0] < 1:
+        raise ValueError(
+            "The 'A' argument must be a square (c, c) Tensor with c >= 1. "
+            f"Got {getattr(A, 'shape', type(A).__name__)} instead."
+        )
+    return A.shape[0]
+
+
+def _check_b(b: object, c: int) -> None:
+    if not isinstance(b, Tensor) or tuple(b.shape) != (c,):
+        raise ValueError(
+            f"The 'b' argument must be a Tensor of shape ({c},). "
+            f"Got {getattr(b, 'shape', type(b).__name__)} instead."
+        )

@@ -16,13 +16,17 @@ import recon.select
 from recon.select import (
     METHODS,
     by_score,
+    channel_order,
     first_k,
     lasso,
     lasso_coef,
+    lasso_order,
     lasso_path,
     random,
+    score_order,
     select_channels,
     thinet,
+    thinet_order,
 )
 
 
@@ -443,3 +447,107 @@ def test_property_every_method_returns_k_sorted_unique_in_range(problem, seed):
     for method in METHODS:
         kept = select_channels(method, k, A=A, b=b, scores=scores, width=c, seed=seed)
         assert_valid(kept, c, k)
+
+
+# --- nested orders --------------------------------------------------------------------------
+
+
+def assert_permutation(order, c):
+    assert isinstance(order, torch.Tensor)
+    assert order.dtype == torch.int64
+    assert sorted(order.tolist()) == list(range(c))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("c", [1, 2, 6, 13])
+def test_thinet_order_prefixes_are_thinet_selections(seed, c):
+    Z, y = materialised(seed, c=c)
+    A, b = problem(Z, y)
+    order = thinet_order(A)
+    assert_permutation(order, c)
+    for k in range(1, c + 1):
+        assert sorted(order[:k].tolist()) == thinet(A, b, k).tolist()
+
+
+@pytest.mark.parametrize("case", ["zero", "duplicate", "both", "all_zero", "scaled_copy"])
+def test_orders_nested_on_degenerate_channels(case):
+    A, b = degenerate(case)
+    for order, select in ((thinet_order(A), thinet), (lasso_order(A, b), lasso)):
+        assert_permutation(order, 6)
+        for k in range(1, 7):
+            assert sorted(order[:k].tolist()) == select(A, b, k).tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("c", [6, 12, 30])
+@pytest.mark.parametrize("noise", [0.1, 2.0])
+def test_lasso_order_prefixes_are_lasso_selections(seed, c, noise):
+    # holds for every k on these problems (no channel leaves the path before the point
+    # with k active); where one leaves, lasso(k) is the set at the first point with k
+    Z, y = materialised(seed, c=c, N=max(60, 3 * c), noise=noise)
+    A, b = problem(Z, y)
+    order = lasso_order(A, b)
+    assert_permutation(order, c)
+    for k in range(1, c + 1):
+        assert sorted(order[:k].tolist()) == lasso(A, b, k, solver="lars").tolist()
+
+
+def test_lasso_order_is_the_order_of_entry_then_the_fallback_score():
+    A, b = planted_problem()  # only channels 1, 4, 6 ever enter
+    _, coefs = lasso_path(A, b)
+    entry = [int(np.flatnonzero(coefs[i])[0]) for i in (1, 4, 6)]
+    entered = [i for _, i in sorted(zip(entry, (1, 4, 6), strict=True))]
+    score = (b.abs() / A.diagonal().sqrt()).numpy()
+    rest = [i for i in np.argsort(-score, kind="stable").tolist() if i not in (1, 4, 6)]
+    assert lasso_order(A, b).tolist() == entered + rest
+    short = lasso_order(A, b, max_active=1)  # one step: one channel entered
+    assert short[0] == entered[0]
+    assert_permutation(short, 8)
+
+
+def test_score_first_k_and_random_orders_nest_their_selections():
+    scores = torch.tensor([0.5, 3.0, -1.0, 3.0, 2.0, 0.0])
+    assert score_order(scores).tolist() == [1, 3, 4, 0, 5, 2]
+    for k in range(1, 7):
+        assert sorted(score_order(scores)[:k].tolist()) == by_score(scores, k).tolist()
+        assert channel_order("first_k", width=6)[:k].tolist() == first_k(6, k).tolist()
+        order = channel_order("random", width=6, seed=3)
+        assert sorted(order[:k].tolist()) == random(6, k, 3).tolist()
+    assert_permutation(channel_order("random", width=30, seed=1), 30)
+
+
+def test_channel_order_dispatches():
+    A, b = problem(*materialised(0, c=6))
+    scores = torch.tensor([3.0, 1.0, 2.0, 6.0, 5.0, 4.0])
+    assert torch.equal(channel_order("thinet", A=A, b=b), thinet_order(A))
+    assert torch.equal(channel_order("lasso", A=A, b=b), lasso_order(A, b))
+    assert channel_order("l1", scores=scores).tolist() == [3, 4, 5, 0, 2, 1]
+    assert channel_order("max_response", scores=scores).tolist() == [3, 4, 5, 0, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "name"),
+    [
+        ("lasso", {}, "'A'"),
+        ("lasso", {"A": torch.eye(3)}, "'b'"),
+        ("thinet", {}, "'A'"),
+        ("l1", {}, "'scores'"),
+        ("max_response", {"scores": torch.ones(2, 2)}, "'scores'"),
+        ("first_k", {}, "'width'"),
+        ("random", {"width": 0}, "'width'"),
+        ("magnitude", {"width": 3}, "'method'"),
+        ("thinet", {"A": torch.ones(2, 3)}, "'A'"),
+        ("lasso", {"A": torch.eye(3), "b": torch.ones(2)}, "'b'"),
+    ],
+)
+def test_channel_order_bad_arguments_name_the_argument(method, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        channel_order(method, **kwargs)
+
+
+def test_lasso_order_bad_max_active():
+    A, b = problem(*materialised(0, c=4))
+    with pytest.raises(ValueError, match="'max_active'"):
+        lasso_order(A, b, max_active=0)
+    with pytest.raises(TypeError, match="'max_active'"):
+        lasso_order(A, b, max_active=2.0)
