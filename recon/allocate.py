@@ -229,7 +229,7 @@ def lstsq_error_curve(
     G = stats.G[idx][:, idx]  # (c*k, c*k)
     R = stats.C[idx]  # (c*k, n)
     d = G.shape[0]
-    eps = ridge * float(stats.G.diagonal().sum()) / d + 1e-12
+    eps = ridge * float(G.diagonal().sum()) / d + 1e-12
     if fit_bias:
         s = stats.s[idx]
         top = torch.cat([s.new_tensor([float(stats.count)]), s])[None]

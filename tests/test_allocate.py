@@ -487,3 +487,20 @@ def test_cost_at_reads_and_interpolates_the_curves():
     assert cost_at(curves, alloc.channels) == alloc.costs
     with pytest.raises(TypeError, match="'curves'"):
         cost_at([], {})
+
+
+def curves_on(device: str):
+    stats, W = patch_stats(2, c=6, taps=4, n=5)
+    moved = PatchStats(6, 4, 5, device=device)
+    moved.merge_(stats)
+    A, b = moved.channel_problem(W)
+    order = channel_order("thinet", A=A, b=b)
+    return scale_error_curve(A, b, moved.yy, order), lstsq_error_curve(moved, order, [2, 6])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_error_curves_on_cuda_equal_cpu():
+    for on_gpu, on_cpu in zip(curves_on("cuda"), curves_on("cpu"), strict=True):
+        assert on_gpu.device.type == "cuda"
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-9, atol=1e-12)
