@@ -4,39 +4,39 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import json
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ._version import __version__
 from .distributed import DistributedError, RankFailedError, join_torchrun, torchrun_world_size
+from .loading import BUILTIN_DATA, load_data, load_model, torchvision_weights_name
+
+__all__ = ["BUILTIN_DATA", "build_parser", "load_data", "load_model", "main"]
 
 _DIST_ERRORS = (DistributedError, RankFailedError)  # another process failed: no traceback
-
-BUILTIN_DATA = ("fmnist", "digits")
 
 _EPILOG = """\
 examples:
   recon prune                                   # embedded default: shipped VGG-16, 2x
   recon prune --model pretrained:resnet20_fmnist --data fmnist --speedup 2
+  recon prune --model torchvision:resnet50 --weights IMAGENET1K_V2 --data photos/ \\
+              --max-images 512 --speedup 2 --out resnet50_small.pt --report report.json
   recon prune --model torchvision:vgg16_bn --weights vgg16_bn.pth \\
-              --data calib.pt --speedup 4 --out vgg16_small.pt --report report.json
+              --data calib.pt --speedup 4 --out vgg16_small.pt
   recon prune --model mypkg.nets:make_vgg --weights net.pt --data calib.npy \\
               --method thinet --keep-ratio 0.5 --ignore features.0
-  recon prune --model torchvision:resnet50 --weights resnet50.pth --data calib.pt \
+  recon prune --model torchvision:resnet50 --weights resnet50.pth --data calib.pt \\
               --speedup 2 --no-sampler-layers --out resnet50_small.pt
-  recon eval --model vgg16_small.pt --data fmnist
+  recon prune --model pretrained:vgg16_fmnist --data fmnist --out vgg_small.pt
+  recon eval --model pretrained:vgg16_fmnist --weights vgg_small.pt   # a recon file
   torchrun --nproc_per_node=2 -m recon prune --model pretrained:vgg16_fmnist --data fmnist
                                                 # calibration split over 2 processes
   recon bench                                   # time and memory of the default 2x run
@@ -100,23 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="'pretrained:NAME' (a shipped model: vgg16_fmnist, resnet20_fmnist), "
         "'torchvision:NAME' (e.g. torchvision:vgg16_bn), 'package.module:factory' "
-        "(a callable returning an nn.Module), or a file holding a whole saved module",
+        "(a callable returning an nn.Module), or a file holding a whole pickled module "
+        "(read only with --unsafe-pickle)",
     )
-    g.add_argument(
-        "--weights",
-        metavar="PATH",
-        help="state_dict file for --model (loaded with weights_only=True); for torchvision "
-        "models also a weights name such as DEFAULT or IMAGENET1K_V1 (needs internet)",
-    )
+    _add_weights(g)
     g.add_argument(
         "--data",
         metavar="SPEC",
-        help="calibration images: a .pt file (a tensor (N,C,H,W), an (inputs, labels) pair or "
-        "a dict with 'inputs'), a .npy array, or a built-in set: fmnist (the 1,000 embedded "
-        "Fashion-MNIST calibration images), digits",
+        help="calibration images: a folder of image files (JPEG, PNG, ...; searched "
+        "recursively, an ImageFolder tree works, labels are ignored), a .pt file (a tensor "
+        "(N,C,H,W), an (inputs, labels) pair or a dict with 'inputs'), a .npy array, or a "
+        "built-in set: fmnist (the 1,000 embedded Fashion-MNIST calibration images), digits",
     )
-    g.add_argument("--max-images", type=int, metavar="N", help="use at most N calibration images")
+    g.add_argument(
+        "--max-images",
+        type=int,
+        metavar="N",
+        help="use at most N calibration images (of a folder: a random subset, seeded by --seed)",
+    )
     g.add_argument("--batch-size", type=int, default=64, help="calibration batch size (64)")
+    _add_image_args(g)
+    _add_unsafe_pickle(g)
 
     t = p.add_argument_group("target (exactly one)")
     tx = t.add_mutually_exclusive_group()
@@ -194,7 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     o = p.add_argument_group("output")
-    o.add_argument("--out", metavar="PATH", help="save the pruned module (torch.save) here")
+    o.add_argument(
+        "--out",
+        metavar="PATH",
+        help="save the pruned model here: a recon file (the pruning plan and the weights, "
+        "read back with --model SPEC --weights PATH, or recon.load) unless --out-format module",
+    )
+    o.add_argument(
+        "--out-format",
+        choices=("recon", "module"),
+        default="recon",
+        help="recon (default): plan + state_dict, plain data that loads without running code; "
+        "module: the whole pickled nn.Module (torch.save(model)), which only loads with "
+        "--unsafe-pickle / torch.load(weights_only=False) and breaks when its class moves",
+    )
     o.add_argument("--report", metavar="PATH", help="write the report as JSON here")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -204,12 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the top-1 accuracy of a model on a labeled data set.",
     )
     e.add_argument("--model", required=True, metavar="SPEC", help="as for 'recon prune'")
-    e.add_argument("--weights", metavar="PATH", help="as for 'recon prune'")
+    _add_weights(e)
     e.add_argument(
         "--data",
         default="fmnist",
         help="built-in set: fmnist (2,000 embedded Fashion-MNIST test images, default) or digits",
     )
+    _add_unsafe_pickle(e)
     b = sub.add_parser(
         "bench",
         help="time and peak memory of one pruning run, against one plain forward pass",
@@ -226,9 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="as for 'recon prune' (default: pretrained:vgg16_fmnist)",
     )
-    b.add_argument("--weights", metavar="PATH", help="as for 'recon prune'")
+    _add_weights(b)
     b.add_argument(
-        "--data", default="fmnist", metavar="SPEC", help="as for 'recon prune' (default: fmnist)"
+        "--data",
+        default="fmnist",
+        metavar="SPEC",
+        help="as for 'recon prune' (default: fmnist); a folder's images are all decoded and "
+        "held at once (3*H*W*4 bytes each), so keep --max-images moderate",
     )
     b.add_argument(
         "--max-images",
@@ -257,7 +279,48 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="forward passes timed (median; 3)")
     _add_cache_mb(b)
     b.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
+    _add_image_args(b)
+    _add_unsafe_pickle(b)
     return parser
+
+
+def _add_weights(group: Any) -> None:
+    group.add_argument(
+        "--weights",
+        metavar="PATH|NAME",
+        help="weights for --model: a state_dict file, or a recon file (written by --out or "
+        "recon.save: its pruning plan is applied to the model first); read with "
+        "torch.load(weights_only=True). For torchvision models also a weights name such as "
+        "DEFAULT or IMAGENET1K_V1 (downloads them)",
+    )
+
+
+def _add_unsafe_pickle(group: Any) -> None:
+    group.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="also read --model/--weights/--data files that hold pickled Python objects "
+        "(a whole saved module, a checkpoint with other objects, a NumPy object array). "
+        "Unpickling runs code chosen by whoever made the file: only for files you trust. "
+        "Without it such files are refused",
+    )
+
+
+def _add_image_args(group: Any) -> None:
+    group.add_argument(
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help="--data FOLDER: resize and center crop images to PX (default 224) and normalise "
+        "with the ImageNet mean/std; when --weights names torchvision weights, their own "
+        "transforms are used instead",
+    )
+    group.add_argument(
+        "--strict",
+        action="store_true",
+        help="--data FOLDER: stop with an error at a file that cannot be decoded (default: "
+        "skip it and count it in the report)",
+    )
 
 
 def _add_cache_mb(group: Any) -> None:
@@ -281,99 +344,42 @@ def _cache_bytes(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(spec: str, weights: str | None = None) -> nn.Module:
-    """Build or load the model named by ``spec`` (see ``recon prune --help``)."""
-    if os.path.isfile(spec):
-        warnings.warn(
-            f"loading a whole pickled module from {spec!r}: only do this with files you trust",
-            stacklevel=2,
-        )
-        model = torch.load(spec, map_location="cpu", weights_only=False)
-        if not isinstance(model, nn.Module):
-            raise ValueError(
-                f"The '--model' file {spec!r} must hold a whole nn.Module. "
-                f"Got {type(model).__name__} instead."
-            )
-    elif spec.startswith("pretrained:"):
-        from .models import pretrained
+def _image_batches(args: argparse.Namespace, max_images: int | None) -> Any:
+    """The --data folder as a recon.images.ImageFolderBatches, with the model's preprocessing."""
+    from .images import ImageFolderBatches, imagenet_transform, torchvision_transform
 
-        model = pretrained(spec.split(":", 1)[1])
-    elif spec.startswith("torchvision:"):
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise ValueError(
-                "The '--model' spec needs torchvision: pip install 'recon[vision]'"
-            ) from exc
-        name = spec.split(":", 1)[1]
-        if name not in torchvision.models.list_models():
-            raise ValueError(
-                f"The '--model' spec must name a torchvision model. Got {name!r} instead."
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"The '--image-size' must be >= 1. Got {args.image_size} instead.")
+    tv_weights = torchvision_weights_name(args.model or "", args.weights)
+    if tv_weights is not None:
+        transform = torchvision_transform(args.model.split(":", 1)[1], tv_weights)
+        if args.image_size is not None:
+            print(
+                f"--image-size {args.image_size} ignored: the torchvision weights "
+                f"{tv_weights} come with their own transforms",
+                file=sys.stderr,
             )
-        tv_weights = None if weights is None or os.path.isfile(weights) else weights
-        model = torchvision.models.get_model(name, weights=tv_weights)
-        if tv_weights is not None:
-            weights = None
-    elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(
-                f"The '--model' spec must be 'package.module:factory'. Could not load {spec!r} "
-                f"({exc})."
-            ) from exc
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"The '--model' factory {spec!r} returned {type(model).__name__}.")
     else:
-        raise ValueError(
-            "The '--model' spec must be 'pretrained:NAME', 'torchvision:NAME', "
-            "'package.module:factory' or an "
-            f"existing file. Got {spec!r} instead."
-        )
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise ValueError(f"The '--weights' file {weights!r} does not exist.")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        model.load_state_dict(state)
-    return model.eval()
+        transform = imagenet_transform(args.image_size or 224)
+    return ImageFolderBatches(
+        args.data,
+        transform=transform,
+        batch_size=args.batch_size,
+        max_images=max_images,
+        seed=getattr(args, "seed", 0),
+        strict=args.strict,
+    )
 
 
-def load_data(spec: str) -> tuple[Tensor, Tensor | None]:
-    """Calibration inputs (and labels, if the source has them) for ``spec``."""
-    if spec == "fmnist":
-        from .data import load_embedded
-
-        x_calib, y_calib, _, _ = load_embedded()
-        return x_calib, y_calib
-    if spec == "digits":
-        from .data import load_digits_split
-
-        _, _, x_test, y_test = load_digits_split()
-        return x_test, y_test
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(
-            f"The '--data' spec must be a .pt/.npy file or one of {BUILTIN_DATA}. "
-            f"Got {spec!r} instead."
-        )
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)).float(), None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    labels = None
-    if isinstance(obj, dict):
-        obj, labels = obj.get("inputs", obj.get("x")), obj.get("labels", obj.get("y"))
-    elif isinstance(obj, tuple | list) and len(obj) == 2:
-        obj, labels = obj
-    if not isinstance(obj, Tensor):
-        raise ValueError(
-            f"The '--data' file {spec!r} must hold a tensor, an (inputs, labels) pair or a "
-            f"dict with 'inputs'. Got {type(obj).__name__} instead."
-        )
-    return obj.float(), labels
+def _check_out(path: str | None) -> None:
+    """Refuse an --out that cannot be written before any work is done."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"The '--out' must name a file. Got the folder '{path}' instead.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"The '--out' folder '{folder}' does not exist.")
 
 
 def _save_module(model: nn.Module, path: str) -> None:
@@ -469,8 +475,20 @@ def _prune_command(args: argparse.Namespace) -> int:
         return _run_default(args)
     if args.model is None or args.data is None:
         raise ValueError("'recon prune' needs both --model and --data (or neither, for the demo)")
-    model = load_model(args.model, args.weights)
-    x, labels = load_data(args.data)
+    if args.batch_size < 1:
+        raise ValueError(f"The '--batch-size' must be >= 1. Got {args.batch_size} instead.")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"The '--max-images' must be >= 1. Got {args.max_images} instead.")
+    _check_out(args.out)
+    model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
+    folder = None
+    if os.path.isdir(args.data):
+        folder = _image_batches(args, args.max_images)  # decoded batch by batch
+        calib: Any = folder
+        x = labels = None
+    else:
+        x, labels = load_data(args.data, unsafe_pickle=args.unsafe_pickle)
+        calib = x.split(args.batch_size)
     target: dict[str, Any] = {}
     if args.speedup is not None:
         target["speedup"] = args.speedup
@@ -484,11 +502,9 @@ def _prune_command(args: argparse.Namespace) -> int:
     else:
         target["speedup"] = 2.0
         print("no target given: using --speedup 2", file=sys.stderr)
-    if args.batch_size < 1:
-        raise ValueError(f"The '--batch-size' must be >= 1. Got {args.batch_size} instead.")
     result = prune(
         model,
-        x.split(args.batch_size),
+        calib,
         method=args.method,
         reconstruct=args.reconstruct,
         samples_per_image=args.samples_per_image,
@@ -504,18 +520,44 @@ def _prune_command(args: argparse.Namespace) -> int:
         **target,
     )
     print(result.report)
+    if folder is not None:
+        print(f"\ncalibration: {folder.summary()}")
     if labels is not None and args.data in BUILTIN_DATA:
         print(
             f"\naccuracy on {args.data}: {100 * evaluate(model, x, labels):.2f}% -> "
             f"{100 * evaluate(result.model, x, labels):.2f}% (calibration images)"
         )
     if args.report:
-        result.report.to_json(args.report)
+        report = result.report.to_dict()
+        if folder is not None:
+            report["calibration"] = folder.to_dict()
+        with open(args.report, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         print(f"report written to {args.report}")
     if args.out:
-        _save_module(result.model, args.out)
-        print(f"pruned model written to {args.out}")
+        _write_out(result, args)
     return 0
+
+
+def _write_out(result: Any, args: argparse.Namespace) -> None:
+    if args.out_format == "module":
+        _save_module(result.model, args.out)
+        print(
+            f"pruned model written to {args.out} (a whole pickled module: torch.load(path, "
+            "weights_only=False) or --model PATH --unsafe-pickle read it; only trust it "
+            "where you made it)"
+        )
+        return
+    from .io import save
+
+    save(result, args.out)
+    again = f"--model {args.model} --weights {args.out}"
+    if args.unsafe_pickle and os.path.isfile(args.model):
+        again += " --unsafe-pickle"
+    print(
+        f"pruned model written to {args.out} (plan + weights; read it back with {again}, "
+        "or recon.load(path, build_unpruned_model) in Python)"
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -527,8 +569,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"The '--max-images' must be >= 1. Got {args.max_images} instead.")
-    model = load_model(args.model, args.weights)
-    x, _ = load_data(args.data)
+    if args.batch_size < 1:
+        raise ValueError(f"The '--batch-size' must be >= 1. Got {args.batch_size} instead.")
+    model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
+    if os.path.isdir(args.data):  # bench times forward passes over one tensor
+        x = torch.cat(list(_image_batches(args, args.max_images)))
+    else:
+        x, _ = load_data(args.data, unsafe_pickle=args.unsafe_pickle)
     x = x[: args.max_images]
     result, _ = bench.run(
         model,
@@ -553,7 +600,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .data import evaluate, load_digits_split, load_embedded
 
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
     if args.data == "fmnist":
         _, _, x, y = load_embedded()
         what = f"{len(y)} embedded Fashion-MNIST evaluation images"
@@ -577,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"prune": _cmd_prune, "eval": _cmd_eval, "bench": _cmd_bench}
         return commands[args.command](args)
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, ImportError) as exc:
         if isinstance(exc, RuntimeError) and not isinstance(exc, _DIST_ERRORS):
             raise
         ranked = torchrun_world_size() > 1 and "RANK" in os.environ

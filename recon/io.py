@@ -185,8 +185,18 @@ def load(
         raise TypeError(f"The 'strict' argument must be a bool. Got {strict!r} instead.")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"The 'path' argument names no file: '{path}'.")
+    return rebuild(_read(path), path, model_factory, strict=strict)
+
+
+def is_recon_file(payload: Any) -> bool:
+    """Whether ``payload`` (what ``torch.load`` returned) is the content of a recon file."""
+    return isinstance(payload, dict) and payload.get("format") == FILE_FORMAT
+
+
+def _read(path: str) -> Any:
+    """``torch.load(path, weights_only=True)``, or a ValueError naming the file."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise ValueError(
@@ -194,6 +204,21 @@ def load(
             f"{type(exc).__name__}: {first}). It is damaged or truncated, or was not written "
             "by recon.save."
         ) from exc
+
+
+def rebuild(
+    payload: Any,
+    path: str,
+    model_factory: Callable[[], nn.Module],
+    *,
+    strict: bool = True,
+    built: str = "the model that model_factory built",
+) -> nn.Module:
+    """The model of a recon file's ``payload`` (already read from ``path``); see :func:`load`.
+
+    ``built`` says in error messages where the unpruned model came from (the command
+    line names its ``--model``).
+    """
     state = _check_payload(payload, path)
     plan = check_plan(payload["plan"], f"The plan in '{path}'")
     model = model_factory()
@@ -205,10 +230,8 @@ def load(
     try:
         model = apply_plan(model, plan, inplace=True)
     except ValueError as exc:
-        raise ValueError(
-            f"'{path}' does not fit the model that model_factory built: {exc}"
-        ) from exc
-    _check_state(model, state, path, strict)
+        raise ValueError(f"'{path}' does not fit {built}: {exc}") from exc
+    _check_state(model, state, path, strict, built)
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     ours = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if len(dtypes) == 1 and ours and ours != dtypes:
@@ -249,7 +272,9 @@ def _check_payload(payload: Any, path: str) -> dict[str, Tensor]:
     return state
 
 
-def _check_state(model: nn.Module, state: dict[str, Tensor], path: str, strict: bool) -> None:
+def _check_state(
+    model: nn.Module, state: dict[str, Tensor], path: str, strict: bool, built: str
+) -> None:
     """A ValueError naming the file and the weights that do not fit the reshaped model."""
     ours = model.state_dict()
     wrong = [
@@ -271,8 +296,8 @@ def _check_state(model: nn.Module, state: dict[str, Tensor], path: str, strict: 
     if wrong:
         more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
         raise ValueError(
-            f"'{path}' does not fit the model that model_factory built, reshaped by the "
-            f"file's plan: " + "; ".join(wrong[:5]) + more + "."
+            f"'{path}' does not fit {built}, reshaped by the file's plan: "
+            f"{'; '.join(wrong[:5])}{more}."
         )
 
 

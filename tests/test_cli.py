@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
 import pytest
 import torch
 
-from recon.cli import build_parser, main
-from recon.models import vgg11
+import recon
+from recon.cli import _EPILOG, build_parser, main
+from recon.loading import load_model
+from recon.models import digits_vgg, vgg11
 
 
 def make_vgg():  # a factory for the 'package.module:factory' spec
@@ -70,8 +73,11 @@ def test_prune_factory_and_tensor_file(tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert "features.0" in capsys.readouterr().out
-    small = torch.load(out, weights_only=False)
+    printed = capsys.readouterr().out
+    assert "features.0" in printed
+    assert f"--model tests.test_cli:make_vgg --weights {out}" in printed  # how to read it back
+    assert torch.load(out, weights_only=True)["format"] == "recon"  # plain data
+    small = recon.load(out, make_vgg).eval()
     assert small.features[0].out_channels == 4  # 8 channels, half kept
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     data = json.loads(report.read_text())
@@ -95,11 +101,13 @@ def test_prune_channels_and_npy(tmp_path):
             "features.0=3,features.4=5",
             "--out",
             str(out),
+            "--out-format",
+            "module",
             "--quiet",
         ]
     )
     assert code == 0
-    small = torch.load(out, weights_only=False)
+    small = torch.load(out, weights_only=False)  # a whole pickled module, as asked
     assert small.features[0].out_channels == 3 and small.features[4].out_channels == 5
 
 
@@ -159,3 +167,104 @@ def test_pretrained_spec_and_builtin_fmnist(capsys):
     assert "accuracy on fmnist" in out
     assert main(["eval", "--model", "pretrained:vgg16_fmnist"]) == 0
     assert "2000 embedded Fashion-MNIST" in capsys.readouterr().out
+
+
+def test_epilog_line_continuations():
+    """Every example line followed by an indented '--option' line ends with a backslash."""
+    lines = _EPILOG.splitlines()
+    for line, nxt in itertools.pairwise(lines):
+        if nxt.lstrip().startswith("--"):
+            assert line.endswith(" \\"), line
+        if line.endswith("\\"):
+            assert nxt.lstrip().startswith("--"), nxt
+
+
+@pytest.mark.parametrize("command", ["prune", "eval", "bench"])
+def test_every_command_documents_unsafe_pickle(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--unsafe-pickle" in out and "runs code" in out
+
+
+def _randomized_digits_vgg():
+    torch.manual_seed(3)
+    net = digits_vgg()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+@pytest.mark.filterwarnings("ignore:re-fitting:UserWarning")
+def test_out_then_eval_and_prune_again(tmp_path, capsys):
+    """recon prune --out writes a recon file; eval and a second prune read it with
+    --model SPEC --weights FILE, and recon.load reads it with the unpruned factory."""
+    weights, small, smaller = tmp_path / "w.pt", tmp_path / "small.pt", tmp_path / "smaller.pt"
+    torch.save(_randomized_digits_vgg().state_dict(), weights)
+    spec = "recon.models:digits_vgg"
+    common = ["--data", "digits", "--method", "l1", "--max-images", "64", "--quiet"]
+    common += ["--samples-per-image", "4"]
+    argv = ["prune", "--model", spec, "--weights", str(weights), *common]
+    assert main([*argv, "--keep-ratio", "0.5", "--out", str(small)]) == 0
+    pruned_acc = re.search(r"accuracy on digits: [\d.]+% -> ([\d.]+)%", capsys.readouterr().out)
+    assert main(["eval", "--model", spec, "--weights", str(small), "--data", "digits"]) == 0
+    eval_acc = re.search(r"top-1 accuracy on .*: ([\d.]+)%", capsys.readouterr().out)
+    assert eval_acc[1] == pruned_acc[1]  # the same model, read back
+
+    x = torch.randn(4, 1, 8, 8)
+    via_cli = load_model(spec, str(small))
+    via_python = recon.load(small, digits_vgg).eval()
+    assert torch.equal(via_cli(x), via_python(x))
+    assert via_cli.features[0].out_channels == 8  # 16, half kept
+
+    argv = ["prune", "--model", spec, "--weights", str(small), *common, "--reconstruct", "none"]
+    assert main([*argv, "--keep-ratio", "0.5", "--out", str(smaller)]) == 0
+    twice = recon.load(smaller, digits_vgg)  # the plans compose: the unpruned builder reads it
+    assert twice.features[0].out_channels == 4
+
+
+@pytest.mark.filterwarnings("ignore:re-fitting:UserWarning")
+def test_torchvision_spec_reads_a_recon_file(tmp_path, monkeypatch):
+    """--model torchvision:NAME --weights FILE applies the file's plan (a tiny stand-in for
+    torchvision's VGG-11, so that the test runs in a second; the real one is a slow test)."""
+    torchvision = pytest.importorskip("torchvision")
+    calib = torch.randn(8, 3, 32, 32)
+    result = recon.prune(
+        make_vgg().eval(), calib, keep_ratio=0.5, method="l1", reconstruct="none", progress=False
+    )
+    recon.save(result, tmp_path / "small.pt")
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, weights=None: make_vgg())
+    model = load_model("torchvision:vgg11", str(tmp_path / "small.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), result.model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:re-fitting:UserWarning")
+def test_torchvision_resnet18_round_trip(tmp_path, capsys):
+    torchvision = pytest.importorskip("torchvision")
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(8, 3, 64, 64), calib)
+    out = tmp_path / "r18.pt"
+    argv = ["prune", "--model", "torchvision:resnet18", "--data", str(calib), "--quiet"]
+    assert main([*argv, "--speedup", "1.5", "--samples-per-image", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    model = load_model("torchvision:resnet18", str(out))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(model(x), recon.load(out, torchvision.models.resnet18).eval()(x))
+    assert model.layer1[0].conv1.out_channels < 64
+
+
+@pytest.mark.parametrize(
+    ("out", "match"),
+    [("missing/dir/out.pt", "'--out' folder .*missing/dir' does not exist"), (".", "a file")],
+)
+def test_bad_out_is_refused_before_pruning(tmp_path, out, match, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("recon.prune", lambda *a, **k: pytest.fail("pruned before checking --out"))
+    argv = ["prune", "--model", "tests.test_cli:make_vgg", "--data", "digits", "--out", out]
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err)
