@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _compare import WEIGHT_RTOL
 
 from recon.models import pretrained_names
 
@@ -190,7 +191,9 @@ def test_bench_distributed_quick(tmp_path, capsys):
     rows = bench_distributed.main(["--quick", "--threads", "1", "--out", str(out)])
     assert [(r["nproc"], r["threads"]) for r in rows] == [(1, 1), (2, 1)]
     assert rows[0]["speedup_vs_baseline"] == 1.0 and rows[1]["seconds"] > 0
-    assert rows[1]["max_weight_diff"] < 1e-5  # the 2-process model is the 1-process one
+    # the 2-process model is the 1-process one, up to the order of summation: its largest
+    # entry difference relative to the tensor's largest entry (tests/_compare.py)
+    assert rows[1]["max_weight_diff"] < WEIGHT_RTOL, rows[1]
     assert rows[1]["flops_speedup"] > 1.8 and "communication" in rows[1]["phases"]
     text = out.read_text()
     assert "| 2 × 1 |" in text and "communication" in text
