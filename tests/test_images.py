@@ -271,3 +271,31 @@ def test_cli_image_folder_of_the_wrong_size_is_a_clear_error(folder, tmp_path, c
     code, _ = _prune_folder(folder, tmp_path, "--image-size", "8")
     assert code == 2
     assert "do not fit the model" in capsys.readouterr().err
+
+
+def test_cli_uses_the_torchvision_weights_transforms(folder, tmp_path, capsys):
+    """--weights naming torchvision weights: their transforms (ResNet-50 V2: resize 232);
+    a weights file: the standard pipeline at --image-size. Nothing is downloaded."""
+    import argparse
+
+    from recon.cli import _image_batches
+
+    def batches(weights, image_size=None):
+        args = argparse.Namespace(
+            model="torchvision:resnet50",
+            weights=weights,
+            image_size=image_size,
+            data=str(folder),
+            batch_size=2,
+            strict=False,
+            seed=0,
+        )
+        return _image_batches(args, max_images=2)
+
+    b = batches("IMAGENET1K_V2", image_size=64)
+    assert list(b.transform.resize_size) == [232]
+    assert "--image-size 64 ignored" in capsys.readouterr().err
+    assert next(iter(b)).shape == (2, 3, 224, 224)
+    (tmp_path / "w.pt").write_bytes(b"")
+    b = batches(str(tmp_path / "w.pt"), image_size=40)
+    assert next(iter(b)).shape == (2, 3, 40, 40)
