@@ -34,7 +34,7 @@ from .passes import DEFAULT_CACHE_BYTES, Passes
 from .report import LayerReport, Report
 from .sampling import _mix, gather_patches, gather_targets, layer_key
 from .select import METHODS, select_channels
-from .solve import RECONSTRUCT, channel_error, lstsq, patch_error, scale
+from .solve import RECONSTRUCT, channel_error, cv_lstsq, lstsq, patch_error, scale
 from .stats import ChannelStats, PatchStats
 from .surgery import prune_unit
 
@@ -44,6 +44,9 @@ __all__ = ["MAX_PATCH_DIM", "PruneResult", "prune"]
 #: (a ``c × c`` Gram) instead of a ``(c*k)²`` patch Gram; ``lstsq`` then becomes ``scale``.
 MAX_PATCH_DIM = 6144
 _ROWS_PER_UPDATE = 4096  # bound the float64 copy of a batch's patches
+#: Folds (by image) of the statistics behind the cross-validated re-fit.
+CV_FOLDS = 4
+_FOLD_KEY = 0xF01D  # mixed into the seed of each image's fold
 
 
 @dataclass
@@ -292,11 +295,16 @@ class _Rows:
         self.rows = _ROWS_PER_UPDATE if isinstance(stats, PatchStats) else 0
         self.xs: list[Tensor] = []
         self.ys: list[Tensor] = []
+        self.fs: list[Tensor] = []
         self.count = 0
 
-    def add(self, x: Tensor, y: Tensor) -> None:
+    def add(self, x: Tensor, y: Tensor, fold: Tensor | None = None, per_image: int = 1) -> None:
+        """Queue samples ``x`` (R, d), ``y`` (R, n), ``per_image`` rows per image in
+        order, and the fold of each image (None: one fold)."""
         self.xs.append(x)
         self.ys.append(y)
+        if fold is not None:
+            self.fs.append(fold.repeat_interleave(per_image))
         self.count += x.shape[0]
         if self.count >= self.rows:
             self.flush()
@@ -306,10 +314,26 @@ class _Rows:
             return
         x = self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs)
         y = self.ys[0] if len(self.ys) == 1 else torch.cat(self.ys)
-        self.xs, self.ys, self.count = [], [], 0
+        f = None if not self.fs else self.fs[0] if len(self.fs) == 1 else torch.cat(self.fs)
+        self.xs, self.ys, self.fs, self.count = [], [], [], 0
         step = _ROWS_PER_UPDATE
+        folds = getattr(self.stats, "folds", 1)
         for i in range(0, x.shape[0], step):
-            self.stats.update(x[i : i + step], y[i : i + step])
+            if f is None or folds == 1:
+                self.stats.update(x[i : i + step], y[i : i + step])
+            else:
+                self.stats.update(x[i : i + step], y[i : i + step], f[i : i + step])
+
+
+def _image_folds(first: int, count: int, folds: int, seed: int) -> Tensor:
+    """The fold of each of ``count`` images from global index ``first``: (count,) int64.
+
+    A seeded hash of the image's global index, so a fold holds the same images
+    whatever the batch size, the layer or the number of processes.
+    """
+    return torch.tensor(
+        [_mix(seed, _FOLD_KEY, first + i) % folds for i in range(count)], dtype=torch.int64
+    )
 
 
 def _accumulate(
@@ -325,12 +349,15 @@ def _accumulate(
     passes: Passes | None = None,
     step: int = 0,
     timer: PhaseTimer | None = None,
+    folds: int = 1,
 ) -> PatchStats | ChannelStats:
     """One pass over the calibration set: X from the pruned net, Y from the original.
 
     ``passes`` (:class:`recon.passes.Passes`) supplies the original network's targets
     and runs the pruned network from its boundary cache, ``step`` being the unit's
     place in its list; without it, both networks run from the input for this unit.
+    With ``folds > 1`` the patch statistics are kept per fold of images
+    (:func:`_image_folds`), for the cross-validated re-fit.
     """
     timer = timer or PhaseTimer()
     if passes is None:
@@ -355,7 +382,7 @@ def _accumulate(
     c, k = unit.width, unit.taps
     device = weight.device
     if c * k <= MAX_PATCH_DIM:
-        stats: PatchStats | ChannelStats = PatchStats(c, k, n, device=device)
+        stats: PatchStats | ChannelStats = PatchStats(c, k, n, device=device, folds=folds)
     else:
         w = weight.reshape(n, c, k)
         if target is not None:
@@ -400,7 +427,9 @@ def _accumulate(
             y = orig.y
             if target is not None:
                 y = y * target.scale.to(y.device, y.dtype) + (orig.shortcut - got["sc"])
-            rows.add(got["x"], y)
+            images = batches[b].shape[0]
+            fold = _image_folds(passes.offsets[b], images, folds, seed) if folds > 1 else None
+            rows.add(got["x"], y, fold, got["x"].shape[0] // images)
     with timer("stats"):
         rows.flush()
     return stats
@@ -469,21 +498,35 @@ def _prune_one(
     timer.swap("solve")
     weight = bias_delta = None
     mode = reconstruct
-    if mode == "lstsq" and isinstance(stats, ChannelStats):
+    ridge = heldout = math.nan
+    if mode in ("lstsq", "lstsq_plain") and isinstance(stats, ChannelStats):
         mode = "scale"
-        note = ", ".join(
-            filter(None, [note, f"lstsq->scale (c*k={unit.width * unit.taps} too wide)"])
-        )
-    if mode == "lstsq":
+        note = _join(note, f"{reconstruct}->scale (c*k={unit.width * unit.taps} too wide)")
+    if mode in ("lstsq", "lstsq_plain"):
         unknowns = int(keep.numel()) * unit.taps + 1
+        if mode == "lstsq":
+            w_units = w_cons.double() if a is None else w_cons.double() * a[:, None, None]
+            fit = cv_lstsq(stats, keep, w_units)
+            weight, bias_delta = fit.weight, fit.bias_delta
+            ridge, heldout = fit.ridge, fit.heldout_error
+            if math.isinf(ridge):
+                note = _join(note, f"{fit.center} fit (held out, least squares did worse)")
+            elif ridge > 0:
+                note = _join(note, f"ridge to {fit.center}")
+            done = (
+                f"cross-validation chose a ridge of {ridge:g} towards the {fit.center} fit "
+                f"(held-out error {heldout:.4g})"
+            )
+        else:
+            weight, bias_delta = lstsq(stats, keep, fit_bias=True)
+            done = "plain least squares may not generalise; reconstruct='lstsq' guards against this"
         if stats.count < unknowns:
             warnings.warn(
                 f"re-fitting '{unit.consumer}' from {stats.count} samples for {unknowns} "
-                "unknowns per output: the fit is under-determined and may not generalise; "
-                "use more calibration images or samples_per_image",
+                f"unknowns per output is under-determined: {done}. More calibration images "
+                "or samples_per_image give a better fit",
                 stacklevel=3,
             )
-        weight, bias_delta = lstsq(stats, keep, fit_bias=True)
         err_after = patch_error(stats, keep, weight, bias_delta)
         if a is not None:  # back from units of the block's sum to the conv's output
             live = a.abs() > 1e-12 * a.abs().max()
@@ -517,8 +560,14 @@ def _prune_one(
         error_after=err_after,
         seconds=time.perf_counter() - t0,
         note=note,
+        ridge=ridge,
+        heldout_error=heldout,
     )
     return keep.cpu(), report
+
+
+def _join(note: str, more: str) -> str:
+    return f"{note}, {more}" if note else more
 
 
 # --------------------------------------------------------------------------- public
@@ -808,13 +857,12 @@ def prune(
                     passes=passes,
                     step=step,
                     timer=timer,
+                    folds=CV_FOLDS if reconstruct == "lstsq" else 1,
                 )
                 passes.drop_targets(step)
                 if ctx is not None:  # sums over every rank's shard
                     with timer("communication"):
-                        count = torch.tensor(float(stats.count), dtype=torch.float64)
-                        ctx.all_reduce_([*stats.tensors(), count], f"statistics of {unit.name}")
-                        stats.count = int(count)
+                        ctx.all_reduce_(stats.tensors(), f"statistics of {unit.name}")
                 t_stats = time.perf_counter() - t0
                 keep, row = _prune_one(
                     unit,

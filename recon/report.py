@@ -70,6 +70,12 @@ def _format_error(x: float) -> str:
     return f"{x:.2e}"
 
 
+def _format_ridge(x: float) -> str:
+    if math.isnan(x):
+        return "-"
+    return "safe" if math.isinf(x) else f"{x:g}"
+
+
 def _same_float(a: float | None, b: float | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -120,6 +126,14 @@ class LayerReport:
         Wall time spent on this unit.
     note : str, default ""
         Anything the user should know, e.g. ``"lstsq->scale (wide linear consumer)"``.
+    ridge : float, default NaN
+        For ``reconstruct="lstsq"``: the ridge strength cross-validation chose, in units
+        of the mean diagonal of the kept-patch Gram (0: plain least squares; ``inf``:
+        the safe fit itself, which held out better than any least-squares fit).
+    heldout_error : float, default NaN
+        For ``reconstruct="lstsq"``: the cross-validated relative error of that fit
+        (each fold of calibration images scored by a fit made on the others), to set
+        beside ``error_after``, which is measured on the images it was fitted to.
 
     Notes
     -----
@@ -136,6 +150,8 @@ class LayerReport:
     error_after: float
     seconds: float
     note: str = ""
+    ridge: float = math.nan
+    heldout_error: float = math.nan
 
     @property
     def kept_fraction(self) -> float:
@@ -161,8 +177,9 @@ class LayerReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of the fields (non-finite errors become ``None``)."""
         d = dataclasses.asdict(self)
-        for key in ("error_before", "error_after", "seconds"):
+        for key in ("error_before", "error_after", "seconds", "heldout_error"):
             d[key] = _json_float(d[key])
+        d["ridge"] = "inf" if d["ridge"] == math.inf else _json_float(d["ridge"])
         return d
 
     @classmethod
@@ -174,8 +191,10 @@ class LayerReport:
                 f"Got {type(d).__name__} instead."
             )
         kwargs = _pick_fields(cls, d, "LayerReport")
-        for key in ("error_before", "error_after", "seconds"):
-            kwargs[key] = _from_json_float(kwargs[key])
+        for key in ("error_before", "error_after", "seconds", "heldout_error", "ridge"):
+            if key in kwargs:  # reports saved before ridge/heldout_error existed lack them
+                value = kwargs[key]
+                kwargs[key] = math.inf if value == "inf" else _from_json_float(value)
         return cls(**kwargs)
 
 
@@ -203,6 +222,8 @@ _COLUMNS = (
     ("kept", True),
     ("err before", True),
     ("err after", True),
+    ("held out", True),
+    ("ridge", True),
     ("time (s)", True),
     ("note", False),
 )
@@ -332,6 +353,8 @@ class Report:
                     "-" if math.isnan(kept) else f"{100 * kept:.1f}%",
                     _format_error(layer.error_before),
                     _format_error(layer.error_after),
+                    _format_error(layer.heldout_error),
+                    _format_ridge(layer.ridge),
                     f"{layer.seconds:.2f}",
                     layer.note,
                 ]

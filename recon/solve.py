@@ -6,21 +6,30 @@ samples, no extra pass over the data. This module sees tensors only.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .stats import PatchStats
 
 __all__ = [
+    "CENTERS",
+    "CV_OUTPUTS",
     "RECONSTRUCT",
+    "RIDGE_GRID",
+    "CVFit",
     "channel_error",
+    "cv_lstsq",
     "kept_taps",
     "lstsq",
     "patch_error",
     "scale",
 ]
 
-RECONSTRUCT = ("lstsq", "scale", "none")
+RECONSTRUCT = ("lstsq", "lstsq_plain", "scale", "none")
 
 
 def kept_taps(keep: Tensor, taps: int) -> Tensor:
@@ -150,3 +159,235 @@ def _relative(err: Tensor | float, yy: Tensor | float) -> float:
     if yy <= 0:
         return 0.0 if abs(err) <= 1e-12 else float("inf")
     return max(err, 0.0) / yy
+
+
+# --------------------------------------------------------------------------- cross-validated
+
+
+#: Ridge strengths tried by :func:`cv_lstsq`, in units of the mean diagonal of the
+#: (centred) kept-patch Gram; ``inf`` is the safe fit itself.
+RIDGE_GRID = (0.0, 0.03, 0.3, 1.0, 3.0, 10.0, 30.0, math.inf)
+#: Centres of the ridge: ThiNet's per-channel scale fit, the original weights sliced.
+CENTERS = ("scale", "original")
+#: The ridge strength is chosen on at most this many of the consumer's outputs.
+CV_OUTPUTS = 32
+
+
+@dataclass
+class CVFit:
+    """What :func:`cv_lstsq` chose, and the re-fit on all the data.
+
+    Attributes
+    ----------
+    weight : Tensor, shape (n, m*k), float64
+    bias_delta : Tensor, shape (n,), float64
+    ridge : float
+        The chosen ``λ`` in units of the mean diagonal of the centred kept-patch Gram
+        (0 is plain least squares, ``inf`` the safe fit itself).
+    center : str
+        The ridge's centre, one of :data:`CENTERS`.
+    heldout_error : float
+        Cross-validated relative error ``Σ_f ‖Y_f − X_f W_{−f}ᵀ − β_{−f}‖² / Σ‖Y‖²`` of
+        the chosen ``(centre, λ)``, over the outputs it was chosen on; NaN with fewer
+        than two non-empty folds.
+    heldout : dict of (str, float) to float
+        The same error for every centre and ``λ`` tried.
+    """
+
+    weight: Tensor
+    bias_delta: Tensor
+    ridge: float
+    center: str
+    heldout_error: float
+    heldout: dict[tuple[str, float], float] = field(default_factory=dict)
+
+
+class _Sums(NamedTuple):
+    """Kept-tap blocks of patch statistics: ``G`` (m, m), ``C`` (m, n), ``s`` (m,),
+    ``t`` (n,), ``yy`` (n,) per output, ``N`` samples."""
+
+    G: Tensor
+    C: Tensor
+    s: Tensor
+    t: Tensor
+    yy: Tensor
+    N: float
+
+
+def _scale_centre(sums: _Sums, w_S: Tensor, taps: int) -> Tensor:
+    """ThiNet's per-channel scale fit of the kept channels' weights ``w_S`` (n, m*k)."""
+    k, n = taps, w_S.shape[0]
+    m = w_S.shape[1] // k
+    A = (sums.G * (w_S.T @ w_S)).reshape(m, k, m, k).sum(dim=(1, 3))
+    b = (sums.C * w_S.T).reshape(m, k, n).sum(dim=(1, 2))
+    eps = 1e-6 * float(A.diagonal().sum()) / max(m, 1) + 1e-12
+    s = _solve_spd(A + eps * torch.eye(m, dtype=A.dtype, device=A.device), b[:, None])[:, 0]
+    return w_S * s.repeat_interleave(k)[None]
+
+
+def _ridge_fits(sums: _Sums, centres: Tensor, grid: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """``min ‖Y − X_S Wᵀ − β‖² + λ‖W − W_c‖²`` for every centre and ``λ`` of ``grid``.
+
+    The intercept ``β`` is not penalised: with ``N`` samples, centred sums
+    ``Ḡ = G − s sᵀ/N`` and ``C̄ = C − s tᵀ/N``, ``(Ḡ + λI) Wᵀ = C̄ + λ W_cᵀ`` and
+    ``β = (t − W s)/N``. ``λ`` is in units of ``Ḡ``'s mean diagonal (plus the tiny
+    stabilising ridge of :func:`lstsq`); ``inf`` gives ``W = W_c``. One Cholesky
+    factorisation per finite ``λ`` (batched) serves every centre.
+
+    Parameters
+    ----------
+    sums : _Sums
+        The fit's data, ``C`` and ``t`` for the outputs being fitted.
+    centres : Tensor, shape (P, n, m)
+    grid : tuple of float, length L
+
+    Returns
+    -------
+    W : Tensor, shape (L, P, n, m)
+    beta : Tensor, shape (L, P, n)
+    """
+    G, C, s, t, N = sums.G, sums.C, sums.s, sums.t, max(sums.N, 1.0)
+    Gc = G - torch.outer(s, s) / N
+    Cc = C - torch.outer(s, t) / N
+    m, n = C.shape
+    P = centres.shape[0]
+    unit = float(Gc.diagonal().sum()) / max(m, 1)
+    eps = 1e-6 * float(G.diagonal().sum()) / max(m, 1) + 1e-12  # as lstsq()
+    W = torch.empty(len(grid), P, n, m, dtype=G.dtype, device=G.device)
+    finite = [i for i, lam in enumerate(grid) if not math.isinf(lam)]
+    for i, lam in enumerate(grid):
+        if math.isinf(lam):
+            W[i] = centres
+    if finite:
+        lam_abs = torch.tensor(
+            [grid[i] * unit + eps for i in finite], dtype=G.dtype, device=G.device
+        )
+        M = Gc + lam_abs[:, None, None] * torch.eye(m, dtype=G.dtype, device=G.device)
+        rhs = torch.cat([Cc, *centres.transpose(1, 2)], dim=1)  # (m, n * (1 + P))
+        L, info = torch.linalg.cholesky_ex(M)  # (F, m, m)
+        if bool((info == 0).all()):
+            X = torch.cholesky_solve(rhs.expand(len(finite), -1, -1), L)
+        else:  # numerically singular: one by one, with the least-squares fallback
+            X = torch.stack([_solve_spd(Mi, rhs) for Mi in M])
+        X = X.reshape(len(finite), m, 1 + P, n)
+        # W = (Ḡ + λI)⁻¹ C̄ + λ (Ḡ + λI)⁻¹ W_cᵀ, for each centre
+        fits = X[:, :, :1] + lam_abs[:, None, None, None] * X[:, :, 1:]  # (F, m, P, n)
+        W[finite] = fits.permute(0, 2, 3, 1)
+    beta = (t - W @ s) / N  # (L, P, n)
+    return W, beta
+
+
+def _sq_errors(sums: _Sums, W: Tensor, beta: Tensor) -> Tensor:
+    """``‖Y − X_S Wᵀ − β‖²`` (absolute) of each fit, from the sums: W (..., n, m)."""
+    err = sums.yy.sum() - 2 * (W * sums.C.T).sum((-2, -1)) + ((W @ sums.G) * W).sum((-2, -1))
+    err = err + 2 * (beta * (W @ sums.s)).sum(-1) - 2 * beta @ sums.t
+    return err + sums.N * (beta * beta).sum(-1)
+
+
+def cv_lstsq(
+    stats: PatchStats,
+    keep: Tensor,
+    weight: Tensor,
+    *,
+    grid: tuple[float, ...] = RIDGE_GRID,
+    centers: tuple[str, ...] = CENTERS,
+    max_outputs: int | None = CV_OUTPUTS,
+) -> CVFit:
+    """Least squares with a ridge towards a safe fit, its strength cross-validated.
+
+    Solves, for every centre ``W_c`` (ThiNet's per-channel scale fit of the kept
+    channels, or their original weights) and every ``λ`` of ``grid``,
+
+    .. math:: \\min_{W, \\beta} \\sum \\|y - W x_S - \\beta\\|^2
+              + \\lambda\\, \\|W - W_c\\|_F^2,
+
+    on every fold's complement (``stats.rest(f)``, the centre fitted there too), scores
+    each fit on the held-out fold (``stats.fold(f)``), and re-fits on all the data with
+    the ``(centre, λ)`` of least summed held-out error. ``λ = 0`` is plain least
+    squares (:func:`lstsq`), ``λ = ∞`` the centre itself (with its intercept re-fitted),
+    so the choice never does worse, held out, than the best of those it was offered.
+    Ties go to the larger ``λ``. With fewer than two non-empty folds there is nothing
+    to hold out: ``λ`` is 0 (the plain fit).
+
+    The choice is made on ``max_outputs`` of the consumer's outputs, evenly spaced
+    (they share the Gram, so they share the over-fitting): the search then costs one
+    Cholesky factorisation of the kept-patch Gram per fold and ``λ``.
+
+    Parameters
+    ----------
+    stats : PatchStats
+        Sums kept per fold (``stats.folds`` >= 2 for cross-validation), ``x`` from the
+        partly pruned network and ``y`` the original output.
+    keep : Tensor, shape (m,)
+        Kept input channels.
+    weight : Tensor, shape (n, c, k) or (n, c, kh, kw)
+        The consumer's current weights, in the units of ``y``.
+    grid : tuple of float
+        Ridge strengths in units of the mean diagonal of the centred kept-patch Gram.
+    centers : tuple of str
+        Any of :data:`CENTERS`.
+    max_outputs : int or None
+        Outputs the choice is made on (None: all).
+
+    Returns
+    -------
+    CVFit
+    """
+    if not centers or any(c not in CENTERS for c in centers):
+        raise ValueError(f"The 'centers' argument must hold some of {CENTERS}. Got {centers!r}.")
+    if not grid or any(not (lam >= 0) for lam in grid):
+        raise ValueError(f"The 'grid' argument must hold ridge strengths >= 0. Got {grid!r}.")
+    centers = tuple(centers)
+    idx = kept_taps(keep.to(stats.G.device), stats.taps)
+    n = weight.shape[0]
+    w_S = weight.reshape(n, stats.channels, stats.taps)[:, keep.to(weight.device)]
+    w_S = w_S.reshape(n, -1).to(stats.G.device, torch.float64)  # (n, m*k)
+    outputs = torch.arange(n, device=w_S.device)
+    if max_outputs is not None and n > max_outputs:
+        outputs = torch.linspace(0, n - 1, max_outputs, device=w_S.device).round().long()
+    # The kept-tap blocks of every fold's sums: (K, m*k, m*k) and so on; then no d×d work.
+    Gf = stats.Gf[:, idx][:, :, idx]
+    Cf, sf, tf, yyf, nf = stats.Cf[:, idx], stats.sf[:, idx], stats.tf, stats.yyf, stats.nf
+
+    def sums(parts: Tensor | slice, out: Tensor | slice = slice(None)) -> _Sums:
+        pick = (lambda x: x[parts].sum(0)) if isinstance(parts, Tensor) else (lambda x: x[parts])
+        return _Sums(
+            pick(Gf), pick(Cf)[:, out], pick(sf), pick(tf)[out], pick(yyf)[out], float(pick(nf))
+        )
+
+    def centres(data: _Sums, names: tuple[str, ...]) -> Tensor:  # (P, n, m*k)
+        made = {"original": w_S}
+        if "scale" in names:
+            made["scale"] = _scale_centre(data, w_S, stats.taps)
+        return torch.stack([made[c] for c in names])
+
+    live = [f for f in range(stats.folds) if float(nf[f]) > 0]
+    heldout: dict[tuple[str, float], float] = {}
+    if len(live) >= 2:
+        total = torch.zeros(len(grid), len(centers), dtype=torch.float64, device=w_S.device)
+        everything = torch.arange(stats.folds, device=w_S.device)
+        for f in live:
+            train = sums(everything[everything != f])
+            sub = train._replace(C=train.C[:, outputs], t=train.t[outputs], yy=train.yy[outputs])
+            W, beta = _ridge_fits(sub, centres(train, centers)[:, outputs], grid)
+            total += _sq_errors(sums(f, outputs), W, beta)
+        yy = float(yyf[:, outputs].sum())
+        for i, lam in enumerate(grid):
+            for j, c in enumerate(centers):
+                heldout[(c, lam)] = _relative(total[i, j], yy)
+        order = {c: i for i, c in enumerate(centers)}
+        # Least error; ties to the larger λ, then to the earlier centre.
+        center, lam = min(heldout, key=lambda key: (heldout[key], -key[1], order[key[0]]))
+    else:
+        center, lam = centers[0], 0.0
+    whole = sums(torch.arange(stats.folds, device=w_S.device))
+    W, beta = _ridge_fits(whole, centres(whole, (center,)), (lam,))
+    w, beta = W[0, 0], beta[0, 0]
+    return CVFit(
+        weight=w.contiguous(),
+        bias_delta=beta.contiguous(),
+        ridge=lam,
+        center=center,
+        heldout_error=heldout.get((center, lam), math.nan),
+        heldout=heldout,
+    )

@@ -24,6 +24,13 @@ __all__ = ["ChannelStats", "PatchStats", "add_gram_", "channel_gram"]
 class PatchStats:
     """Sums over samples of patch ``x`` (length ``d = c*k``) and target ``y`` (length ``n``).
 
+    With ``folds = K > 1`` the samples are split into ``K`` folds (by image, chosen by
+    the caller) and every sum is kept per fold: the totals are the sums over folds,
+    and :meth:`fold` / :meth:`rest` give one fold's sums and the sums of the others,
+    from which held-out errors follow exactly (:func:`recon.solve.cv_lstsq`). Each
+    sample is added to one fold only, so the cost of :meth:`update` does not grow
+    with ``K``; memory is ``K`` Grams.
+
     Attributes
     ----------
     G : Tensor, shape (d, d)
@@ -34,53 +41,151 @@ class PatchStats:
         ``Σ x``.
     t : Tensor, shape (n,)
         ``Σ y``.
-    yy : float
+    yy : Tensor, shape ()
         ``Σ yᵀy``.
+    yy_out : Tensor, shape (n,)
+        ``Σ y∘y``, per output (``yy`` is its sum).
     count : int
         Number of samples.
+    Gf, Cf, sf, tf, yyf, nf : Tensor
+        The same sums per fold, with a leading fold dimension of size ``K``
+        (``nf`` holds the sample counts, as float64).
     """
 
     channels: int
     taps: int
     outputs: int
     device: torch.device | str = "cpu"
-    G: Tensor = field(init=False)
-    C: Tensor = field(init=False)
-    s: Tensor = field(init=False)
-    t: Tensor = field(init=False)
-    yy: Tensor = field(init=False)
-    count: int = field(init=False, default=0)
+    folds: int = 1
+    Gf: Tensor = field(init=False, repr=False)
+    Cf: Tensor = field(init=False, repr=False)
+    sf: Tensor = field(init=False, repr=False)
+    tf: Tensor = field(init=False, repr=False)
+    yyf: Tensor = field(init=False, repr=False)
+    nf: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        d, n = self.channels * self.taps, self.outputs
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 1:
+            raise ValueError(
+                f"The 'folds' argument must be an int >= 1. Got {self.folds!r} instead."
+            )
+        d, n, K = self.channels * self.taps, self.outputs, self.folds
         kw = {"dtype": torch.float64, "device": self.device}
-        self.G = torch.zeros(d, d, **kw)
-        self.C = torch.zeros(d, n, **kw)
-        self.s = torch.zeros(d, **kw)
-        self.t = torch.zeros(n, **kw)
-        self.yy = torch.zeros((), **kw)
+        self.Gf = torch.zeros(K, d, d, **kw)
+        self.Cf = torch.zeros(K, d, n, **kw)
+        self.sf = torch.zeros(K, d, **kw)
+        self.tf = torch.zeros(K, n, **kw)
+        self.yyf = torch.zeros(K, n, **kw)
+        self.nf = torch.zeros(K, **kw)
+        self._totals: dict[str, Tensor] = {}
 
-    def update(self, x: Tensor, y: Tensor) -> None:
-        """Add a batch of samples: ``x`` (N, c*k) patches, ``y`` (N, n) targets."""
-        x = x.to(self.G.device, torch.float64)
-        y = y.to(self.G.device, torch.float64)
-        add_gram_(self.G, x)
-        self.C.addmm_(x.T, y)
-        self.s += x.sum(0)
-        self.t += y.sum(0)
-        self.yy += (y * y).sum()
-        self.count += x.shape[0]
+    # Totals: views of the only fold when K = 1, else sums over folds (cached until the
+    # sums change; ``tensors()`` hands them out for in-place all-reduce, so it clears too).
+    def _total(self, name: str) -> Tensor:
+        per_fold = getattr(self, name + "f")
+        if self.folds == 1:
+            return per_fold[0]
+        if name not in self._totals:
+            self._totals[name] = per_fold.sum(0)
+        return self._totals[name]
+
+    @property
+    def G(self) -> Tensor:
+        return self._total("G")
+
+    @property
+    def C(self) -> Tensor:
+        return self._total("C")
+
+    @property
+    def s(self) -> Tensor:
+        return self._total("s")
+
+    @property
+    def t(self) -> Tensor:
+        return self._total("t")
+
+    @property
+    def yy(self) -> Tensor:
+        return self._total("yy").sum()
+
+    @property
+    def yy_out(self) -> Tensor:
+        return self._total("yy")
+
+    @property
+    def count(self) -> int:
+        return round(float(self.nf.sum()))
+
+    def update(self, x: Tensor, y: Tensor, fold: Tensor | int | None = None) -> None:
+        """Add a batch of samples: ``x`` (N, c*k) patches, ``y`` (N, n) targets.
+
+        ``fold`` is each sample's fold, an int for all of them or a (N,) integer
+        tensor; it may be omitted when there is one fold.
+        """
+        if fold is None:
+            if self.folds > 1:
+                raise ValueError(
+                    f"The 'fold' argument must give each sample's fold (0..{self.folds - 1}) "
+                    "for statistics kept per fold. Got None instead."
+                )
+            fold = 0
+        x = x.to(self.Gf.device, torch.float64)
+        y = y.to(self.Gf.device, torch.float64)
+        self._totals.clear()
+        if isinstance(fold, int):
+            self._add(fold, x, y)
+            return
+        fold = fold.to(x.device)
+        for f in torch.unique(fold).tolist():
+            rows = (fold == f).nonzero()[:, 0]
+            self._add(int(f), x[rows], y[rows])
+
+    def _add(self, f: int, x: Tensor, y: Tensor) -> None:
+        if not 0 <= f < self.folds:
+            raise ValueError(
+                f"The 'fold' argument must be in 0..{self.folds - 1}. Got {f} instead."
+            )
+        add_gram_(self.Gf[f], x)
+        self.Cf[f].addmm_(x.T, y)
+        self.sf[f] += x.sum(0)
+        self.tf[f] += y.sum(0)
+        self.yyf[f] += (y * y).sum(0)
+        self.nf[f] += x.shape[0]
 
     def merge_(self, other: PatchStats) -> PatchStats:
         """Add another accumulator's sums into this one (e.g. from another shard)."""
-        for name in ("G", "C", "s", "t", "yy"):
-            getattr(self, name).add_(getattr(other, name).to(self.G.device))
-        self.count += other.count
+        if other.folds != self.folds:
+            raise ValueError(
+                f"The 'other' argument must have {self.folds} folds. Got {other.folds} instead."
+            )
+        for name in ("Gf", "Cf", "sf", "tf", "yyf", "nf"):
+            getattr(self, name).add_(getattr(other, name).to(self.Gf.device))
+        self._totals.clear()
         return self
 
     def tensors(self) -> list[Tensor]:
-        """The summed tensors, in a fixed order (for all-reduce)."""
-        return [self.G, self.C, self.s, self.t, self.yy]
+        """The summed tensors, per fold, in a fixed order (for in-place all-reduce)."""
+        self._totals.clear()
+        return [self.Gf, self.Cf, self.sf, self.tf, self.yyf, self.nf]
+
+    def fold(self, f: int) -> PatchStats:
+        """Fold ``f``'s sums, as statistics of one fold (views, not copies)."""
+        return self._from_sums([t[f : f + 1] for t in self._per_fold()])
+
+    def rest(self, f: int) -> PatchStats:
+        """The sums of every fold but ``f``, as statistics of one fold."""
+        return self._from_sums([(t.sum(0) - t[f])[None] for t in self._per_fold()])
+
+    def _per_fold(self) -> list[Tensor]:
+        return [self.Gf, self.Cf, self.sf, self.tf, self.yyf, self.nf]
+
+    def _from_sums(self, sums: list[Tensor]) -> PatchStats:
+        out = PatchStats.__new__(PatchStats)
+        out.channels, out.taps, out.outputs = self.channels, self.taps, self.outputs
+        out.device, out.folds, out._totals = self.device, 1, {}
+        out.Gf, out.Cf, out.sf, out.tf, out.yyf, out.nf = sums
+        return out
 
     def channel_problem(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """The channel Gram ``A`` and cross term ``b`` for consumer weight ``weight``.
@@ -162,7 +267,7 @@ class ChannelStats:
     A: Tensor = field(init=False)
     b: Tensor = field(init=False)
     yy: Tensor = field(init=False)
-    count: int = field(init=False, default=0)
+    n: Tensor = field(init=False, repr=False)  # sample count, float64 (for all-reduce)
 
     def __post_init__(self) -> None:
         _, c, _ = self.weight.shape
@@ -171,9 +276,15 @@ class ChannelStats:
         self.A = torch.zeros(c, c, **kw)
         self.b = torch.zeros(c, **kw)
         self.yy = torch.zeros((), **kw)
+        self.n = torch.zeros((), **kw)
 
-    def update(self, x: Tensor, y: Tensor) -> None:
-        """Add samples: ``x`` (N, c*k) inputs, ``y`` (N, n) targets."""
+    @property
+    def count(self) -> int:
+        """Number of samples."""
+        return round(float(self.n))
+
+    def update(self, x: Tensor, y: Tensor, fold: Tensor | int | None = None) -> None:
+        """Add samples: ``x`` (N, c*k) inputs, ``y`` (N, n) targets (``fold`` is ignored)."""
         _, c, k = self.weight.shape
         x = x.to(self.A.device, torch.float64).reshape(-1, c, k)
         y = y.to(self.A.device, torch.float64)
@@ -181,16 +292,16 @@ class ChannelStats:
         self.A += torch.einsum("bin,bjn->ij", z, z)
         self.b += torch.einsum("bin,bn->i", z, y)
         self.yy += (y * y).sum()
-        self.count += x.shape[0]
+        self.n += x.shape[0]
 
     def merge_(self, other: ChannelStats) -> ChannelStats:
-        for name in ("A", "b", "yy"):
+        for name in ("A", "b", "yy", "n"):
             getattr(self, name).add_(getattr(other, name).to(self.A.device))
-        self.count += other.count
         return self
 
     def tensors(self) -> list[Tensor]:
-        return [self.A, self.b, self.yy]
+        """The summed tensors, in a fixed order (for in-place all-reduce)."""
+        return [self.A, self.b, self.yy, self.n]
 
     def channel_problem(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.A, self.b

@@ -289,4 +289,4 @@ def test_all_zero_inputs_give_finite_weights():
 
 
 def test_reconstruct_modes_listed():
-    assert set(RECONSTRUCT) == {"lstsq", "scale", "none"}
+    assert set(RECONSTRUCT) == {"lstsq", "lstsq_plain", "scale", "none"}
