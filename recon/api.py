@@ -627,9 +627,17 @@ def prune(
     method : {"lasso", "thinet", "l1", "max_response", "first_k", "random"}
         Channel selection (He et al. 2017 LASSO, Luo et al. 2017 ThiNet greedy, or a
         baseline).
-    reconstruct : {"lstsq", "scale", "none"}
-        Re-fit the consumer by least squares with its bias, by ThiNet's per-channel
-        scaling, or not at all.
+    reconstruct : {"lstsq", "lstsq_plain", "scale", "none"}
+        Re-fit the consumer. ``"lstsq"``: least squares with its bias and a ridge
+        towards a safe fit (ThiNet's per-channel scaling of the kept channels, or their
+        original weights), the ridge's strength chosen per layer by 4-fold
+        cross-validation over the calibration images (:func:`recon.solve.cv_lstsq`;
+        the statistics are kept per fold, 4 Grams instead of 1), so that a layer with
+        too few samples for its unknowns gets the safe fit rather than an over-fitted
+        one. ``"lstsq_plain"``: plain least squares (the default before the cross-validated
+        fit; it over-fits
+        with few calibration images). ``"scale"``: ThiNet's per-channel scaling.
+        ``"none"``: no re-fit.
     speedup, keep_ratio, channels
         Exactly one target: a FLOPs ratio original/pruned (>= 1); a keep ratio in (0, 1]
         for every unit or a dict unit name -> ratio; or a dict unit name -> channels.
