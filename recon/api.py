@@ -634,10 +634,9 @@ def prune(
         cross-validation over the calibration images (:func:`recon.solve.cv_lstsq`;
         the statistics are kept per fold, 4 Grams instead of 1), so that a layer with
         too few samples for its unknowns gets the safe fit rather than an over-fitted
-        one. ``"lstsq_plain"``: plain least squares (the default before the cross-validated
-        fit; it over-fits
-        with few calibration images). ``"scale"``: ThiNet's per-channel scaling.
-        ``"none"``: no re-fit.
+        one. ``"lstsq_plain"``: plain least squares (the default before the
+        cross-validated fit; it over-fits with few calibration images). ``"scale"``:
+        ThiNet's per-channel scaling. ``"none"``: no re-fit.
     speedup, keep_ratio, channels
         Exactly one target: a FLOPs ratio original/pruned (>= 1); a keep ratio in (0, 1]
         for every unit or a dict unit name -> ratio; or a dict unit name -> channels.
