@@ -214,11 +214,14 @@ class _Sums(NamedTuple):
     N: float
 
 
-def _scale_centre(sums: _Sums, w_S: Tensor, taps: int) -> Tensor:
-    """ThiNet's per-channel scale fit of the kept channels' weights ``w_S`` (n, m*k)."""
+def _scale_centre(sums: _Sums, w_S: Tensor, wtw: Tensor, taps: int) -> Tensor:
+    """ThiNet's per-channel scale fit of the kept channels' weights ``w_S`` (n, m*k).
+
+    ``wtw`` is ``w_Sᵀ w_S`` (the same for every fold: computed once by the caller).
+    """
     k, n = taps, w_S.shape[0]
     m = w_S.shape[1] // k
-    A = (sums.G * (w_S.T @ w_S)).reshape(m, k, m, k).sum(dim=(1, 3))
+    A = (sums.G * wtw).reshape(m, k, m, k).sum(dim=(1, 3))
     b = (sums.C * w_S.T).reshape(m, k, n).sum(dim=(1, 2))
     eps = 1e-6 * float(A.diagonal().sum()) / max(m, 1) + 1e-12
     s = _solve_spd(A + eps * torch.eye(m, dtype=A.dtype, device=A.device), b[:, None])[:, 0]
@@ -358,9 +361,10 @@ def cv_lstsq(
     def centres(data: _Sums, names: tuple[str, ...]) -> Tensor:  # (P, n, m*k)
         made = {"original": w_S}
         if "scale" in names:
-            made["scale"] = _scale_centre(data, w_S, stats.taps)
+            made["scale"] = _scale_centre(data, w_S, wtw, stats.taps)
         return torch.stack([made[c] for c in names])
 
+    wtw = w_S.T @ w_S if "scale" in centers else None  # (m*k, m*k), shared by the folds
     live = [f for f in range(stats.folds) if float(nf[f]) > 0]
     heldout: dict[tuple[str, float], float] = {}
     if len(live) >= 2:
