@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="channels kept per layer (layer = producer conv's qualified name, or "
         "CONV.sampler for a residual branch's sampler layer)",
     )
+    t.add_argument(
+        "--allocation",
+        choices=("uniform", "auto"),
+        default=None,
+        help="how --speedup is split over the layers: one keep ratio for all (uniform, the "
+        "default), or measured from the calibration data (auto: profiles the network "
+        "first, about two more calibration passes)",
+    )
 
     m = p.add_argument_group("method")
     m.add_argument(
@@ -517,6 +525,7 @@ def _prune_command(args: argparse.Namespace) -> int:
         device=args.device,
         cache_bytes=_cache_bytes(args),
         progress=not args.quiet,
+        allocation=args.allocation,
         **target,
     )
     print(result.report)

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LayerReport", "Report", "format_count"]
+__all__ = ["AllocationReport", "AllocationRow", "LayerReport", "Report", "format_count"]
 
 _PREFIXES = ("", "K", "M", "G", "T", "P")
 
@@ -229,6 +229,15 @@ _COLUMNS = (
 )
 
 _BLOCK_COLUMNS = (("block", False), ("output error", True))
+_ALLOC_COLUMNS = (
+    ("unit", False),
+    ("width", True),
+    ("uniform", True),
+    ("chosen", True),
+    ("sensitivity", True),
+    ("cost uniform", True),
+    ("cost chosen", True),
+)
 
 
 def _table(columns: tuple[tuple[str, bool], ...], rows: list[list[str]]) -> list[str]:
@@ -244,6 +253,115 @@ def _table(columns: tuple[tuple[str, bool], ...], rows: list[list[str]]) -> list
         return "  ".join(parts)
 
     return [line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+@dataclass
+class AllocationRow:
+    """How many channels one unit keeps under ``allocation="auto"``, and why.
+
+    Parameters
+    ----------
+    name : str
+        Unit name.
+    width : int
+        Channels before pruning.
+    uniform, chosen : int
+        Channels kept under the uniform split of the target, and the count chosen.
+    sensitivity : float
+        Output error per unit of the layer's relative error (:mod:`recon.profile`).
+    cost_uniform, cost : float
+        Predicted output error of the unit at the uniform and at the chosen count.
+    """
+
+    name: str
+    width: int
+    uniform: int
+    chosen: int
+    sensitivity: float
+    cost_uniform: float
+    cost: float
+
+
+@dataclass
+class AllocationReport:
+    """The channel allocation of a run (``allocation="auto"``).
+
+    Parameters
+    ----------
+    mode : str
+        ``"auto"``.
+    rows : list of AllocationRow
+        One per unit allocated (ignored units are left out), in unit order.
+    images, heldout_images : int
+        Calibration images behind the error curves, and those the sensitivities were
+        measured on.
+    flops_uniform, flops_chosen : float
+        Predicted FLOPs of the uniform split and of the chosen counts.
+    solver : str
+        What :func:`recon.allocate.allocate` used (``"tree dp"``, ...).
+    """
+
+    mode: str
+    rows: list[AllocationRow]
+    images: int
+    heldout_images: int
+    flops_uniform: float
+    flops_chosen: float
+    solver: str
+
+    @property
+    def cost_uniform(self) -> float:
+        """Summed predicted output error of the uniform split."""
+        return sum(r.cost_uniform for r in self.rows)
+
+    @property
+    def cost(self) -> float:
+        """Summed predicted output error of the chosen counts."""
+        return sum(r.cost for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for row in d["rows"]:
+            for key in ("sensitivity", "cost_uniform", "cost"):
+                row[key] = _json_float(row[key])
+        for key in ("flops_uniform", "flops_chosen"):
+            d[key] = _json_float(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AllocationReport:
+        kwargs = _pick_fields(cls, d, "AllocationReport")
+        rows = []
+        for r in kwargs["rows"]:
+            row = _pick_fields(AllocationRow, r, "AllocationRow")
+            for key in ("sensitivity", "cost_uniform", "cost"):
+                row[key] = _from_json_float(row[key])
+            rows.append(AllocationRow(**row))
+        kwargs["rows"] = rows
+        for key in ("flops_uniform", "flops_chosen"):
+            kwargs[key] = _from_json_float(kwargs[key])
+        return cls(**kwargs)
+
+    def to_text(self) -> list[str]:
+        rows = [
+            [
+                r.name,
+                str(r.width),
+                str(r.uniform),
+                str(r.chosen),
+                f"{r.sensitivity:.3g}",
+                _format_error(r.cost_uniform),
+                _format_error(r.cost),
+            ]
+            for r in self.rows
+        ]
+        lines = _table(_ALLOC_COLUMNS, rows)
+        lines.append(
+            f"allocation ({self.mode}, {self.solver}): predicted output error "
+            f"{_format_error(self.cost_uniform)} uniform -> {_format_error(self.cost)} chosen; "
+            f"profile of {self.images} images, sensitivities on {self.heldout_images}"
+        )
+        return lines
 
 
 @dataclass(eq=False)
@@ -279,7 +397,12 @@ class Report:
         and accumulating the float64 statistics), ``select``, ``solve`` (re-fitting and
         errors), ``surgery`` and ``other`` (checks, tracing, FLOPs counting). They add up
         to ``seconds``. On CUDA, kernels are charged to the phase that waits for them
-        unless ``recon._timing.SYNCHRONIZE`` is set (``recon bench`` sets it).
+        unless ``recon._timing.SYNCHRONIZE`` is set (``recon bench`` sets it). With
+        ``allocation="auto"``, ``profile`` is the time spent profiling and allocating.
+    allocation : AllocationReport or None, default None
+        The channel allocation of an ``allocation="auto"`` run: per unit, channels under
+        the uniform split and chosen, and their predicted cost. Shown as a table by
+        :meth:`to_text`.
 
     Examples
     --------
@@ -304,6 +427,7 @@ class Report:
     output_error: float | None = None
     blocks: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
+    allocation: AllocationReport | None = None
 
     @property
     def speedup(self) -> float:
@@ -374,6 +498,9 @@ class Report:
             rows = [[name, _format_error(err)] for name, err in self.blocks.items()]
             lines.append("")
             lines.extend(_table(_BLOCK_COLUMNS, rows))
+        if self.allocation is not None:
+            lines.append("")
+            lines.extend(self.allocation.to_text())
         lines.append("")
         lines.extend(self._totals())
         return "\n".join(lines)
@@ -435,6 +562,7 @@ class Report:
             "blocks": {name: _json_float(err) for name, err in self.blocks.items()},
             "phases": {name: _json_float(sec) for name, sec in self.phases.items()},
             "speedup": _json_float(self.speedup),
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
         }
 
     @classmethod
@@ -445,8 +573,8 @@ class Report:
         ----------
         d : dict
             As written by :meth:`to_dict`; keys that are not fields are ignored, and
-            a missing ``"blocks"`` or ``"phases"`` (reports saved before they existed)
-            means none.
+            a missing ``"blocks"``, ``"phases"`` or ``"allocation"`` (reports saved
+            before they existed) means none.
 
         Returns
         -------
@@ -464,6 +592,8 @@ class Report:
         kwargs["blocks"] = {str(name): _from_json_float(err) for name, err in blocks.items()}
         phases = kwargs.get("phases") or {}
         kwargs["phases"] = {str(name): _from_json_float(sec) for name, sec in phases.items()}
+        if kwargs.get("allocation") is not None:  # absent from reports saved before it
+            kwargs["allocation"] = AllocationReport.from_dict(kwargs["allocation"])
         return cls(**kwargs)
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:

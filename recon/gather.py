@@ -1,0 +1,214 @@
+"""The statistics of one unit over the calibration passes (:class:`recon.passes.Passes`).
+
+For a unit, the consumer's input patches ``x`` at the sampled positions (from the
+network given as "pruned") and its output ``y`` (from the original) are summed into
+float64 statistics (:mod:`recon.stats`): patch Grams when the patch is short enough,
+channel-level Grams otherwise, kept per fold of images for the cross-validated re-fit.
+This module sees traced graphs, modules and tensors; it knows nothing of selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from ._progress import progress_bar
+from ._timing import PhaseTimer
+from .graph import Unit, _node_of
+from .layers import SampledConv2d
+from .passes import Passes
+from .sampling import _mix, gather_patches, gather_targets
+from .stats import ChannelStats, PatchStats
+
+__all__ = ["CV_FOLDS", "MAX_PATCH_DIM"]
+
+#: Consumers whose patch length ``c*k`` exceeds this use channel-level statistics
+#: (a ``c × c`` Gram) instead of a ``(c*k)²`` patch Gram; ``lstsq`` then becomes ``scale``.
+MAX_PATCH_DIM = 6144
+_ROWS_PER_UPDATE = 4096  # bound the float64 copy of a batch's patches
+#: Folds (by image) of the statistics behind the cross-validated re-fit.
+CV_FOLDS = 4
+_FOLD_KEY = 0xF01D  # mixed into the seed of each image's fold
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        return tuple(conv._reversed_padding_repeated_twice)  # (left, right, top, bottom)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
+    """Per-channel factor ``a`` of an eval-mode BatchNorm ``a * z + d``, in float64."""
+    a = (bn.running_var.double() + bn.eps).rsqrt()
+    return a * bn.weight.detach().double() if bn.affine else a
+
+
+@dataclass
+class _Target:
+    """The block-sum target of a residual branch's last conv (He et al.).
+
+    The block computes ``a * z + d + shortcut``; re-fitting the conv's output ``z`` to
+    ``a * y + shortcut - shortcut'`` (original conv output ``y``, original and pruned
+    shortcuts) in units of the block's sum reconstructs the sum, not the branch alone.
+    """
+
+    shortcut: str  # fx node name of the shortcut operand of the add
+    scale: Tensor  # (n,) float64: a, the BatchNorm's per-channel factor (ones if none)
+
+
+class _Rows:
+    """Feeds samples to patch statistics in blocks of about ``_ROWS_PER_UPDATE`` rows.
+
+    Small batches are joined into one float64 Gram update (fewer, larger BLAS calls);
+    the grouping depends only on the batch sizes, so it is the same on every path.
+    """
+
+    def __init__(self, stats: PatchStats | ChannelStats) -> None:
+        self.stats = stats
+        # ChannelStats expand each row to (c, n) contributions: never join those.
+        self.rows = _ROWS_PER_UPDATE if isinstance(stats, PatchStats) else 0
+        self.xs: list[Tensor] = []
+        self.ys: list[Tensor] = []
+        self.fs: list[Tensor] = []
+        self.count = 0
+
+    def add(self, x: Tensor, y: Tensor, fold: Tensor | None = None, per_image: int = 1) -> None:
+        """Queue samples ``x`` (R, d), ``y`` (R, n), ``per_image`` rows per image in
+        order, and the fold of each image (None: one fold)."""
+        self.xs.append(x)
+        self.ys.append(y)
+        if fold is not None:
+            self.fs.append(fold.repeat_interleave(per_image))
+        self.count += x.shape[0]
+        if self.count >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.xs:
+            return
+        x = self.xs[0] if len(self.xs) == 1 else torch.cat(self.xs)
+        y = self.ys[0] if len(self.ys) == 1 else torch.cat(self.ys)
+        f = None if not self.fs else self.fs[0] if len(self.fs) == 1 else torch.cat(self.fs)
+        self.xs, self.ys, self.fs, self.count = [], [], [], 0
+        step = _ROWS_PER_UPDATE
+        folds = getattr(self.stats, "folds", 1)
+        for i in range(0, x.shape[0], step):
+            if f is None or folds == 1:
+                self.stats.update(x[i : i + step], y[i : i + step])
+            else:
+                self.stats.update(x[i : i + step], y[i : i + step], f[i : i + step])
+
+
+def _image_folds(first: int, count: int, folds: int, seed: int) -> Tensor:
+    """The fold of each of ``count`` images from global index ``first``: (count,) int64.
+
+    A seeded hash of the image's global index, so a fold holds the same images
+    whatever the batch size, the layer or the number of processes.
+    """
+    return torch.tensor(
+        [_mix(seed, _FOLD_KEY, first + i) % folds for i in range(count)], dtype=torch.int64
+    )
+
+
+def _accumulate(
+    unit: Unit,
+    gm_o: fx.GraphModule,
+    gm_p: fx.GraphModule,
+    batches: list[Tensor],
+    *,
+    target: _Target | None,
+    samples_per_image: int | None,
+    seed: int,
+    progress: bool,
+    passes: Passes | None = None,
+    step: int = 0,
+    timer: PhaseTimer | None = None,
+    folds: int = 1,
+) -> PatchStats | ChannelStats:
+    """One pass over the calibration set: X from the pruned net, Y from the original.
+
+    ``passes`` (:class:`recon.passes.Passes`) supplies the original network's targets
+    and runs the pruned network from its boundary cache, ``step`` being the unit's
+    place in its list; without it, both networks run from the input for this unit.
+    With ``folds > 1`` the patch statistics are kept per fold of images
+    (:func:`_image_folds`), for the cross-validated re-fit.
+    """
+    timer = timer or PhaseTimer()
+    if passes is None:
+        shortcut = None if target is None else target.shortcut
+        passes = Passes(
+            gm_o,
+            gm_p,
+            batches,
+            [unit],
+            {unit.name: shortcut},
+            [],
+            samples_per_image=samples_per_image,
+            seed=seed,
+            cache_bytes=0,
+            final=False,
+            timer=timer,
+        )
+        step = 0
+    consumer = gm_p.get_submodule(unit.consumer)
+    weight = consumer.weight.detach()
+    n = weight.shape[0]
+    c, k = unit.width, unit.taps
+    device = weight.device
+    if c * k <= MAX_PATCH_DIM:
+        stats: PatchStats | ChannelStats = PatchStats(c, k, n, device=device, folds=folds)
+    else:
+        w = weight.reshape(n, c, k)
+        if target is not None:
+            w = w * target.scale.to(device, w.dtype)[:, None, None]
+        stats = ChannelStats(w, device=device)
+    in_node = _node_of(gm_p, unit.consumer).args[0].name
+    rows = _Rows(stats)
+    bar = progress_bar(
+        batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch", log="none"
+    )
+    for b, _ in enumerate(bar):
+        orig = passes.original(step, b)
+        got: dict[str, Tensor] = {}
+
+        def on_input(x: Tensor, orig=orig, got=got) -> None:
+            with timer("stats"):
+                x = x.detach()
+                if isinstance(consumer, SampledConv2d):
+                    x = consumer.sampler(x)
+                if unit.consumer_kind == "conv":
+                    got["x"] = gather_patches(
+                        x,
+                        orig.positions,
+                        kernel_size=consumer.kernel_size,
+                        stride=consumer.stride,
+                        padding=_conv_padding(consumer),
+                        dilation=consumer.dilation,
+                        out_width=orig.width,
+                    )
+                else:  # a copy: later in-place ops in the graph cannot change it
+                    got["x"] = x.reshape(x.shape[0], -1).clone()
+
+        def on_shortcut(v: Tensor, orig=orig, got=got) -> None:
+            with timer("stats"):
+                got["sc"] = gather_targets(v.detach(), orig.positions)
+
+        watch = [(in_node, on_input)]
+        if target is not None:
+            watch.append((target.shortcut, on_shortcut))
+        passes.pruned(step, b, watch)
+        with timer("stats"):
+            y = orig.y
+            if target is not None:
+                y = y * target.scale.to(y.device, y.dtype) + (orig.shortcut - got["sc"])
+            images = batches[b].shape[0]
+            fold = _image_folds(passes.offsets[b], images, folds, seed) if folds > 1 else None
+            rows.add(got["x"], y, fold, got["x"].shape[0] // images)
+    with timer("stats"):
+        rows.flush()
+    return stats

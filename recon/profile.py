@@ -1,0 +1,272 @@
+"""What keeping ``k`` channels of each unit costs on the network's output: the profile.
+
+``recon.prune(..., allocation="auto")`` chooses the channel counts from this profile
+(:func:`recon.allocate.allocate`). For every unit to be allocated:
+
+1. **Layer error curve.** One pass of the *original* network over the calibration
+   images (:class:`recon.passes.Passes`, both sides the original: about two forward
+   passes in all) gives the unit's consumer statistics. From them come the channel
+   problem ``A, b``, the method's nested order (:func:`recon.select.channel_order`)
+   and the relative error ``e_u(k)`` of the consumer's output when only the first
+   ``k`` channels of the order are kept and the consumer is re-fitted as
+   ``reconstruct`` does, for every allowed ``k`` (:func:`recon.allocate.count_grid`):
+   :func:`~recon.allocate.lstsq_error_curve` for the least-squares modes,
+   :func:`~recon.allocate.scale_error_curve` for ``"scale"`` and for consumers too
+   wide for patch statistics, and the error of the original weights for ``"none"``.
+2. **Sensitivity.** A layer's error is not comparable across layers. The unit alone
+   is pruned at its *probe* count ``p_u`` (the uniform count, or fewer channels if the
+   layer loses almost nothing there) in a copy of the original network, with the
+   re-fit of step 1, and the relative output error ``o_u = ‖f'(x) − f(x)‖² / ‖f(x)‖²``
+   is measured on ``HELDOUT_IMAGES`` calibration images that step 1 did not see.
+   ``s_u = o_u / e_u(p_u)``.
+3. **Cost.** ``c_u(k) = s_u · e_u(k)``: the predicted output error of keeping ``k``
+   channels, assuming it is proportional to the layer's error and that the units'
+   errors add.
+
+This module sees the original network, its trace and the calibration batches; it
+changes neither (the probes prune copies).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from . import distributed as _dist
+from ._progress import progress_bar
+from ._timing import PhaseTimer
+from .allocate import count_grid, lstsq_error_curve, scale_error_curve
+from .gather import _accumulate
+from .graph import Unit
+from .passes import Passes
+from .sampling import _mix, layer_key
+from .select import channel_order
+from .solve import lstsq, scale
+from .stats import ChannelStats, PatchStats
+from .surgery import prune_unit
+
+__all__ = ["HELDOUT_IMAGES", "Profile", "UnitProfile", "profile_units"]
+
+#: Calibration images kept out of the statistics to measure each unit's sensitivity.
+HELDOUT_IMAGES = 64
+#: A probe moves to fewer channels until the layer's error is at least this.
+MIN_PROBE_ERROR = 1e-4
+
+
+@dataclass(frozen=True)
+class UnitProfile:
+    """One unit's predicted cost of keeping each allowed count.
+
+    Attributes
+    ----------
+    counts : Tensor, shape (m,), int64
+        The counts the unit may keep (:func:`recon.allocate.count_grid`).
+    layer_error : Tensor, shape (m,), float64
+        Relative error of the consumer's output at each count, re-fitted.
+    probe : int
+        The count at which the sensitivity was measured.
+    output_error : float
+        Relative output error of the network with this unit alone pruned to ``probe``.
+    sensitivity : float
+        ``output_error / layer_error`` at the probe.
+    """
+
+    counts: Tensor
+    layer_error: Tensor
+    probe: int
+    output_error: float
+    sensitivity: float
+
+    @property
+    def cost(self) -> Tensor:
+        """Predicted output error at each count: ``sensitivity * layer_error``."""
+        return self.sensitivity * self.layer_error
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The profile of a network's units: :class:`UnitProfile` per unit name.
+
+    Attributes
+    ----------
+    units : dict of str to UnitProfile
+    images : int
+        Calibration images behind the statistics (over every process).
+    heldout : int
+        Images the sensitivities were measured on (over every process).
+    """
+
+    units: dict[str, UnitProfile]
+    images: int
+    heldout: int
+
+    def curves(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{unit: (counts, costs)}``, as :func:`recon.allocate.allocate` takes them."""
+        return {name: (p.counts, p.cost) for name, p in self.units.items()}
+
+
+def _split(batches: list[Tensor], offsets: list[int], held: int):
+    """The batches without their last ``held`` images (and offsets), and those images."""
+    fit, fit_offsets, tail = [], [], []
+    left = sum(b.shape[0] for b in batches) - held
+    for b, off in zip(batches, offsets, strict=True):
+        n = min(b.shape[0], max(left, 0))
+        if n:
+            fit.append(b[:n])
+            fit_offsets.append(off)
+        if n < b.shape[0]:
+            tail.append(b[n:])
+        left -= b.shape[0]
+    return fit, fit_offsets, torch.cat(tail) if tail else batches[0][:0]
+
+
+def _order(unit: Unit, A: Tensor, b: Tensor, w_cons: Tensor, original: nn.Module, method, seed):
+    scores = None
+    if method == "l1" and unit.producer is not None:
+        producer = original.get_submodule(unit.producer)
+        scores = producer.weight.detach().abs().reshape(unit.width, -1).sum(1)
+    elif method in ("l1", "max_response"):
+        scores = w_cons.abs().sum(dim=(0, 2), dtype=torch.float64)
+    return channel_order(
+        method, A=A, b=b, scores=scores, width=unit.width, seed=_mix(seed, layer_key(unit.name))
+    ).to(A.device)
+
+
+def _curve(stats, A, b, order, counts, mode: str) -> Tensor:
+    """Relative layer error at each count (see the module docstring)."""
+    if mode in ("lstsq", "lstsq_plain") and isinstance(stats, PatchStats):
+        return lstsq_error_curve(stats, order, counts)
+    if mode != "none":
+        return scale_error_curve(A, b, stats.yy, order, counts)
+    # Original weights: ‖Y‖² − 2 Σ_S b + Σ_{S×S} A for each prefix S of the order.
+    P = A[order][:, order]
+    block = P.cumsum(0).cumsum(1).diagonal()  # (c,) sums of the leading k × k blocks
+    err = float(stats.yy) - 2 * b[order].cumsum(0) + block
+    yy = float(stats.yy)
+    rel = (err / yy).clamp_min(0) if yy > 0 else torch.zeros_like(err)
+    return rel[counts.to(rel.device) - 1].to(torch.float64)
+
+
+def _probe_fit(stats, A, b, keep: Tensor, w_cons: Tensor, mode: str):
+    """The consumer's re-fitted weight and bias change for ``keep``, as the curve assumes."""
+    if mode in ("lstsq", "lstsq_plain") and isinstance(stats, PatchStats):
+        return lstsq(stats, keep, fit_bias=True)
+    if mode == "none":
+        return None, None
+    s = scale(A, b, keep)
+    return w_cons[:, keep.to(w_cons.device)].double() * s.to(w_cons.device)[None, :, None], None
+
+
+def _probe_count(counts: Tensor, err: Tensor, uniform: int) -> int:
+    """The uniform count, or the largest smaller count where the layer loses enough."""
+    ok = (counts <= uniform) & (err.to(counts.device) >= MIN_PROBE_ERROR)
+    if bool(ok.any()):
+        return int(counts[ok].max())
+    return int(counts[0])
+
+
+def _output_error(model: nn.Module, x: Tensor, ref: Tensor) -> list[float]:
+    out = model(x)
+    if not isinstance(out, Tensor):
+        raise TypeError("allocation='auto' needs a model whose output is one tensor")
+    return [float(((out.double() - ref) ** 2).sum()), float((ref**2).sum())]
+
+
+def profile_units(
+    original: nn.Module,
+    gm_o: fx.GraphModule,
+    units: Sequence[Unit],
+    batches: list[Tensor],
+    offsets: list[int],
+    uniform: dict[str, int],
+    *,
+    method: str,
+    reconstruct: str,
+    round_to: int,
+    samples_per_image: int | None,
+    seed: int,
+    cache_bytes: int,
+    ctx: _dist.Context | None = None,
+    show: bool = False,
+) -> Profile:
+    """Profile ``units`` of the (eval-mode) ``original`` network; see the module docstring.
+
+    ``uniform`` gives each unit's uniform count (its probe unless the layer loses less
+    than ``MIN_PROBE_ERROR`` there). In a distributed run the statistics and the output
+    errors are summed over ranks, so every rank computes the same profile.
+    """
+    total = sum(b.shape[0] for b in batches)
+    held = min(HELDOUT_IMAGES, total // 5)
+    fit, fit_offsets, x_held = _split(batches, offsets, held)
+    if held == 0:  # too few images to hold any out: measure on the statistics' images
+        x_held = torch.cat(batches)[:HELDOUT_IMAGES]
+    timer = PhaseTimer()  # the caller charges all of it to "profile"
+    with torch.no_grad():
+        ref = original(x_held).double() if len(x_held) else None
+        passes = Passes(
+            gm_o, gm_o, fit, list(units), {u.name: None for u in units}, [],
+            samples_per_image=samples_per_image, seed=seed, cache_bytes=cache_bytes,
+            final=False, timer=timer, image_offsets=fit_offsets,
+        )  # fmt: skip
+        out: dict[str, UnitProfile] = {}
+        bar = progress_bar(units, desc="profile", disable=not show, unit="layer", log="each")
+        for step, unit in enumerate(bar):
+            stats = _accumulate(
+                unit, gm_o, gm_o, fit, target=None, samples_per_image=samples_per_image,
+                seed=seed, progress=False, passes=passes, step=step, timer=timer,
+            )  # fmt: skip
+            passes.drop_targets(step)
+            if ctx is not None:
+                ctx.all_reduce_(stats.tensors(), f"profile of {unit.name}")
+            out[unit.name] = _profile_one(
+                unit, stats, original, x_held, ref, uniform[unit.name],
+                method=method, reconstruct=reconstruct, round_to=round_to, seed=seed, ctx=ctx,
+            )  # fmt: skip
+            del stats
+        del passes
+    images = total - held
+    if ctx is not None:
+        images, held = (int(v) for v in ctx.sum([images, held], "profile image counts"))
+    return Profile(out, images, held)
+
+
+def _profile_one(
+    unit: Unit,
+    stats: PatchStats | ChannelStats,
+    original: nn.Module,
+    x_held: Tensor,
+    ref: Tensor | None,
+    uniform: int,
+    *,
+    method: str,
+    reconstruct: str,
+    round_to: int,
+    seed: int,
+    ctx: _dist.Context | None,
+) -> UnitProfile:
+    consumer = original.get_submodule(unit.consumer)
+    n = consumer.weight.shape[0]
+    w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
+    A, b = stats.channel_problem(w_cons)
+    order = _order(unit, A, b, w_cons, original, method, seed)
+    counts = count_grid(unit.width, round_to)
+    err = _curve(stats, A, b, order, counts, reconstruct).cpu()
+    probe = _probe_count(counts, err, uniform)
+    sums = [0.0, 0.0]
+    if probe < unit.width and ref is not None:
+        keep = order[:probe].sort().values
+        weight, bias_delta = _probe_fit(stats, A, b, keep, w_cons, reconstruct)
+        net = copy.deepcopy(original)
+        prune_unit(net, unit, keep.cpu(), weight=weight, bias_delta=bias_delta)
+        sums = _output_error(net, x_held, ref)
+        del net
+    if ctx is not None:
+        sums = ctx.sum(sums, f"sensitivity of {unit.name}")
+    output_error = sums[0] / sums[1] if sums[1] > 0 else 0.0
+    at_probe = float(err[counts == probe][0])
+    sensitivity = output_error / at_probe if at_probe > 0 else 0.0
+    return UnitProfile(counts, err, probe, output_error, sensitivity)
