@@ -170,7 +170,7 @@ RIDGE_GRID = (0.0, 0.03, 0.3, 1.0, 3.0, 10.0, 30.0, math.inf)
 #: Centres of the ridge: ThiNet's per-channel scale fit, the original weights sliced.
 CENTERS = ("scale", "original")
 #: The ridge strength is chosen on at most this many of the consumer's outputs.
-CV_OUTPUTS = 32
+CV_OUTPUTS = 16
 
 
 @dataclass

@@ -57,7 +57,6 @@ class PatchStats:
     outputs: int
     device: torch.device | str = "cpu"
     folds: int = 1
-    Gf: Tensor = field(init=False, repr=False)
     Cf: Tensor = field(init=False, repr=False)
     sf: Tensor = field(init=False, repr=False)
     tf: Tensor = field(init=False, repr=False)
@@ -71,13 +70,27 @@ class PatchStats:
             )
         d, n, K = self.channels * self.taps, self.outputs, self.folds
         kw = {"dtype": torch.float64, "device": self.device}
-        self.Gf = torch.zeros(K, d, d, **kw)
+        self._Gf = torch.zeros(K, d, d, **kw)  # lower triangles of folds in _dirty
+        self._dirty: set[int] = set()
         self.Cf = torch.zeros(K, d, n, **kw)
         self.sf = torch.zeros(K, d, **kw)
         self.tf = torch.zeros(K, n, **kw)
         self.yyf = torch.zeros(K, n, **kw)
         self.nf = torch.zeros(K, **kw)
         self._totals: dict[str, Tensor] = {}
+
+    @property
+    def Gf(self) -> Tensor:
+        """``Σ x xᵀ`` per fold, (K, d, d); mirrors the triangles updated since last read."""
+        for f in sorted(self._dirty):
+            G = self._Gf[f]
+            G.copy_(G.tril() + G.tril(-1).T)
+        self._dirty.clear()
+        return self._Gf
+
+    @Gf.setter
+    def Gf(self, value: Tensor) -> None:
+        self._Gf, self._dirty = value, set()
 
     # Totals: views of the only fold when K = 1, else sums over folds (cached until the
     # sums change; ``tensors()`` hands them out for in-place all-reduce, so it clears too).
@@ -130,23 +143,34 @@ class PatchStats:
                     "for statistics kept per fold. Got None instead."
                 )
             fold = 0
-        x = x.to(self.Gf.device, torch.float64)
-        y = y.to(self.Gf.device, torch.float64)
+        x = x.to(self._Gf.device, torch.float64)
+        y = y.to(self._Gf.device, torch.float64)
         self._totals.clear()
         if isinstance(fold, int):
             self._add(fold, x, y)
             return
         fold = fold.to(x.device)
-        for f in torch.unique(fold).tolist():
-            rows = (fold == f).nonzero()[:, 0]
-            self._add(int(f), x[rows], y[rows])
+        if fold.numel() and (int(fold.min()) < 0 or int(fold.max()) >= self.folds):
+            bad = int(fold.min()) if int(fold.min()) < 0 else int(fold.max())
+            raise ValueError(
+                f"The 'fold' argument must be in 0..{self.folds - 1}. Got {bad} instead."
+            )
+        order = torch.argsort(fold, stable=True)  # one gather, then a slice per fold
+        x, y = x[order], y[order]
+        counts = torch.bincount(fold, minlength=self.folds).tolist()
+        start = 0
+        for f, count in enumerate(counts):
+            if count:
+                self._add(f, x[start : start + count], y[start : start + count])
+            start += count
 
     def _add(self, f: int, x: Tensor, y: Tensor) -> None:
         if not 0 <= f < self.folds:
             raise ValueError(
                 f"The 'fold' argument must be in 0..{self.folds - 1}. Got {f} instead."
             )
-        add_gram_(self.Gf[f], x)
+        add_gram_(self._Gf[f], x, mirror=False)
+        self._dirty.add(f)
         self.Cf[f].addmm_(x.T, y)
         self.sf[f] += x.sum(0)
         self.tf[f] += y.sum(0)
@@ -183,7 +207,7 @@ class PatchStats:
     def _from_sums(self, sums: list[Tensor]) -> PatchStats:
         out = PatchStats.__new__(PatchStats)
         out.channels, out.taps, out.outputs = self.channels, self.taps, self.outputs
-        out.device, out.folds, out._totals = self.device, 1, {}
+        out.device, out.folds, out._totals, out._dirty = self.device, 1, {}, set()
         out.Gf, out.Cf, out.sf, out.tf, out.yyf, out.nf = sums
         return out
 
@@ -195,12 +219,13 @@ class PatchStats:
         return channel_gram(self.G, self.C, weight)
 
 
-def add_gram_(G: Tensor, x: Tensor) -> Tensor:
+def add_gram_(G: Tensor, x: Tensor, *, mirror: bool = True) -> Tensor:
     """``G += xᵀx`` in place, for a symmetric float64 ``G`` (d, d) and ``x`` (N, d).
 
     On the CPU this is a BLAS symmetric rank-k update (``dsyrk``): half the
     multiply-adds of a general product, since only one triangle is computed; the other
-    is mirrored from it. Elsewhere (CUDA) it is ``G.addmm_(x.T, x)``.
+    is mirrored from it (``mirror=False`` leaves that to the caller: only the lower
+    triangle is then up to date). Elsewhere (CUDA) it is ``G.addmm_(x.T, x)``.
     """
     if G.device.type != "cpu" or G.dtype != torch.float64 or not G.is_contiguous():
         return G.addmm_(x.T, x)
@@ -210,7 +235,8 @@ def add_gram_(G: Tensor, x: Tensor) -> Tensor:
     # that view's upper triangle, i.e. to G's lower one, which is then mirrored.
     g = G.numpy().T  # (d, d), Fortran order: a view, updated in place
     scipy.linalg.blas.dsyrk(1.0, x.detach().numpy().T, beta=1.0, c=g, trans=0, overwrite_c=1)
-    G.copy_(G.tril() + G.tril(-1).T)
+    if mirror:
+        G.copy_(G.tril() + G.tril(-1).T)
     return G
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import recon
-from recon.api import _image_folds
+from recon.gather import _image_folds
 from recon.report import LayerReport, Report
 from recon.solve import cv_lstsq, kept_taps, lstsq, patch_error
 from recon.stats import PatchStats
