@@ -18,8 +18,10 @@ from .stats import PatchStats
 __all__ = [
     "CENTERS",
     "CV_OUTPUTS",
+    "CV_WIDE",
     "RECONSTRUCT",
     "RIDGE_GRID",
+    "RIDGE_GRID_WIDE",
     "CVFit",
     "channel_error",
     "cv_lstsq",
@@ -167,6 +169,10 @@ def _relative(err: Tensor | float, yy: Tensor | float) -> float:
 #: Ridge strengths tried by :func:`cv_lstsq`, in units of the mean diagonal of the
 #: (centred) kept-patch Gram; ``inf`` is the safe fit itself.
 RIDGE_GRID = (0.0, 0.03, 0.3, 1.0, 3.0, 10.0, 30.0, math.inf)
+#: The grid for wide layers (more than :data:`CV_WIDE` kept taps), where each
+#: Cholesky factorisation is costly: decades only.
+RIDGE_GRID_WIDE = (0.0, 0.1, 1.0, 10.0, math.inf)
+CV_WIDE = 1024
 #: Centres of the ridge: ThiNet's per-channel scale fit, the original weights sliced.
 CENTERS = ("scale", "original")
 #: The ridge strength is chosen on at most this many of the consumer's outputs.
@@ -292,7 +298,7 @@ def cv_lstsq(
     keep: Tensor,
     weight: Tensor,
     *,
-    grid: tuple[float, ...] = RIDGE_GRID,
+    grid: tuple[float, ...] | None = None,
     centers: tuple[str, ...] = CENTERS,
     max_outputs: int | None = CV_OUTPUTS,
 ) -> CVFit:
@@ -325,8 +331,11 @@ def cv_lstsq(
         Kept input channels.
     weight : Tensor, shape (n, c, k) or (n, c, kh, kw)
         The consumer's current weights, in the units of ``y``.
-    grid : tuple of float
+    grid : tuple of float, optional
         Ridge strengths in units of the mean diagonal of the centred kept-patch Gram.
+        Default :data:`RIDGE_GRID`, or :data:`RIDGE_GRID_WIDE` above :data:`CV_WIDE`
+        kept taps; ``λ = 0`` is left out when the training folds have fewer samples
+        than there are unknowns (it interpolates them, and costs a factorisation).
     centers : tuple of str
         Any of :data:`CENTERS`.
     max_outputs : int or None
@@ -338,6 +347,11 @@ def cv_lstsq(
     """
     if not centers or any(c not in CENTERS for c in centers):
         raise ValueError(f"The 'centers' argument must hold some of {CENTERS}. Got {centers!r}.")
+    m_taps = int(keep.numel()) * stats.taps
+    if grid is None:
+        grid = RIDGE_GRID if m_taps <= CV_WIDE else RIDGE_GRID_WIDE
+        if stats.count * (stats.folds - 1) / max(stats.folds, 1) < m_taps + 1:
+            grid = tuple(lam for lam in grid if lam > 0)
     if not grid or any(not (lam >= 0) for lam in grid):
         raise ValueError(f"The 'grid' argument must hold ridge strengths >= 0. Got {grid!r}.")
     centers = tuple(centers)

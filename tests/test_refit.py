@@ -11,7 +11,7 @@ import torch
 import recon
 from recon.gather import _image_folds
 from recon.report import LayerReport, Report
-from recon.solve import cv_lstsq, kept_taps, lstsq, patch_error
+from recon.solve import RIDGE_GRID, cv_lstsq, kept_taps, lstsq, patch_error
 from recon.stats import PatchStats
 
 
@@ -158,8 +158,9 @@ def test_underdetermined_noisy_data_choose_a_large_ridge_that_generalises():
     w0 = W + 0.1 * torch.randn(
         W.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64
     )  # close to the truth, like a trained layer
-    fit = cv_lstsq(st, keep, w0)
+    fit = cv_lstsq(st, keep, w0, grid=RIDGE_GRID)  # λ = 0 included, to compare with
     assert fit.ridge >= 1.0
+    assert 0.0 not in {lam for _, lam in cv_lstsq(st, keep, w0).heldout}  # left out by default
     safe = min(fit.heldout[(c, math.inf)] for c in ("scale", "original"))
     assert fit.heldout_error <= safe
     assert fit.heldout_error < fit.heldout[("scale", 0.0)]
@@ -235,3 +236,16 @@ def test_layer_report_json_keeps_an_infinite_ridge():
     assert LayerReport.from_dict(d) == row
     old = {k: v for k, v in d.items() if k not in ("ridge", "heldout_error")}
     assert math.isnan(LayerReport.from_dict(old).ridge)  # reports from before
+
+
+def test_wide_layers_search_a_coarser_grid(monkeypatch):
+    import recon.solve as solve
+
+    c, k, n = 4, 3, 2
+    X, W, Y = problem(6, 80, c, k, n, noise=0.3)
+    st = accumulate(X, Y, c, k, 4, torch.arange(80) % 4)
+    fine = {lam for _, lam in cv_lstsq(st, torch.arange(c), W).heldout}
+    assert fine == set(solve.RIDGE_GRID)  # 12 kept taps, 60 training samples
+    monkeypatch.setattr(solve, "CV_WIDE", 8)
+    coarse = {lam for _, lam in cv_lstsq(st, torch.arange(c), W).heldout}
+    assert coarse == set(solve.RIDGE_GRID_WIDE)

@@ -216,3 +216,20 @@ def test_reproduce_quality_bars(reproduce):
     assert "| resnet20_fmnist | 2× | without | 91.50% | 1.50 | ≤ 1 | **missed** |" in md
     assert "4×" not in md
     assert reproduce._quality_bars([], bases) == []
+
+
+def test_calib_size_quick(reproduce, tmp_path):
+    """scripts/calib_size.py: a row per (images, re-fit), the markdown table from them."""
+    del reproduce  # only for its check that Fashion-MNIST is installed
+    script = _load("calib_size")
+    script.main(
+        ["--quick", "--models", "vgg16_fmnist", "--sizes", "16", "--modes", "lstsq", "none",
+         "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "calib_size.jsonl").read_text().splitlines()]
+    assert [(r["images"], r["reconstruct"]) for r in rows] == [(16, "lstsq"), (16, "none")]
+    for r in rows:
+        assert 0.0 <= r["acc"] <= 1.0 and r["heldout_err"] >= 0 and 1.8 < r["speedup"] < 2.2
+    assert len(rows[0]["ridges"]) == 13  # a chosen ridge per pruned layer of the VGG-16
+    text = (tmp_path / "calib_size.md").read_text()
+    assert "| 16 |" in text and "lstsq" in text and "none" in text
