@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({torch.get_num_threads()} threads, torch {torch.__version__}). LASSO at "
         f"{args.speedup:g}x FLOPs, no fine-tuning, calibration images drawn (seed "
         f"{args.seed}) from the Fashion-MNIST train split, top-1 on {len(test[1]):,} test "
-        "images. *Logit error*: `Σ‖pruned − original‖² / Σ‖original‖²` on the calibration "
+        "images (in brackets: points against the unpruned model). *Logit error*: `Σ‖pruned − original‖² / Σ‖original‖²` on the calibration "
         f"images and on {len(held):,} held-out test images.",
         "",
     ]
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                     for r in rows
                     if r["model"] == model and r["images"] == n and r["reconstruct"] == mode
                 )
-                cells.append(f"{r['acc']:.2%} ({100 * (r['base'] - r['acc']):+.2f})")
+                cells.append(f"{r['acc']:.2%} ({100 * (r['acc'] - r['base']):+.2f})")
             lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
         lines += [
             "",
