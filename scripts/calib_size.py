@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         f"({torch.get_num_threads()} threads, torch {torch.__version__}). LASSO at "
         f"{args.speedup:g}x FLOPs, no fine-tuning, calibration images drawn (seed "
         f"{args.seed}) from the Fashion-MNIST train split, top-1 on {len(test[1]):,} test "
-        "images (in brackets: points against the unpruned model). *Logit error*: `Σ‖pruned − original‖² / Σ‖original‖²` on the calibration "
-        f"images and on {len(held):,} held-out test images.",
+        "images (in brackets: points against the unpruned model). *Logit error*: "
+        "`Σ‖pruned − original‖² / Σ‖original‖²` on the calibration images and on "
+        f"{len(held):,} held-out test images.",
         "",
     ]
     for model in args.models:
