@@ -90,6 +90,11 @@ class LineProgress:
     def close(self) -> None:
         pass
 
+    def write(self, s: str, file: Any = None, end: str = "\n") -> None:
+        """A line of the caller's, between progress lines (as ``tqdm.write``)."""
+        stream = file if file is not None else self.file if self.file is not None else sys.stderr
+        print(s, file=stream, end=end, flush=True)
+
     def __len__(self) -> int:
         if self.total is None:
             raise TypeError("this progress has no length")

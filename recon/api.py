@@ -231,7 +231,8 @@ def prune(
     inplace : bool, default False
         Prune ``model`` itself instead of a copy.
     progress : bool, default True
-        Show tqdm progress bars (on rank 0 only, in a distributed run).
+        Show progress (on rank 0 only, in a distributed run): a tqdm bar at a terminal,
+        one line per pruned layer in a log.
 
     Returns
     -------

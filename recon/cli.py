@@ -221,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--unsafe-pickle / torch.load(weights_only=False) and breaks when its class moves",
     )
     o.add_argument("--report", metavar="PATH", help="write the report as JSON here")
-    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (bars at a terminal, lines in a log)",
+    )
 
     e = sub.add_parser(
         "eval",

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+
+from recon._progress import progress_bar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -703,7 +704,7 @@ def _reproduce(
     if args.table_only:
         runs = []
 
-    bar = tqdm(runs, desc="runs", unit="run", disable=not lead)
+    bar = progress_bar(runs, desc="runs", unit="run", disable=not lead)
     for model, target, method, rec in bar:
         bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}")
         row = _run(nets[model], data, args, model, target, method, rec)

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from recon._progress import progress_bar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [(layer, m, s) for layer in layers for m in args.methods for s in args.speedups]
     results: list[dict[str, Any]] = []
     warned = 0
-    for layer, method, s in tqdm(runs, desc="runs", unit="run"):
+    for layer, method, s in progress_bar(runs, desc="runs", unit="run"):
         k = max(1, round(widths[layer] / s))
         row = {"layer": layer, "method": method, "factor": s, "channels": k}
         if k >= widths[layer]:  # nothing removed: the original network

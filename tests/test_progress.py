@@ -61,6 +61,16 @@ def test_lines_off_a_terminal():
     assert out.getvalue() == ""
 
 
+def test_write_puts_a_line_between_progress_lines():
+    out = io.StringIO()
+    bar = progress_bar(["a", "b"], desc="runs", unit="run", file=out)
+    for item in bar:
+        bar.write(f"result of {item}")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "result of a" and lines[1].startswith("runs 1/2 runs")
+    assert lines[2] == "result of b" and lines[3].startswith("runs 2/2 runs")
+
+
 def test_disable_shows_nothing_anywhere():
     for stream in (io.StringIO(), _Terminal()):
         bar = progress_bar(range(3), desc="recon", disable=True, file=stream)
