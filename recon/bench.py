@@ -307,6 +307,7 @@ def run(
     name: str = "model",
     speedup: float = 2.0,
     method: str = "lasso",
+    reconstruct: str = "lstsq",
     samples_per_image: int | None = 10,
     batch_size: int = 64,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -325,7 +326,7 @@ def run(
         Calibration images, split into batches of ``batch_size``.
     name : str
         Label for the report.
-    speedup, method, samples_per_image, cache_bytes, seed
+    speedup, method, reconstruct, samples_per_image, cache_bytes, seed
         As for :func:`recon.prune`.
     device : str or torch.device, optional
         Where to run (default: the model's device).
@@ -355,6 +356,7 @@ def run(
     kwargs: dict[str, Any] = {
         "speedup": speedup,
         "method": method,
+        "reconstruct": reconstruct,
         "samples_per_image": samples_per_image,
         "cache_bytes": cache_bytes,
         "seed": seed,

@@ -113,6 +113,8 @@ def _side(config: dict[str, Any]) -> dict[str, Any]:
             x,
             name=config["model"],
             speedup=config["speedup"],
+            # The naive reference re-fits by plain least squares: the same algorithm.
+            reconstruct="lstsq_plain",
             samples_per_image=config["samples_per_image"],
             batch_size=config["batch_size"],
             cache_bytes=int(config["cache_mb"] * MiB),
@@ -390,7 +392,8 @@ def markdown(args: argparse.Namespace, c: dict, runs: list, lat: list, seconds: 
         "PyTorch tools do: for every layer it runs both networks from the input, stores "
         "every sampled patch and target, materialises the per-channel contribution matrix, "
         "runs scikit-learn `Lasso` with a bisection on alpha, and re-fits with "
-        "`LinearRegression`. Same units, channel counts and sampled positions as recon; "
+        "`LinearRegression`. Same units, channel counts and sampled positions as recon, "
+        'which re-fits by plain least squares here too (`reconstruct="lstsq_plain"`); '
         + (
             "both sides ran in one process (`--in-process`: peaks are mixed); "
             if args.in_process

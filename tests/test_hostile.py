@@ -293,9 +293,9 @@ def test_half_precision_model(dtype, monkeypatch):
     seen = set()
     update = PatchStats.update
 
-    def spy(self, x, y):
+    def spy(self, x, y, *fold):
         seen.add((x.dtype, self.G.dtype))
-        return update(self, x, y)
+        return update(self, x, y, *fold)
 
     monkeypatch.setattr(PatchStats, "update", spy)
     model = _vgg().to(dtype)
