@@ -95,12 +95,25 @@ class PatchStats:
     # Totals: views of the only fold when K = 1, else sums over folds (cached until the
     # sums change; ``tensors()`` hands them out for in-place all-reduce, so it clears too).
     def _total(self, name: str) -> Tensor:
+        if name == "G" and self.folds > 1:  # sum the lower triangles, mirror once
+            if "G" not in self._totals:
+                G = self._Gf.sum(0)
+                self._totals["G"] = G if not self._dirty else G.tril() + G.tril(-1).T
+            return self._totals["G"]
         per_fold = getattr(self, name + "f")
         if self.folds == 1:
             return per_fold[0]
         if name not in self._totals:
             self._totals[name] = per_fold.sum(0)
         return self._totals[name]
+
+    def kept_blocks(self, idx: Tensor) -> Tensor:
+        """``G_f[idx][:, idx]`` for every fold, (K, m, m), without mirroring whole Grams."""
+        sub = self._Gf[:, idx[:, None], idx[None, :]]  # one gather, no (K, m, d) copy
+        if not self._dirty:
+            return sub
+        lower = idx[:, None] >= idx[None, :]  # where the stored triangle is up to date
+        return torch.where(lower, sub, sub.transpose(1, 2))
 
     @property
     def G(self) -> Tensor:

@@ -249,3 +249,38 @@ def test_wide_layers_search_a_coarser_grid(monkeypatch):
     monkeypatch.setattr(solve, "CV_WIDE", 8)
     coarse = {lam for _, lam in cv_lstsq(st, torch.arange(c), W).heldout}
     assert coarse == set(solve.RIDGE_GRID_WIDE)
+
+
+def test_few_samples_solve_in_the_range_of_the_gram_as_cholesky_would(monkeypatch):
+    import recon.solve as solve
+
+    c, k, n = 12, 9, 3  # 108 unknowns per output, 24 samples: the low-rank path
+    X, W, Y = problem(7, 24, c, k, n, noise=0.5)
+    st = accumulate(X, Y, c, k, 4, torch.arange(24) % 4)
+    keep = torch.arange(c)
+    calls = []
+    low_rank = solve._shifted_solves_low_rank
+    monkeypatch.setattr(
+        solve, "_shifted_solves_low_rank", lambda *a: calls.append(1) or low_rank(*a)
+    )
+    fast = cv_lstsq(st, keep, W)
+    assert calls  # the range was used
+    monkeypatch.setattr(solve, "RANGE_FACTOR", 10**9)  # never: a Cholesky per λ
+    calls.clear()
+    slow = cv_lstsq(st, keep, W)
+    assert not calls
+    assert fast.ridge == slow.ridge and fast.center == slow.center
+    for key, err in slow.heldout.items():
+        assert fast.heldout[key] == pytest.approx(err, rel=1e-6), key
+    if not math.isinf(fast.ridge):
+        torch.testing.assert_close(fast.weight, slow.weight, rtol=1e-6, atol=1e-8)
+
+
+def test_kept_blocks_equal_the_mirrored_grams_in_any_order():
+    X, _, Y = problem(8, 40)
+    st = accumulate(X, Y, 5, 4, 2, torch.arange(40) % 2)
+    idx = torch.tensor([7, 0, 19, 3, 12])  # not sorted
+    blocks = st.kept_blocks(idx)  # from the stored lower triangles
+    full = st.Gf  # mirrored
+    torch.testing.assert_close(blocks, full[:, idx][:, :, idx], rtol=0, atol=0)
+    assert torch.equal(blocks, blocks.transpose(1, 2))
