@@ -18,6 +18,7 @@ from torch import nn
 from ._version import __version__
 from .distributed import DistributedError, RankFailedError, join_torchrun, torchrun_world_size
 from .loading import BUILTIN_DATA, load_data, load_model, torchvision_weights_name
+from .solve import RECONSTRUCT
 
 __all__ = ["BUILTIN_DATA", "build_parser", "load_data", "load_model", "main"]
 
@@ -157,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--reconstruct",
         default="lstsq",
-        choices=("lstsq", "scale", "none"),
-        help="re-fit of the next layer: least squares with bias (default), ThiNet "
-        "per-channel scaling, or none",
+        choices=RECONSTRUCT,
+        help="re-fit of the next layer: least squares with bias and a ridge towards a safe "
+        "fit, chosen per layer by cross-validation over the calibration images (lstsq, "
+        "default); plain least squares (lstsq_plain); ThiNet per-channel scaling (scale); "
+        "or none",
     )
     m.add_argument(
         "--samples-per-image",
@@ -278,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="lasso",
         choices=("lasso", "thinet", "l1", "max_response", "first_k", "random"),
         help="channel selection (default: lasso)",
+    )
+    b.add_argument(
+        "--reconstruct",
+        default="lstsq",
+        choices=RECONSTRUCT,
+        help="re-fit, as for 'recon prune' (default: lstsq)",
     )
     b.add_argument(
         "--samples-per-image",
@@ -596,6 +605,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         name=args.model,
         speedup=args.speedup,
         method=args.method,
+        reconstruct=args.reconstruct,
         samples_per_image=args.samples_per_image,
         batch_size=args.batch_size,
         cache_bytes=_cache_bytes(args),

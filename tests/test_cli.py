@@ -20,6 +20,16 @@ def make_vgg():  # a factory for the 'package.module:factory' spec
     return vgg11(width=0.125)
 
 
+@pytest.mark.parametrize("command", ["prune", "bench"])
+def test_every_reconstruct_mode_is_offered(command, capsys):
+    from recon.solve import RECONSTRUCT
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "{" + ",".join(RECONSTRUCT) + "}" in out  # lstsq_plain included
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["prune", "--help"])
