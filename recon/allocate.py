@@ -405,7 +405,7 @@ def allocate(
     units = _budget._check_units(units)
     widths = {u.name: u.width for u in units}
     round_to = _check_int("round_to", round_to, 1)
-    ignored = _check_ignored(ignored_layers, widths)
+    ignored = _budget._check_ignored(ignored_layers, widths)
     speedup, target = _check_target(speedup, module_flops, total_flops)
     if not _budget._is_real(rtol) or not 0 < rtol < 1:
         raise ValueError(f"The 'rtol' argument must be a float in (0, 1). Got {rtol!r} instead.")
@@ -974,19 +974,6 @@ def _check_counts(counts: object, c: int) -> Tensor:
             f"The 'counts' argument must hold ints in [1, {c}]. Got {values.tolist()} instead."
         )
     return torch.as_tensor(values, dtype=torch.int64)
-
-
-def _check_ignored(ignored_layers: object, widths: Mapping[str, int]) -> set[str]:
-    if isinstance(ignored_layers, str):
-        ignored_layers = (ignored_layers,)
-    if not isinstance(ignored_layers, Iterable):
-        raise TypeError(
-            "The 'ignored_layers' argument must be an iterable of unit names. "
-            f"Got {type(ignored_layers).__name__} instead."
-        )
-    ignored = set(ignored_layers)
-    _budget._check_known("ignored_layers", ignored, widths)
-    return ignored
 
 
 def _check_target(

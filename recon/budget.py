@@ -307,6 +307,20 @@ def _check_known(argument: str, names: Collection[str], widths: Mapping[str, int
         )
 
 
+def _check_ignored(ignored_layers: object, widths: Mapping[str, int]) -> set[str]:
+    """``ignored_layers`` (a name or an iterable of names) as a set of known unit names."""
+    if isinstance(ignored_layers, str):
+        ignored_layers = (ignored_layers,)
+    if not isinstance(ignored_layers, Iterable):
+        raise TypeError(
+            "The 'ignored_layers' argument must be an iterable of unit names. "
+            f"Got {type(ignored_layers).__name__} instead."
+        )
+    ignored = set(ignored_layers)
+    _check_known("ignored_layers", ignored, widths)
+    return ignored
+
+
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -460,15 +474,7 @@ def resolve_channels(
         raise ValueError(f"The 'round_to' argument must be an int >= 1. Got {round_to!r} instead.")
     round_to = int(round_to)
 
-    if isinstance(ignored_layers, str):
-        ignored_layers = (ignored_layers,)
-    if not isinstance(ignored_layers, Iterable):
-        raise TypeError(
-            "The 'ignored_layers' argument must be an iterable of unit names. "
-            f"Got {type(ignored_layers).__name__} instead."
-        )
-    ignored = set(ignored_layers)
-    _check_known("ignored_layers", ignored, widths)
+    ignored = _check_ignored(ignored_layers, widths)
 
     result = dict(widths)
     if channels is not None:

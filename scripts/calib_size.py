@@ -32,25 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import recon
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
 from recon.models import pretrained
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import logit_error
+
 MODELS = ("vgg16_fmnist", "resnet20_fmnist")
 MODES = ("lstsq", "lstsq_plain", "scale", "none")
-
-
-def _logit_error(a: nn.Module, b: nn.Module, x: Tensor) -> float:
-    """``Σ‖b(x) − a(x)‖² / Σ‖a(x)‖²`` over the images ``x``."""
-    num = den = 0.0
-    with torch.inference_mode():
-        for xb in x.split(500):
-            ya, yb = a(xb).double(), b(xb).double()
-            num += float(((yb - ya) ** 2).sum())
-            den += float((ya**2).sum())
-    return num / den
 
 
 def _run(
@@ -71,8 +63,8 @@ def _run(
         "reconstruct": mode,
         "speedup": res.report.speedup,
         "acc": evaluate(res.model, *test),
-        "calib_err": _logit_error(original, res.model, calib[:2000]),
-        "heldout_err": _logit_error(original, res.model, held),
+        "calib_err": logit_error(original, res.model, calib[:2000]),
+        "heldout_err": logit_error(original, res.model, held),
         "seconds": seconds,
         "ridges": [r if r == r and r != float("inf") else str(r) for r in ridges],
     }
@@ -137,40 +129,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(held):,} held-out test images.",
         "",
     ]
+
+    def table(model: str, cell) -> list[str]:  # a row per size, a column per re-fit
+        head = ["| images | " + " | ".join(args.modes) + " |", "|---|" + "---|" * len(args.modes)]
+        found = {(r["images"], r["reconstruct"]): r for r in rows if r["model"] == model}
+        return head + [
+            f"| {n:,} | " + " | ".join(cell(found[(n, mode)]) for mode in args.modes) + " |"
+            for n in args.sizes
+        ]
+
     for model in args.models:
-        lines += [
-            f"## {model} ({base[model]:.2%})",
-            "",
-            "| images | " + " | ".join(args.modes) + " |",
-            "|---|" + "---|" * len(args.modes),
-        ]
-        for n in args.sizes:
-            cells = []
-            for mode in args.modes:
-                r = next(
-                    r
-                    for r in rows
-                    if r["model"] == model and r["images"] == n and r["reconstruct"] == mode
-                )
-                cells.append(f"{r['acc']:.2%} ({100 * (r['acc'] - r['base']):+.2f})")
-            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "Logit error on the calibration images / held out, and pruning time:",
-            "",
-            "| images | " + " | ".join(args.modes) + " |",
-            "|---|" + "---|" * len(args.modes),
-        ]
-        for n in args.sizes:
-            cells = []
-            for mode in args.modes:
-                r = next(
-                    r
-                    for r in rows
-                    if r["model"] == model and r["images"] == n and r["reconstruct"] == mode
-                )
-                cells.append(f"{r['calib_err']:.4f} / {r['heldout_err']:.4f}, {r['seconds']:.0f} s")
-            lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+        lines += [f"## {model} ({base[model]:.2%})", ""]
+        lines += table(model, lambda r: f"{r['acc']:.2%} ({100 * (r['acc'] - r['base']):+.2f})")
+        lines += ["", "Logit error on the calibration images / held out, and pruning time:", ""]
+        lines += table(
+            model,
+            lambda r: f"{r['calib_err']:.4f} / {r['heldout_err']:.4f}, {r['seconds']:.0f} s",
+        )
         lines.append("")
     out = args.out_dir / "calib_size.md"
     out.write_text("\n".join(lines))

@@ -41,18 +41,10 @@ import recon
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
 from recon.models import pretrained
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import logit_error
+
 MODEL = "vgg16_fmnist"
-
-
-def _logit_error(a: nn.Module, b: nn.Module, x: Tensor) -> float:
-    """Relative squared error of b's logits against a's: ``Σ‖b(x)−a(x)‖² / Σ‖a(x)‖²``."""
-    num = den = 0.0
-    with torch.inference_mode():
-        for xb in x.split(500):
-            ya, yb = a(xb).double(), b(xb).double()
-            num += float(((yb - ya) ** 2).sum())
-            den += float((ya**2).sum())
-    return num / den
 
 
 def _conv_errors(a: nn.Module, b: nn.Module, kept: dict[str, list[int]], x: Tensor) -> list:
@@ -96,8 +88,8 @@ def _run(
         "name": name,
         "acc": evaluate(res.model, *test),
         "speedup": res.report.speedup,
-        "calib_err": _logit_error(original, res.model, calib[:2000]),
-        "test_err": _logit_error(original, res.model, held[:2000]),
+        "calib_err": logit_error(original, res.model, calib[:2000]),
+        "test_err": logit_error(original, res.model, held[:2000]),
         "seconds": seconds,
     }
     print(

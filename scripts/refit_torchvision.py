@@ -29,6 +29,9 @@ from torch import Tensor, nn
 import recon
 from recon.data import load_fashion_mnist, to_tensor32
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import logit_error
+
 MODES = ("lstsq", "lstsq_plain", "scale", "none")
 # model, calibration images, target
 RUNS = (("resnet50", 256, {"speedup": 2.0}), ("densenet121", 48, {"keep_ratio": 0.5}))
@@ -54,16 +57,6 @@ def _model(name: str, data: Tensor) -> nn.Module:
         for xb in data.split(64):
             net(xb)
     return net.eval()
-
-
-def _logit_error(a: nn.Module, b: nn.Module, x: Tensor) -> float:
-    num = den = 0.0
-    with torch.inference_mode():
-        for xb in x.split(64):
-            ya, yb = a(xb).double(), b(xb).double()
-            num += float(((yb - ya) ** 2).sum())
-            den += float((ya**2).sum())
-    return num / den
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                     original, calib.split(16), reconstruct=mode, progress=False, **target
                 )
                 seconds = time.perf_counter() - t0
-            e_cal = _logit_error(original, res.model, calib)
-            e_held = _logit_error(original, res.model, held)
+            e_cal = logit_error(original, res.model, calib, batch_size=64)
+            e_held = logit_error(original, res.model, held, batch_size=64)
             print(
                 f"{name} {mode:12s} calib {e_cal:.4f} held out {e_held:.4f} {seconds:.0f} s",
                 flush=True,
