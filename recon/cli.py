@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .distributed import DistributedError, RankFailedError, join_torchrun, torchrun_world_size
+from .distributed import (
+    DistributedError,
+    RankFailedError,
+    join_torchrun,
+    leave_torchrun,
+    torchrun_world_size,
+)
 from .loading import BUILTIN_DATA, load_data, load_model, torchvision_weights_name
 from .solve import RECONSTRUCT
 
@@ -470,6 +476,7 @@ def _distributed(args: argparse.Namespace) -> Iterator[int]:
     device, owner = join_torchrun(args.device, timeout=args.dist_timeout)
     args.device = None if device is None else str(device)
     rank = torch.distributed.get_rank()
+    ok = False
     try:
         if rank == 0:
             yield rank
@@ -478,9 +485,9 @@ def _distributed(args: argparse.Namespace) -> Iterator[int]:
             args.out = args.report = None
             with contextlib.redirect_stdout(io.StringIO()):
                 yield rank
+        ok = True
     finally:
-        if owner:
-            torch.distributed.destroy_process_group()
+        leave_torchrun(owner, ok)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     import recon
     from recon.cli import load_data, load_model
-    from recon.distributed import join_torchrun
+    from recon.distributed import join_torchrun, leave_torchrun
 
     args.device, owned = join_torchrun(args.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -88,8 +88,7 @@ def _worker(args: argparse.Namespace) -> None:
             "threads": args.threads,
         }
         Path(args.result + ".json").write_text(json.dumps(info), encoding="utf-8")
-    if owned:
-        dist.destroy_process_group()
+    leave_torchrun(owned)
 
 
 def _launch(args: argparse.Namespace, nproc: int, threads: int, result: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ import _args
 
 import recon
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
-from recon.distributed import join_torchrun
+from recon.distributed import join_torchrun, leave_torchrun
 from recon.finetune import finetune
 from recon.models import pretrained, pretrained_names
 from recon.select import METHODS
@@ -623,11 +623,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _resolve(args, parser)
     rank, world, owned = _init_distributed(args)
+    ok = False
     try:
-        return _reproduce(parser, argv, args, rank, world)
+        code = _reproduce(parser, argv, args, rank, world)
+        ok = True
+        return code
     finally:
-        if owned:
-            dist.destroy_process_group()
+        leave_torchrun(owned, ok)
 
 
 def _reproduce(

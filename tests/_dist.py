@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from recon.distributed import leave_torchrun
+
 
 @dataclass
 class RankResult:
@@ -45,10 +47,12 @@ def _worker(rank, world, init_file, pg_timeout, fn, args, out) -> None:
             world_size=world,
             timeout=datetime.timedelta(seconds=pg_timeout),
         )
+        ok = False
         try:
             value = fn(rank, world, *args)
+            ok = True
         finally:
-            dist.destroy_process_group()
+            leave_torchrun(True, ok)
         buf = io.BytesIO()  # plain bytes: tensors in a queue would be shared memory that
         torch.save(value, buf)  # vanishes with this process
         out.put((rank, "ok", buf.getvalue()))

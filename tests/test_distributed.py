@@ -22,7 +22,7 @@ from torch import nn
 
 import recon
 from recon import models
-from recon.distributed import shard_range
+from recon.distributed import leave_torchrun, shard_range
 
 KINDS = {
     # kind: (model factory, prune arguments)
@@ -187,6 +187,34 @@ def test_distributed_arguments_are_checked():
         recon.prune(net, x, speedup=2.0, distributed="yes", progress=False)
     with pytest.raises(TypeError, match="'calib_sharded' argument must be a bool"):
         recon.prune(net, x, speedup=2.0, calib_sharded=1, progress=False)
+
+
+def test_leave_torchrun_destroys_its_own_group_after_a_barrier_if_all_went_well(
+    tmp_path, monkeypatch
+):
+    import torch.distributed as dist
+
+    met = []
+    barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: met.append(1) or barrier(*a, **k))
+    leave_torchrun(True)  # no group: nothing to do
+    cases = [  # owned, ok -> group destroyed, barriers met
+        ((False, True), (False, 0)),  # not ours: left alone
+        ((True, True), (True, 1)),
+        ((True, False), (True, 0)),  # after a failure the others may be gone: no wait
+    ]
+    try:
+        for i, ((owned, ok), (destroyed, waited)) in enumerate(cases):
+            if not dist.is_initialized():
+                init = f"file://{tmp_path / f'store{i}'}"
+                dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+            met.clear()
+            leave_torchrun(owned, ok)
+            assert dist.is_initialized() is not destroyed, (owned, ok)
+            assert len(met) == waited, (owned, ok)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_shard_range_splits_contiguously_and_evenly():
