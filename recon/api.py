@@ -561,6 +561,8 @@ def _allocate_channels(
             sensitivity=prof.units[u.name].sensitivity,
             cost_uniform=at_uniform[u.name],
             cost=at_chosen[u.name],
+            counts=curves[u.name][0].tolist(),
+            costs=curves[u.name][1].tolist(),
         )
         for u in free
     ]

@@ -40,12 +40,12 @@ from . import distributed as _dist
 from ._progress import progress_bar
 from ._timing import PhaseTimer
 from .allocate import count_grid, lstsq_error_curve, scale_error_curve
-from .gather import _accumulate
+from .gather import CV_FOLDS, _accumulate
 from .graph import Unit
 from .passes import Passes
 from .sampling import _mix, layer_key
 from .select import channel_order
-from .solve import lstsq, scale
+from .solve import cv_lstsq, lstsq, scale
 from .stats import ChannelStats, PatchStats
 from .surgery import prune_unit
 
@@ -137,9 +137,27 @@ def _order(unit: Unit, A: Tensor, b: Tensor, w_cons: Tensor, original: nn.Module
 
 
 def _curve(stats, A, b, order, counts, mode: str) -> Tensor:
-    """Relative layer error at each count (see the module docstring)."""
+    """Relative layer error at each count, as expected on images the fit did not see.
+
+    The least-squares errors of :func:`~recon.allocate.lstsq_error_curve` are measured on
+    the samples the fit was made from, and shrink with the number of unknowns ``p = k·taps
+    + 1`` even where nothing generalises: with ``N`` samples, ordinary least squares'
+    expected held-out error is about ``(N + p) / (N − p)`` times its in-sample error.
+    Scaled so, the curve is comparable across layers of different widths. For
+    ``"lstsq"`` it is capped by the scale fit's error (which ``cv_lstsq`` can fall back to,
+    and whose ``k`` unknowns per output do not over-fit); for ``"lstsq_plain"`` a count
+    with ``p >= N`` (interpolation) costs a relative error of 1. Never increasing in ``k``.
+    """
     if mode in ("lstsq", "lstsq_plain") and isinstance(stats, PatchStats):
-        return lstsq_error_curve(stats, order, counts)
+        err = lstsq_error_curve(stats, order, counts)
+        n = float(stats.count)
+        p = counts.to(err.device, torch.float64) * stats.taps + 1
+        optimism = torch.where(p < n, (n + p) / (n - p).clamp_min(1), torch.inf)
+        err = err * optimism
+        if mode == "lstsq":
+            err = torch.minimum(err, scale_error_curve(A, b, stats.yy, order, counts))
+        err = torch.where(torch.isfinite(err), err, torch.ones_like(err))
+        return err.cummin(0).values  # keeping more channels never costs more
     if mode != "none":
         return scale_error_curve(A, b, stats.yy, order, counts)
     # Original weights: ‖Y‖² − 2 Σ_S b + Σ_{S×S} A for each prefix S of the order.
@@ -152,8 +170,11 @@ def _curve(stats, A, b, order, counts, mode: str) -> Tensor:
 
 
 def _probe_fit(stats, A, b, keep: Tensor, w_cons: Tensor, mode: str):
-    """The consumer's re-fitted weight and bias change for ``keep``, as the curve assumes."""
-    if mode in ("lstsq", "lstsq_plain") and isinstance(stats, PatchStats):
+    """The consumer's re-fitted weight and bias change for ``keep``, as pruning will fit it."""
+    if mode == "lstsq" and isinstance(stats, PatchStats):
+        fit = cv_lstsq(stats, keep, w_cons.double())
+        return fit.weight, fit.bias_delta
+    if mode == "lstsq_plain" and isinstance(stats, PatchStats):
         return lstsq(stats, keep, fit_bias=True)
     if mode == "none":
         return None, None
@@ -218,6 +239,7 @@ def profile_units(
             stats = _accumulate(
                 unit, gm_o, gm_o, fit, target=None, samples_per_image=samples_per_image,
                 seed=seed, progress=False, passes=passes, step=step, timer=timer,
+                folds=CV_FOLDS if reconstruct == "lstsq" else 1,
             )  # fmt: skip
             passes.drop_targets(step)
             if ctx is not None:

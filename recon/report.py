@@ -271,6 +271,10 @@ class AllocationRow:
         Output error per unit of the layer's relative error (:mod:`recon.profile`).
     cost_uniform, cost : float
         Predicted output error of the unit at the uniform and at the chosen count.
+    counts, costs : list
+        The unit's predicted cost curve: every count it was allowed to keep, and the
+        predicted output error of keeping it (what the allocation traded between units;
+        empty in reports saved before it was recorded).
     """
 
     name: str
@@ -280,6 +284,8 @@ class AllocationRow:
     sensitivity: float
     cost_uniform: float
     cost: float
+    counts: list[int] = field(default_factory=list, repr=False)
+    costs: list[float] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -324,6 +330,7 @@ class AllocationReport:
         for row in d["rows"]:
             for key in ("sensitivity", "cost_uniform", "cost"):
                 row[key] = _json_float(row[key])
+            row["costs"] = [_json_float(v) for v in row["costs"]]
         for key in ("flops_uniform", "flops_chosen"):
             d[key] = _json_float(d[key])
         return d
@@ -336,6 +343,7 @@ class AllocationReport:
             row = _pick_fields(AllocationRow, r, "AllocationRow")
             for key in ("sensitivity", "cost_uniform", "cost"):
                 row[key] = _from_json_float(row[key])
+            row["costs"] = [_from_json_float(v) for v in row.get("costs", [])]
             rows.append(AllocationRow(**row))
         kwargs["rows"] = rows
         for key in ("flops_uniform", "flops_chosen"):

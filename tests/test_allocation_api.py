@@ -67,6 +67,10 @@ def test_auto_prunes_the_redundant_layer_harder_within_the_flops_target():
     assert rows["conv1"].chosen == auto.channels["conv1"]
     assert rows["conv1"].uniform == uniform.channels["conv1"]
     assert auto.report.allocation.cost <= auto.report.allocation.cost_uniform + 1e-12
+    for row in rows.values():  # each unit's cost curve, read at the uniform and chosen counts
+        curve = dict(zip(row.counts, row.costs, strict=True))
+        assert row.counts == sorted(row.counts) and row.counts[-1] == row.width
+        assert curve[row.chosen] == row.cost and curve[row.uniform] == row.cost_uniform
     assert auto.report.phases["profile"] > 0
     assert auto.plan["options"]["allocation"] == "auto"
 
@@ -124,7 +128,11 @@ def test_the_report_with_an_allocation_round_trips_and_old_reports_load():
     report = result.report
     assert Report.from_json(report.to_json()) == report
     assert "cost chosen" in report.to_text() and "predicted output error" in report.to_text()
+    assert report.allocation.rows[0].costs  # the curves travel too
     old = report.to_dict()
+    for row in old["allocation"]["rows"]:  # saved before the curves were recorded
+        del row["counts"], row["costs"]
+    assert Report.from_dict(old).allocation.rows[0].costs == []
     del old["allocation"]
     assert Report.from_dict(old).allocation is None
 

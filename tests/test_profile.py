@@ -1,0 +1,69 @@
+"""recon.profile: the error curves allocation='auto' trades, as expected held out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recon.allocate import count_grid, lstsq_error_curve, scale_error_curve
+from recon.profile import _curve, _probe_fit
+from recon.solve import cv_lstsq, lstsq
+from recon.stats import PatchStats
+
+C, TAPS, N_OUT = 8, 4, 6  # p = k*TAPS + 1 unknowns per output, up to 33
+
+
+def _stats(samples: int, seed: int = 0) -> tuple[PatchStats, torch.Tensor]:
+    """y = W x + noise from ``samples`` patches in 4 folds; W uses every channel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, C * TAPS, generator=g, dtype=torch.float64)
+    w = torch.randn(N_OUT, C, TAPS, generator=g, dtype=torch.float64)
+    y = x @ w.reshape(N_OUT, -1).T + 0.3 * torch.randn(
+        samples, N_OUT, generator=g, dtype=torch.float64
+    )
+    stats = PatchStats(C, TAPS, N_OUT, folds=4)
+    stats.update(x, y, fold=torch.arange(samples) % 4)
+    return stats, w
+
+
+@pytest.mark.parametrize("samples", [24, 40, 400])
+def test_the_lstsq_curve_is_the_held_out_estimate_capped_by_the_scale_fit(samples):
+    stats, w = _stats(samples)
+    A, b = stats.channel_problem(w)
+    order, counts = torch.arange(C), count_grid(C, 1)
+    inside = lstsq_error_curve(stats, order, counts)
+    capped = scale_error_curve(A, b, stats.yy, order, counts)
+    curve = _curve(stats, A, b, order, counts, "lstsq")
+    assert curve.shape == counts.shape
+    assert bool((curve[1:] <= curve[:-1]).all())  # never increasing in k
+    assert bool((curve <= capped + 1e-12).all())
+    assert bool((curve >= inside.cummin(0).values - 1e-12).all())  # held out >= in-sample
+    p = counts * TAPS + 1
+    over = p >= samples  # interpolating counts: at most the scale fit's error, not 0
+    if over.any():
+        assert bool((curve[over] > 0).all()) and bool((inside[over] < 1e-4).all())
+    if samples == 400:  # well determined: in-sample error times (N + p) / (N - p)
+        expected = torch.minimum(inside * (400 + p) / (400 - p), capped).cummin(0).values
+        assert torch.allclose(curve, expected, rtol=1e-12)
+
+
+def test_the_plain_curve_charges_interpolation_a_relative_error_of_one():
+    stats, w = _stats(24)
+    A, b = stats.channel_problem(w)
+    order, counts = torch.arange(C), count_grid(C, 1)
+    curve = _curve(stats, A, b, order, counts, "lstsq_plain")
+    over = counts * TAPS + 1 >= 24
+    assert over.any() and bool((curve[over] <= 1).all())
+    assert float(curve[~over][-1]) > float(lstsq_error_curve(stats, order, counts)[~over][-1])
+
+
+def test_the_probe_is_fitted_as_pruning_fits_it():
+    stats, w = _stats(40)
+    A, b = stats.channel_problem(w)
+    keep = torch.tensor([0, 2, 3, 5, 7])
+    weight, bias = _probe_fit(stats, A, b, keep, w, "lstsq")
+    fit = cv_lstsq(stats, keep, w)
+    assert torch.equal(weight, fit.weight) and torch.equal(bias, fit.bias_delta)
+    weight, bias = _probe_fit(stats, A, b, keep, w, "lstsq_plain")
+    plain = lstsq(stats, keep, fit_bias=True)
+    assert torch.equal(weight, plain[0]) and torch.equal(bias, plain[1])
