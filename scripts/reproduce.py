@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _args
 
 import recon
+from recon.api import ALLOCATIONS
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
 from recon.distributed import join_torchrun, leave_torchrun
 from recon.finetune import finetune
@@ -115,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_args.names(RECONSTRUCT, "re-fitting methods"),
         default=("lstsq", "none"),
         help="re-fitting methods (lstsq,none)",
+    )
+    parser.add_argument(
+        "--allocations",
+        type=_args.names(ALLOCATIONS, "allocations"),
+        default=("uniform",),
+        help="how each FLOPs target is split into channels per layer: uniform, auto "
+        "(recon.prune's allocation=; comma-separated, e.g. uniform,auto) (uniform)",
     )
     parser.add_argument(
         "--calib",
@@ -203,9 +212,15 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _alloc(row: dict[str, Any]) -> str:
+    """A row's allocation; rows recorded before the option were all uniform."""
+    return row.get("allocation", "uniform")
+
+
 def _key(row: dict[str, Any]) -> tuple:
     settings = tuple(row[k] for k in ("calib", "n_test", "ft_steps", "ft_lr", "seed"))
-    return (row["model"], float(row["target"]), row["method"], row["reconstruct"], *settings)
+    what = (row["model"], float(row["target"]), row["method"], row["reconstruct"], _alloc(row))
+    return (*what, *settings)
 
 
 def _load_rows(path: Path) -> list[dict[str, Any]]:
@@ -274,6 +289,7 @@ def _run(
     target: float,
     method: str,
     rec: str,
+    allocation: str = "uniform",
 ) -> dict[str, Any]:
     """Prune, evaluate, fine-tune a copy and evaluate again: one row."""
     x_test, y_test = data.test
@@ -286,6 +302,7 @@ def _run(
             method=method,
             reconstruct=rec,
             speedup=target,
+            allocation=allocation,
             seed=args.seed,
             device=args.device,
             progress=False,
@@ -314,6 +331,7 @@ def _run(
         "target": target,
         "method": method,
         "reconstruct": rec,
+        "allocation": allocation,
         **_settings(args),
         "speedup": _finite(report.speedup),
         "params_ratio": _finite(report.params_ratio),
@@ -344,7 +362,7 @@ def _model_table(
     model: str, rows: list[dict[str, Any]], base: float, args: argparse.Namespace
 ) -> list[str]:
     speedups = sorted({r["target"] for r in rows})
-    by = {(r["method"], r["reconstruct"], r["target"]): r for r in rows}
+    by = {(r["method"], r["reconstruct"], _alloc(r), r["target"]): r for r in rows}
 
     def measured(s: float) -> str:
         values = sorted({round(r["speedup"], 2) for r in rows if r["target"] == s})
@@ -361,30 +379,35 @@ def _model_table(
         f"Original accuracy: {_pct(base)}. Each cell: {cell}. Header: target FLOPs ratio "
         "(measured).",
         "",
-        "| method | reconstruct | "
+        "| method | reconstruct | allocation | "
         + " | ".join(f"{s:g}× ({measured(s)}×)" for s in speedups)
         + " |",
-        "|---|---|" + "---:|" * len(speedups),
+        "|---|---|---|" + "---:|" * len(speedups),
     ]
-    for method in args.methods:
-        for rec in args.reconstruct:
-            cells = []
-            for s in speedups:
-                r = by.get((method, rec, s))
-                if r is None:
-                    cells.append("")
-                elif args.ft_steps:
-                    cells.append(f"{_pct(r['acc'])} / {_pct(r['acc_ft'])}")
-                else:
-                    cells.append(_pct(r["acc"]))
-            lines.append(f"| {method} | {rec} | " + " | ".join(cells) + " |")
+    combos = [
+        (method, rec, alloc)
+        for method in args.methods
+        for rec in args.reconstruct
+        for alloc in args.allocations
+    ]
+    for method, rec, alloc in combos:
+        cells = []
+        for s in speedups:
+            r = by.get((method, rec, alloc, s))
+            if r is None:
+                cells.append("")
+            elif args.ft_steps:
+                cells.append(f"{_pct(r['acc'])} / {_pct(r['acc_ft'])}")
+            else:
+                cells.append(_pct(r["acc"]))
+        lines.append(f"| {method} | {rec} | {alloc} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Mean per-layer relative reconstruction error before → after re-fitting · relative "
         "error of the logits on the calibration images · pruning time (s):",
         "",
-        "| method | reconstruct | " + " | ".join(f"{s:g}×" for s in speedups) + " |",
-        "|---|---|" + "---:|" * len(speedups),
+        "| method | reconstruct | allocation | " + " | ".join(f"{s:g}×" for s in speedups) + " |",
+        "|---|---|---|" + "---:|" * len(speedups),
     ]
 
     def err(x: float | None) -> str:
@@ -392,19 +415,18 @@ def _model_table(
             return "–"
         return f"{x:.3f}" if x == 0 or x >= 1e-3 else f"{x:.1e}"
 
-    for method in args.methods:
-        for rec in args.reconstruct:
-            cells = []
-            for s in speedups:
-                r = by.get((method, rec, s))
-                cells.append(
-                    ""
-                    if r is None
-                    else f"{err(r['error_before'])} → {err(r['error_after'])} · "
-                    f"{err(r['output_error'])} · "
-                    f"{r['prune_seconds']:.1f}"
-                )
-            lines.append(f"| {method} | {rec} | " + " | ".join(cells) + " |")
+    for method, rec, alloc in combos:
+        cells = []
+        for s in speedups:
+            r = by.get((method, rec, alloc, s))
+            cells.append(
+                ""
+                if r is None
+                else f"{err(r['error_before'])} → {err(r['error_after'])} · "
+                f"{err(r['output_error'])} · "
+                f"{r['prune_seconds']:.1f}"
+            )
+        lines.append(f"| {method} | {rec} | {alloc} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -435,29 +457,28 @@ def _plot(model: str, rows: list[dict[str, Any]], base: float, path: Path, args)
         sharex=True,
     )
     styles = {"lstsq": "-", "none": "--", "scale": ":"}
+    markers = {"uniform": "o", "auto": "s"}
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     chance = 100 * (base - 0.1)  # Fashion-MNIST: 10 classes
     for row, group in zip(axes, groups, strict=True):
         for ax, (field, title) in zip(row, columns, strict=True):
-            for method in args.methods:
-                for rec in group:
-                    pts = sorted(
-                        (r["speedup"], r[field])
-                        for r in rows
-                        if r["method"] == method
-                        and r["reconstruct"] == rec
-                        and r[field] is not None
+            for method, rec, alloc in itertools.product(args.methods, group, args.allocations):
+                pts = sorted(
+                    (r["speedup"], r[field])
+                    for r in rows
+                    if (r["method"], r["reconstruct"], _alloc(r)) == (method, rec, alloc)
+                    and r[field] is not None
+                )
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.plot(
+                        xs,
+                        [100 * (base - y) for y in ys],
+                        styles.get(rec, "-."),
+                        marker=markers.get(alloc, "o"),
+                        markersize=3,
+                        color=colors[method],
                     )
-                    if pts:
-                        xs, ys = zip(*pts, strict=True)
-                        ax.plot(
-                            xs,
-                            [100 * (base - y) for y in ys],
-                            styles.get(rec, "-."),
-                            marker="o",
-                            markersize=3,
-                            color=colors[method],
-                        )
             if group == ["none"] and field == "acc":
                 ax.axhline(chance, color="gray", linewidth=0.8, linestyle=":")
             ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
@@ -479,6 +500,11 @@ def _plot(model: str, rows: list[dict[str, Any]], base: float, path: Path, args)
         Line2D([], [], color="black", linestyle=styles.get(r, "-."), label=f"reconstruct={r}")
         for r in args.reconstruct
     ]
+    if len(args.allocations) > 1:
+        handles += [
+            Line2D([], [], color="black", marker=markers.get(a, "o"), linestyle="", label=a)
+            for a in args.allocations
+        ]
     if "none" in args.reconstruct:
         handles.append(Line2D([], [], color="gray", linestyle=":", label="chance (1 in 10)"))
     fig.suptitle(
@@ -495,13 +521,13 @@ def _plot(model: str, rows: list[dict[str, Any]], base: float, path: Path, args)
 def _quality_bars(rows: list[dict[str, Any]], bases: dict[str, float]) -> list[str]:
     """The quality-bar table: LASSO + least squares against :data:`QUALITY_BARS`."""
     out = []
-    for model, target, tuned, bar in QUALITY_BARS:
+    for (model, target, tuned, bar), alloc in itertools.product(QUALITY_BARS, ALLOCATIONS):
         row = next(
             (
                 r
                 for r in rows
-                if (r["model"], r["target"], r["method"], r["reconstruct"])
-                == (model, target, "lasso", "lstsq")
+                if (r["model"], r["target"], r["method"], r["reconstruct"], _alloc(r))
+                == (model, target, "lasso", "lstsq", alloc)
             ),
             None,
         )
@@ -510,16 +536,16 @@ def _quality_bars(rows: list[dict[str, Any]], bases: dict[str, float]) -> list[s
             continue
         drop = 100 * (bases[model] - acc)
         out.append(
-            f"| {model} | {target:g}× | {'after' if tuned else 'without'} | {_pct(acc)} | "
-            f"{drop:.2f} | ≤ {bar:g} | {'met' if drop <= bar else '**missed**'} |"
+            f"| {model} | {target:g}× | {alloc} | {'after' if tuned else 'without'} | "
+            f"{_pct(acc)} | {drop:.2f} | ≤ {bar:g} | {'met' if drop <= bar else '**missed**'} |"
         )
     if not out:
         return []
     return [
         "### Quality bar (LASSO + least squares)",
         "",
-        "| model | FLOPs | fine-tuning | top-1 | loss (points) | bar | |",
-        "|---|---:|---|---:|---:|---:|---|",
+        "| model | FLOPs | allocation | fine-tuning | top-1 | loss (points) | bar | |",
+        "|---|---:|---|---|---:|---:|---:|---|",
         *out,
         "",
         "Why the VGG-16 misses its bars, and what helps: [`quality.md`](quality.md) "
@@ -690,16 +716,15 @@ def _reproduce(
     runs, rows = [], []
     for model in models:
         for target in _speedups_of(model, args):
-            for method in args.methods:
-                for rec in args.reconstruct:
-                    key = _key(
-                        {"model": model, "target": target, "method": method, "reconstruct": rec}
-                        | settings
-                    )
-                    if key in done:
-                        rows.append(done[key])
-                    else:
-                        runs.append((model, target, method, rec))
+            for method, rec, alloc in itertools.product(
+                args.methods, args.reconstruct, args.allocations
+            ):
+                what = {"model": model, "target": target, "method": method, "reconstruct": rec}
+                key = _key(what | {"allocation": alloc} | settings)
+                if key in done:
+                    rows.append(done[key])
+                else:
+                    runs.append((model, target, method, rec, alloc))
     if len(rows):
         say(f"resuming: {len(rows)} runs already in {results}, {len(runs)} to go")
     args.missing = len(runs) if args.table_only else 0
@@ -707,9 +732,9 @@ def _reproduce(
         runs = []
 
     bar = progress_bar(runs, desc="runs", unit="run", disable=not lead)
-    for model, target, method, rec in bar:
-        bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}")
-        row = _run(nets[model], data, args, model, target, method, rec)
+    for model, target, method, rec, alloc in bar:
+        bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}/{alloc}")
+        row = _run(nets[model], data, args, model, target, method, rec, alloc)
         row["acc_original"] = bases[model]
         row["processes"] = world  # fine-tuning with BatchNorm depends on it
         rows.append(row)
@@ -718,7 +743,7 @@ def _reproduce(
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
         bar.write(
-            f"{model} {target:g}x {method:>12}/{rec:<5} speed-up {row['speedup']:.2f}x  "
+            f"{model} {target:g}x {method:>12}/{rec:<5}/{alloc:<7} speed-up {row['speedup']:.2f}x  "
             f"acc {_pct(row['acc'])}"
             + (f" / {_pct(row['acc_ft'])} after FT  " if args.ft_steps else "  ")
             + f"({row['prune_seconds']:.1f} s + {row['ft_seconds'] or 0:.1f} s)"

@@ -127,8 +127,9 @@ def test_reproduce_quick_and_resume(reproduce, tmp_path, capsys, monkeypatch):
 
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "### vgg16_fmnist" in md and "python scripts/reproduce.py --quick" in md
-    assert f"| thinet | lstsq | {100 * fitted['acc']:.2f}% / {100 * fitted['acc_ft']:.2f}% |" in md
-    assert "| thinet | none |" in md and "torch " in md
+    cell = f"{100 * fitted['acc']:.2f}% / {100 * fitted['acc_ft']:.2f}%"
+    assert f"| thinet | lstsq | uniform | {cell} |" in md
+    assert "| thinet | none | uniform |" in md and "torch " in md
     assert (tmp_path / "results_vgg16_fmnist.png").read_bytes()[:8] == PNG_MAGIC
 
     # --resume: every run is already there, so nothing is pruned again
@@ -146,14 +147,47 @@ def test_reproduce_quick_and_resume(reproduce, tmp_path, capsys, monkeypatch):
     assert reproduce.main([*both, "--out-dir", str(tmp_path), "--table-only"]) == 0
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert "**Partial table**: 2 of 4 runs are not done yet" in md
-    assert f"| thinet | lstsq | {100 * fitted['acc']:.2f}% / {100 * fitted['acc_ft']:.2f}% |" in md
-    assert "| lasso | lstsq |  |" in md
+    assert f"| thinet | lstsq | uniform | {cell} |" in md
+    assert "| lasso | lstsq | uniform |  |" in md
     assert (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines() == lines
+    monkeypatch.undo()
+
+
+def test_reproduce_allocations_and_rows_recorded_before_them(reproduce, tmp_path):
+    argv = ["--quick", "--models", "vgg16_fmnist", "--methods", "thinet", "--reconstruct", "lstsq"]
+    argv += ["--no-finetune", "--out-dir", str(tmp_path)]
+    assert reproduce.main([*argv, "--allocations", "uniform,auto"]) == 0
+    path = tmp_path / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r["allocation"] for r in rows] == ["uniform", "auto"]
+    uniform, auto = rows
+    assert uniform["channels"] != auto["channels"]  # auto split the target its own way
+    assert abs(auto["speedup"] / 2.0 - 1) < 0.02
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert f"| thinet | lstsq | auto | {100 * auto['acc']:.2f}% |" in md
+    assert "| vgg16_fmnist | 2× | auto |" not in md  # quality bars are for lasso only
+    # a row from before --allocations (no "allocation" key) counts as uniform on --resume
+    del uniform["allocation"]
+    path.write_text(json.dumps(uniform) + "\n", encoding="utf-8")
+    reproduce.recon.prune, prune = None, reproduce.recon.prune  # nothing may be re-run
+    try:
+        assert reproduce.main([*argv, "--resume"]) == 0
+    finally:
+        reproduce.recon.prune = prune
+    assert f"| thinet | lstsq | uniform | {100 * uniform['acc']:.2f}% |" in (
+        tmp_path / "results.md"
+    ).read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--speedups", "0.5"], ["--methods", "magic"], ["--calib", "0"], ["--seed", "-1"]],
+    [
+        ["--speedups", "0.5"],
+        ["--methods", "magic"],
+        ["--calib", "0"],
+        ["--seed", "-1"],
+        ["--allocations", "even"],
+    ],
 )
 def test_reproduce_bad_options(reproduce, argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -209,11 +243,13 @@ def test_reproduce_quality_bars(reproduce):
         row("vgg16_fmnist", 2.0, 0.9360, 0.9390),  # loses 0.40 / 0.10: both met
         row("vgg16_fmnist", 4.0, 0.9200, 0.9300, method="thinet"),  # not LASSO: no line
         row("resnet20_fmnist", 2.0, 0.9150, 0.9290),  # loses 1.50: missed
+        row("resnet20_fmnist", 2.0, 0.9260, 0.9290) | {"allocation": "auto"},  # 0.40: met
     ]
     md = "\n".join(reproduce._quality_bars(rows, bases))
-    assert "| vgg16_fmnist | 2× | without | 93.60% | 0.40 | ≤ 0.5 | met |" in md
-    assert "| vgg16_fmnist | 2× | after | 93.90% | 0.10 | ≤ 0.3 | met |" in md
-    assert "| resnet20_fmnist | 2× | without | 91.50% | 1.50 | ≤ 1 | **missed** |" in md
+    assert "| vgg16_fmnist | 2× | uniform | without | 93.60% | 0.40 | ≤ 0.5 | met |" in md
+    assert "| vgg16_fmnist | 2× | uniform | after | 93.90% | 0.10 | ≤ 0.3 | met |" in md
+    assert "| resnet20_fmnist | 2× | uniform | without | 91.50% | 1.50 | ≤ 1 | **missed** |" in md
+    assert "| resnet20_fmnist | 2× | auto | without | 92.60% | 0.40 | ≤ 1 | met |" in md
     assert "4×" not in md
     assert reproduce._quality_bars([], bases) == []
 
