@@ -14,6 +14,7 @@ This module sees tensors and :class:`recon.budget.BudgetUnit` only.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -94,9 +95,11 @@ def global_channels(
     >>> a = BudgetUnit("a", 4, out_modules=("c1",), in_modules=("c2",))
     >>> b = BudgetUnit("b", 4, out_modules=("c2",), in_modules=("c3",))
     >>> scores = {"a": torch.tensor([4.0, 3, 2, 1]), "b": torch.tensor([0.1, 0.2, 9, 9])}
-    >>> global_channels([a, b], scores, speedup=1.5, module_flops={"c1": 40, "c2": 40,
+    >>> global_channels([a, b], scores, speedup=1.42, module_flops={"c1": 40, "c2": 40,
     ...     "c3": 20}, total_flops=100)
     {'a': 4, 'b': 2}
+
+    ``b``'s two weakest channels go first (FLOPs 100 → 70), before any of ``a``.
     """
     units = _budget._check_units(units)
     widths = {u.name: u.width for u in units}
@@ -152,7 +155,7 @@ def global_channels(
         out = dict(result)
         for name, w, r in zip(free, width_arr, removed, strict=True):
             k = int(w - r)
-            out[name] = w if k == w else min(_budget._round_up(k, round_to), int(w))
+            out[name] = int(w) if k == w else min(_budget._round_up(k, round_to), int(w))
         return out
 
     def speedup_of(j: int) -> float:
@@ -168,4 +171,12 @@ def global_channels(
         else:
             lo = mid
     best = min((hi, lo), key=lambda j: abs(math.log(speedup_of(j) / speedup)))
+    reached = speedup_of(best)
+    if abs(reached / speedup - 1) > RTOL:
+        warnings.warn(
+            f"allocation='global' reaches a speedup of {reached:.4g} for a target of "
+            f"{speedup:g}: one more channel (or round_to={round_to} channels) of the "
+            "ranking changes the FLOPs by more than 2 % here",
+            stacklevel=3,
+        )
     return counts(best)
