@@ -5,6 +5,7 @@
 >>> print(result.report)                                         # doctest: +SKIP
 >>> recon.save(result, "pruned.pt")                              # doctest: +SKIP
 >>> model = recon.load("pruned.pt", build_unpruned_model)       # doctest: +SKIP
+>>> scratch = recon.reinit(result.model, seed=0)                 # doctest: +SKIP
 
 The public submodules are attributes too, imported on first use (PEP 562), so that
 ``import recon`` loads only what :func:`prune` needs:
@@ -23,6 +24,7 @@ from ._version import __version__
 from .api import PruneResult, prune
 from .io import load, save
 from .report import LayerReport, Report
+from .scratch import reinit
 
 __all__ = [
     "LayerReport",
@@ -32,6 +34,7 @@ __all__ = [
     "apply_plan",
     "load",
     "prune",
+    "reinit",
     "save",
 ]
 

@@ -6,7 +6,8 @@
    (:mod:`recon._checks`), and find the units (:mod:`recon.graph`);
 2. **allocate** the channels each unit keeps: uniformly for a target (:mod:`recon.budget`),
    or, with ``allocation="auto"``, from a **profile** of the original network
-   (:mod:`recon.profile`) by a global solve (:mod:`recon.allocate`);
+   (:mod:`recon.profile`) by a global solve (:mod:`recon.allocate`), or, with
+   ``allocation="global"``, by one ranking of every channel's score (:mod:`recon.ranking`);
 3. **prune each unit** in forward order: its statistics over the calibration passes
    (:mod:`recon.gather`, :mod:`recon.passes`), then select, re-fit and cut
    (:mod:`recon.refit`);
@@ -54,13 +55,19 @@ from .gather import (  # noqa: F401  (_image_folds, _accumulate: used by tests)
 from .graph import Graph, find_units, trace
 from .passes import DEFAULT_CACHE_BYTES, Passes
 from .profile import profile_units
+from .ranking import global_channels
 from .refit import _prune_one
 from .report import AllocationReport, AllocationRow, LayerReport, Report
+from .scores import check_scores, global_scores
+from .select import SCORE_METHODS
 
 __all__ = ["ALLOCATIONS", "DEFAULT_ALLOCATION", "MAX_PATCH_DIM", "PruneResult", "prune"]
 
 #: How ``speedup=`` is split into channels per unit (see :func:`prune`).
-ALLOCATIONS = ("auto", "uniform")
+ALLOCATIONS = ("auto", "uniform", "global", "global_normalized")
+#: The allocations that rank the channels' scores of every unit together, and how
+#: each makes the scores of different units comparable (:func:`recon.scores.normalize`).
+GLOBAL_ALLOCATIONS = {"global": "none", "global_normalized": "mean"}
 #: ``allocation=None`` means this (measured in docs/allocation.md).
 DEFAULT_ALLOCATION = "uniform"
 
@@ -157,9 +164,17 @@ def prune(
     calib : Tensor or iterable
         Calibration images: a tensor (N, C, H, W), or an iterable (e.g. a DataLoader)
         of such tensors or of ``(inputs, labels)`` tuples; labels are ignored.
-    method : {"lasso", "thinet", "l1", "max_response", "first_k", "random"}
+    method : {"lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", \
+"random"}
         Channel selection (He et al. 2017 LASSO, Luo et al. 2017 ThiNet greedy, or a
-        baseline).
+        baseline). The score methods keep the channels with the largest score
+        (:mod:`recon.scores`): ``"l1"``, the producer filter's L1 norm (Li et al.
+        2017); ``"max_response"``, the L1 norm of the consumer weights reading the
+        channel; ``"apoz"``, the fraction of non-zero values the consumer reads from
+        the channel, over the calibration images (1 − APoZ, Hu et al. 2016; counted in
+        the unit's statistics pass, no pass of its own); ``"bn_gamma"``, the
+        ``|γ|`` of the BatchNorm after the producer (Network Slimming, Liu et al.
+        2017; a unit without one is an error naming it).
     reconstruct : {"lstsq", "lstsq_plain", "scale", "none"}
         Re-fit the consumer. ``"lstsq"``: least squares with its bias and a ridge
         towards a safe fit (ThiNet's per-channel scaling of the kept channels, or their
@@ -174,7 +189,7 @@ def prune(
         Exactly one target: a FLOPs ratio original/pruned (>= 1); a keep ratio in (0, 1]
         for every unit or a dict unit name -> ratio; or a dict unit name -> channels.
         Unit names are the producer layers' qualified names (``"features.0"``).
-    allocation : {"uniform", "auto"} or None, default None
+    allocation : {"uniform", "auto", "global", "global_normalized"} or None, default None
         How ``speedup`` is split into channels per unit. ``"uniform"``: one keep ratio
         for every unit, scaled to meet the FLOPs target. ``"auto"``: profile the
         original network first (:mod:`recon.profile`: each unit's re-fitted error at
@@ -182,10 +197,20 @@ def prune(
         by a sensitivity measured on held-out calibration images; about two extra
         calibration passes, the ``"profile"`` phase of the report), then choose the
         counts that minimise the summed predicted output error under the FLOPs
-        target (:func:`recon.allocate.allocate`), within 2 % of it. ``round_to``,
+        target (:func:`recon.allocate.allocate`), within 2 % of it. ``"global"``
+        (score methods only: ``l1``, ``max_response``, ``apoz``, ``bn_gamma``):
+        Network Slimming's global threshold, one ranking of every channel's score in
+        the original network across all units, the lowest removed until the FLOPs
+        target is met within 2 % (:func:`recon.ranking.global_channels`; ``apoz``
+        takes one forward pass of the original network for its scores). The raw
+        scores are compared across layers, as Slimming compares ``|γ|``;
+        ``"global_normalized"`` first divides each unit's scores by their mean
+        (only their spread within a layer decides; for scores whose scale differs
+        between layers, like the weight norms of ``l1``). ``round_to``,
         ``ignored_layers`` and sampler layers take part. None: ``DEFAULT_ALLOCATION``
         (``"uniform"``). It applies to ``speedup`` only: ``keep_ratio`` and
-        ``channels`` are explicit, and ``allocation="auto"`` with them is an error.
+        ``channels`` are explicit, and ``allocation="auto"`` or ``"global"`` with
+        them is an error.
     samples_per_image : int or None, default 10
         Output positions sampled per image and layer; None for every position.
     max_images : int, optional
@@ -371,11 +396,17 @@ def _check_options(
         not isinstance(allocation, str) or allocation not in ALLOCATIONS
     ):
         raise _bad("allocation", f"one of {ALLOCATIONS} or None", allocation)
-    if allocation == "auto" and speedup is None:
+    if allocation in ("auto", *GLOBAL_ALLOCATIONS) and speedup is None:
         raise ValueError(
-            "The 'allocation' argument 'auto' applies to a 'speedup' target only: "
+            f"The 'allocation' argument {allocation!r} applies to a 'speedup' target only: "
             "'keep_ratio' and 'channels' say how many channels each unit keeps. Got "
-            "allocation='auto' without speedup."
+            f"allocation={allocation!r} without speedup."
+        )
+    if allocation in GLOBAL_ALLOCATIONS and method not in SCORE_METHODS:
+        raise ValueError(
+            f"The 'allocation' argument {allocation!r} ranks per-channel scores across "
+            f"units and needs a score method, one of {SCORE_METHODS}. Got "
+            f"allocation={allocation!r} with method={method!r} instead."
         )
     if speedup is not None and allocation is None:
         allocation = DEFAULT_ALLOCATION
@@ -502,8 +533,9 @@ def _allocate_channels(
     net: _Network, timer, ctx, show, *, speedup, keep_ratio, channels, ignored_layers,
     round_to, allocation, method, reconstruct, samples_per_image, seed, cache_bytes,
 ) -> tuple[dict[str, int], AllocationReport | None]:  # fmt: skip
-    """Channels per unit: the target resolved uniformly, or (``"auto"``) allocated
-    from a profile of the original network; and what the allocation report shows."""
+    """Channels per unit: the target resolved uniformly, (``"auto"``) allocated from a
+    profile of the original network, or (``"global"``) by one ranking of the channels'
+    scores; and what the allocation report shows."""
     uniform = _budget.resolve_channels(
         net.budget_units,
         speedup=speedup,
@@ -514,10 +546,28 @@ def _allocate_channels(
         module_flops=net.module_flops,
         total_flops=net.flops_before,
     )
-    if allocation != "auto":
-        return uniform, None
     ignored = set(ignored_layers)
     free = [u for u in net.graph.units if u.name not in ignored]
+    # Before any calibration work: every unit that may lose channels has a score.
+    check_scores(
+        method, [u for u in free if speedup is not None or uniform[u.name] < u.width], net.original
+    )
+    if allocation in GLOBAL_ALLOCATIONS:
+        with timer("allocate"):
+            scores = global_scores(method, free, net.original, net.batches, ctx)
+            targets = global_channels(
+                net.budget_units,
+                scores,
+                speedup=speedup,
+                module_flops=net.module_flops,
+                total_flops=net.flops_before,
+                ignored_layers=ignored,
+                round_to=round_to,
+                normalization=GLOBAL_ALLOCATIONS[allocation],
+            )
+        return _agreed(targets, net, ctx), None
+    if allocation != "auto":
+        return uniform, None
     with timer("profile"):
         prof = profile_units(
             net.original,
@@ -545,11 +595,7 @@ def _allocate_channels(
             ignored_layers=ignored,
             round_to=round_to,
         )
-    names = [u.name for u in net.graph.units]
-    counts = torch.tensor([alloc.channels[n] for n in names], dtype=torch.int64)
-    if ctx is not None:  # every rank prunes to rank 0's counts
-        counts = ctx.broadcast_(counts, "channels per unit").cpu()
-    targets = dict(zip(names, (int(c) for c in counts), strict=True))
+    targets = _agreed(alloc.channels, net, ctx)
     at_uniform = cost_at(curves, uniform)
     at_chosen = cost_at(curves, targets)
     rows = [
@@ -578,6 +624,15 @@ def _allocate_channels(
         solver=alloc.solver,
     )
     return targets, report
+
+
+def _agreed(channels: dict[str, int], net: _Network, ctx) -> dict[str, int]:
+    """``channels`` per unit; in a distributed run, rank 0's (every rank prunes to them)."""
+    names = [u.name for u in net.graph.units]
+    counts = torch.tensor([channels[n] for n in names], dtype=torch.int64)
+    if ctx is not None:
+        counts = ctx.broadcast_(counts, "channels per unit").cpu()
+    return dict(zip(names, (int(c) for c in counts), strict=True))
 
 
 # --------------------------------------------------------------------------- prune each unit

@@ -29,6 +29,9 @@ from .solve import RECONSTRUCT
 __all__ = ["BUILTIN_DATA", "build_parser", "load_data", "load_model", "main"]
 
 _DIST_ERRORS = (DistributedError, RankFailedError)  # another process failed: no traceback
+# recon.select.METHODS, spelled out: importing recon.select would load scikit-learn
+# for every command (tests/test_seed_systems.py checks the two agree)
+_METHODS = ("lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", "random")
 
 _EPILOG = """\
 examples:
@@ -147,19 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--allocation",
-        choices=("uniform", "auto"),
+        choices=("uniform", "auto", "global", "global_normalized"),
         default=None,
         help="how --speedup is split over the layers: one keep ratio for all (uniform, the "
         "default), or measured from the calibration data (auto: profiles the network "
-        "first, about two more calibration passes)",
+        "first, about two more calibration passes), or one ranking of every channel's "
+        "score across the layers (global: Network Slimming's threshold, for the score "
+        "methods l1, max_response, apoz, bn_gamma; global_normalized: each layer's scores "
+        "divided by their mean first)",
     )
 
     m = p.add_argument_group("method")
     m.add_argument(
         "--method",
         default="lasso",
-        choices=("lasso", "thinet", "l1", "max_response", "first_k", "random"),
-        help="channel selection (default: lasso, He et al. 2017; thinet: Luo et al. 2017)",
+        choices=_METHODS,
+        help="channel selection (default: lasso, He et al. 2017; thinet: Luo et al. 2017; "
+        "apoz: fewest zeros after the ReLU, Hu et al. 2016; bn_gamma: largest BatchNorm "
+        "|gamma|, Network Slimming, Liu et al. 2017)",
     )
     m.add_argument(
         "--reconstruct",
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--method",
         default="lasso",
-        choices=("lasso", "thinet", "l1", "max_response", "first_k", "random"),
+        choices=_METHODS,
         help="channel selection (default: lasso)",
     )
     b.add_argument(

@@ -4,6 +4,8 @@ For a unit, the consumer's input patches ``x`` at the sampled positions (from th
 network given as "pruned") and its output ``y`` (from the original) are summed into
 float64 statistics (:mod:`recon.stats`): patch Grams when the patch is short enough,
 channel-level Grams otherwise, kept per fold of images for the cross-validated re-fit.
+The same pass counts the exact zeros of each channel of the activation the consumer
+reads (at every position, not only the sampled ones), for APoZ.
 This module sees traced graphs, modules and tensors; it knows nothing of selection.
 """
 
@@ -181,6 +183,7 @@ def _accumulate(
                 x = x.detach()
                 if isinstance(consumer, SampledConv2d):
                     x = consumer.sampler(x)
+                stats.count_zeros(x)  # APoZ: every position, not only the sampled ones
                 if unit.consumer_kind == "conv":
                     got["x"] = gather_patches(
                         x,

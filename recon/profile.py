@@ -44,7 +44,8 @@ from .gather import CV_FOLDS, _accumulate
 from .graph import Unit
 from .passes import Passes
 from .sampling import _mix, layer_key
-from .select import channel_order
+from .scores import channel_scores
+from .select import SCORE_METHODS, channel_order
 from .solve import cv_lstsq, lstsq, scale
 from .stats import ChannelStats, PatchStats
 from .surgery import prune_unit
@@ -124,13 +125,8 @@ def _split(batches: list[Tensor], offsets: list[int], held: int):
     return fit, fit_offsets, torch.cat(tail) if tail else batches[0][:0]
 
 
-def _order(unit: Unit, A: Tensor, b: Tensor, w_cons: Tensor, original: nn.Module, method, seed):
-    scores = None
-    if method == "l1" and unit.producer is not None:
-        producer = original.get_submodule(unit.producer)
-        scores = producer.weight.detach().abs().reshape(unit.width, -1).sum(1)
-    elif method in ("l1", "max_response"):
-        scores = w_cons.abs().sum(dim=(0, 2), dtype=torch.float64)
+def _order(unit: Unit, A: Tensor, b: Tensor, stats, original: nn.Module, method, seed):
+    scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
     return channel_order(
         method, A=A, b=b, scores=scores, width=unit.width, seed=_mix(seed, layer_key(unit.name))
     ).to(A.device)
@@ -274,7 +270,7 @@ def _profile_one(
     n = consumer.weight.shape[0]
     w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
     A, b = stats.channel_problem(w_cons)
-    order = _order(unit, A, b, w_cons, original, method, seed)
+    order = _order(unit, A, b, stats, original, method, seed)
     counts = count_grid(unit.width, round_to)
     err = _curve(stats, A, b, order, counts, reconstruct).cpu()
     probe = _probe_count(counts, err, uniform)

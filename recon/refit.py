@@ -18,7 +18,8 @@ from ._timing import PhaseTimer
 from .graph import Unit
 from .report import LayerReport
 from .sampling import _mix, layer_key
-from .select import select_channels
+from .scores import channel_scores
+from .select import SCORE_METHODS, select_channels
 from .solve import channel_error, cv_lstsq, lstsq, patch_error, scale
 from .stats import ChannelStats, PatchStats
 from .surgery import prune_unit
@@ -62,13 +63,8 @@ def _prune_one(
             f"the statistics of '{unit.consumer}' are not finite (NaN or inf): the "
             f"activations around it overflow {w_cons.dtype} on some calibration image"
         )
-    scores = None
+    scores = channel_scores(method, unit, pruned, stats) if method in SCORE_METHODS else None
     note = "block target" if a is not None else ""
-    if method == "l1" and unit.producer is not None:
-        producer = pruned.get_submodule(unit.producer)
-        scores = producer.weight.detach().abs().reshape(unit.width, -1).sum(1)
-    elif method in ("l1", "max_response"):
-        scores = w_cons.abs().sum(dim=(0, 2), dtype=torch.float64)
     keep = select_channels(
         method,
         target,

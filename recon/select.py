@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "METHODS",
+    "SCORE_METHODS",
     "by_score",
     "channel_order",
     "first_k",
@@ -35,7 +36,10 @@ __all__ = [
     "thinet_order",
 ]
 
-METHODS = ("lasso", "thinet", "l1", "max_response", "first_k", "random")
+METHODS = ("lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", "random")
+#: Methods that keep the channels with the largest per-channel scores (:mod:`recon.scores`):
+#: the ones ``allocation="global"`` can rank across units.
+SCORE_METHODS = ("l1", "max_response", "apoz", "bn_gamma")
 
 #: Above this many channels, :func:`lasso` finds ``λ`` by bisection with coordinate
 #: descent instead of following the LARS path, whose cost grows like ``c·k²``.
@@ -279,14 +283,17 @@ def select_channels(
 ) -> Tensor:
     """Dispatch to a selection method by name.
 
-    ``lasso`` and ``thinet`` need ``A`` (and ``b``); ``l1`` and ``max_response`` need
-    ``scores``; ``first_k`` and ``random`` need only ``width``.
+    ``lasso`` and ``thinet`` need ``A`` (and ``b``); the score methods (``l1``,
+    ``max_response``, ``apoz``, ``bn_gamma``: ``SCORE_METHODS``) need ``scores``
+    (:func:`recon.scores.channel_scores`); ``first_k`` and ``random`` need only ``width``.
     """
     if method == "lasso":
         return lasso(A, b, k)
     if method == "thinet":
         return thinet(A, b, k)
-    if method in ("l1", "max_response"):
+    if method in SCORE_METHODS:
+        if scores is None:
+            raise ValueError(f"The 'scores' argument is required for method {method!r}. Got None.")
         return by_score(scores, k)
     if method == "first_k":
         return first_k(width, k)
@@ -405,7 +412,8 @@ def channel_order(
     - ``lasso``: :func:`lasso_order`, equal to ``lasso(A, b, k)`` until a channel
       leaves the path (and up to ``LARS_MAX_CHANNELS`` channels, where ``lasso``
       follows the path);
-    - ``l1``, ``max_response``: :func:`score_order`; ``first_k``: ``0 .. width-1``;
+    - ``l1``, ``max_response``, ``apoz``, ``bn_gamma``: :func:`score_order`;
+      ``first_k``: ``0 .. width-1``;
       ``random``: the seeded permutation whose first ``k`` :func:`random` keeps.
 
     Returns
@@ -421,7 +429,7 @@ def channel_order(
         if b is None:
             raise ValueError("The 'b' argument is required for method 'lasso'. Got None.")
         return lasso_order(A, b, max_active=max_active)
-    if method in ("l1", "max_response"):
+    if method in SCORE_METHODS:
         if scores is None:
             raise ValueError(f"The 'scores' argument is required for method {method!r}. Got None.")
         return score_order(scores)

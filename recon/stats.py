@@ -17,7 +17,7 @@ import scipy.linalg.blas
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelStats", "PatchStats", "add_gram_", "channel_gram"]
+__all__ = ["ChannelStats", "PatchStats", "add_gram_", "channel_gram", "zero_counts"]
 
 
 @dataclass
@@ -50,6 +50,12 @@ class PatchStats:
     Gf, Cf, sf, tf, yyf, nf : Tensor
         The same sums per fold, with a leading fold dimension of size ``K``
         (``nf`` holds the sample counts, as float64).
+    zeros : Tensor, shape (c,)
+        Exact zeros per channel in the activation the consumer reads, over every
+        position of every image given to :meth:`count_zeros` (all folds together).
+    entries : Tensor, shape ()
+        Values per channel behind ``zeros`` (float64); ``zeros / entries`` is the
+        channel's APoZ (:attr:`apoz`).
     """
 
     channels: int
@@ -62,6 +68,8 @@ class PatchStats:
     tf: Tensor = field(init=False, repr=False)
     yyf: Tensor = field(init=False, repr=False)
     nf: Tensor = field(init=False, repr=False)
+    zeros: Tensor = field(init=False, repr=False)
+    entries: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 1:
@@ -77,6 +85,8 @@ class PatchStats:
         self.tf = torch.zeros(K, n, **kw)
         self.yyf = torch.zeros(K, n, **kw)
         self.nf = torch.zeros(K, **kw)
+        self.zeros = torch.zeros(self.channels, **kw)
+        self.entries = torch.zeros((), **kw)
         self._totals: dict[str, Tensor] = {}
 
     @property
@@ -143,6 +153,21 @@ class PatchStats:
     def count(self) -> int:
         return round(float(self.nf.sum()))
 
+    @property
+    def apoz(self) -> Tensor:
+        """Average Percentage of Zeros per channel, (c,) float64 (see :meth:`count_zeros`)."""
+        return _apoz(self.zeros, self.entries)
+
+    def count_zeros(self, activation: Tensor) -> None:
+        """Add the exact zeros of each channel of ``activation`` to :attr:`zeros`.
+
+        ``activation`` is what the consumer reads for a batch: (B, c, H, W), or
+        (B, c*k) channel-major before a linear consumer. See :func:`zero_counts`.
+        """
+        z, e = zero_counts(activation, self.channels)
+        self.zeros += z.to(self.zeros.device)
+        self.entries += e
+
     def update(self, x: Tensor, y: Tensor, fold: Tensor | int | None = None) -> None:
         """Add a batch of samples: ``x`` (N, c*k) patches, ``y`` (N, n) targets.
 
@@ -196,15 +221,16 @@ class PatchStats:
             raise ValueError(
                 f"The 'other' argument must have {self.folds} folds. Got {other.folds} instead."
             )
-        for name in ("Gf", "Cf", "sf", "tf", "yyf", "nf"):
+        for name in ("Gf", "Cf", "sf", "tf", "yyf", "nf", "zeros", "entries"):
             getattr(self, name).add_(getattr(other, name).to(self.Gf.device))
         self._totals.clear()
         return self
 
     def tensors(self) -> list[Tensor]:
-        """The summed tensors, per fold, in a fixed order (for in-place all-reduce)."""
+        """The summed tensors, in a fixed order (for in-place all-reduce): the six sums
+        per fold, then the zero counts :attr:`zeros` and :attr:`entries`."""
         self._totals.clear()
-        return [self.Gf, self.Cf, self.sf, self.tf, self.yyf, self.nf]
+        return [self.Gf, self.Cf, self.sf, self.tf, self.yyf, self.nf, self.zeros, self.entries]
 
     def fold(self, f: int) -> PatchStats:
         """Fold ``f``'s sums, as statistics of one fold (views, not copies)."""
@@ -222,6 +248,7 @@ class PatchStats:
         out.channels, out.taps, out.outputs = self.channels, self.taps, self.outputs
         out.device, out.folds, out._totals, out._dirty = self.device, 1, {}, set()
         out.Gf, out.Cf, out.sf, out.tf, out.yyf, out.nf = sums
+        out.zeros, out.entries = self.zeros, self.entries  # not kept per fold
         return out
 
     def channel_problem(self, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,6 +334,8 @@ class ChannelStats:
     b: Tensor = field(init=False)
     yy: Tensor = field(init=False)
     n: Tensor = field(init=False, repr=False)  # sample count, float64 (for all-reduce)
+    zeros: Tensor = field(init=False, repr=False)  # (c,) as in PatchStats
+    entries: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         _, c, _ = self.weight.shape
@@ -316,11 +345,24 @@ class ChannelStats:
         self.b = torch.zeros(c, **kw)
         self.yy = torch.zeros((), **kw)
         self.n = torch.zeros((), **kw)
+        self.zeros = torch.zeros(c, **kw)
+        self.entries = torch.zeros((), **kw)
 
     @property
     def count(self) -> int:
         """Number of samples."""
         return round(float(self.n))
+
+    @property
+    def apoz(self) -> Tensor:
+        """Average Percentage of Zeros per channel, as :attr:`PatchStats.apoz`."""
+        return _apoz(self.zeros, self.entries)
+
+    def count_zeros(self, activation: Tensor) -> None:
+        """As :meth:`PatchStats.count_zeros`."""
+        z, e = zero_counts(activation, self.weight.shape[1])
+        self.zeros += z.to(self.zeros.device)
+        self.entries += e
 
     def update(self, x: Tensor, y: Tensor, fold: Tensor | int | None = None) -> None:
         """Add samples: ``x`` (N, c*k) inputs, ``y`` (N, n) targets (``fold`` is ignored)."""
@@ -334,13 +376,48 @@ class ChannelStats:
         self.n += x.shape[0]
 
     def merge_(self, other: ChannelStats) -> ChannelStats:
-        for name in ("A", "b", "yy", "n"):
+        for name in ("A", "b", "yy", "n", "zeros", "entries"):
             getattr(self, name).add_(getattr(other, name).to(self.A.device))
         return self
 
     def tensors(self) -> list[Tensor]:
         """The summed tensors, in a fixed order (for in-place all-reduce)."""
-        return [self.A, self.b, self.yy, self.n]
+        return [self.A, self.b, self.yy, self.n, self.zeros, self.entries]
 
     def channel_problem(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.A, self.b
+
+
+def zero_counts(activation: Tensor, channels: int) -> tuple[Tensor, float]:
+    """Exact zeros per channel of an activation, and the values per channel counted.
+
+    The streaming sums behind APoZ (Hu et al., 2016, "Network Trimming"): for channel
+    ``i``, ``APoZ_i = Σ [a_i = 0] / Σ 1`` over every image and position.
+
+    Parameters
+    ----------
+    activation : Tensor, shape (B, c, ...) or (B, c*k)
+        A batch of the activation a consumer reads (e.g. after a ReLU), channel-major
+        when flattened.
+    channels : int
+        ``c``.
+
+    Returns
+    -------
+    zeros : Tensor, shape (c,), float64
+    entries : float
+        Values per channel in the batch (``B`` times the positions per channel).
+
+    Examples
+    --------
+    >>> a = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])  # (B=1, c=2, 2)
+    >>> zero_counts(a, 2)
+    (tensor([1., 2.], dtype=torch.float64), 2.0)
+    """
+    flat = activation.detach().reshape(activation.shape[0], channels, -1)  # (B, c, positions)
+    zeros = (flat == 0).sum(dim=(0, 2), dtype=torch.int64).to(torch.float64)
+    return zeros, float(flat.shape[0] * flat.shape[2])
+
+
+def _apoz(zeros: Tensor, entries: Tensor) -> Tensor:
+    return zeros / entries if float(entries) > 0 else torch.zeros_like(zeros)

@@ -303,6 +303,9 @@ def _run(
             reconstruct=rec,
             speedup=target,
             allocation=allocation,
+            # a residual block's input has no BatchNorm of its own: bn_gamma prunes the
+            # blocks' inner channels only
+            sampler_layers=method != "bn_gamma",
             seed=args.seed,
             device=args.device,
             progress=False,

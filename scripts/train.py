@@ -2,6 +2,12 @@
 
     python scripts/train.py vgg16_fmnist --epochs 8
     python scripts/train.py resnet20_fmnist --epochs 8
+    python scripts/train.py vgg16_fmnist --epochs 8 --bn-l1 1e-4   # -> vgg16_fmnist_bnl1
+
+``--bn-l1 λ`` trains with Network Slimming's sparsity penalty ``λ Σ|γ|`` on every
+BatchNorm scale (``recon.finetune.finetune(..., bn_l1=λ)``), the model to prune with
+``method="bn_gamma", allocation="global"``; it is saved as ``<name>_bnl1`` so that the
+shipped baseline is kept.
 
 The checkpoint (float16 state_dict, loaded back as float32 by
 ``recon.models.pretrained``) goes to ``recon/assets/<name>.pt``; the manifest entry
@@ -45,6 +51,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, help="peak learning rate (per-model default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bn-l1",
+        type=float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="sparsity penalty on the BatchNorm scales, Network Slimming (0: none; the "
+        "paper used 1e-4); the model is saved as NAME_bnl1",
+    )
     parser.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--out-dir", default=str(PRETRAINED_MANIFEST.parent))
     args = parser.parse_args()
@@ -60,7 +74,11 @@ def main() -> None:
     model = BUILDERS[builder](**kwargs)
     steps = args.epochs * (len(x) // args.batch_size)
     t0 = time.perf_counter()
-    finetune(model, x, y, steps=steps, lr=lr, batch_size=args.batch_size, seed=args.seed)
+    finetune(
+        model, x, y, steps=steps, lr=lr, batch_size=args.batch_size, seed=args.seed,
+        bn_l1=args.bn_l1,
+    )  # fmt: skip
+    name = f"{args.name}_bnl1" if args.bn_l1 > 0 else args.name
     seconds = time.perf_counter() - t0
     print(f"trained {steps} steps in {seconds:.0f} s", file=sys.stderr)
 
@@ -68,7 +86,7 @@ def main() -> None:
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     acc = evaluate(model.eval(), x_test, y_test)
     out_dir = Path(args.out_dir)
-    path = out_dir / f"{args.name}.pt"
+    path = out_dir / f"{name}.pt"
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
@@ -76,7 +94,10 @@ def main() -> None:
     os.replace(tmp, path)
     manifest_path = out_dir / PRETRAINED_MANIFEST.name
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest[args.name] = {
+    command = f"python scripts/train.py {args.name} --epochs {args.epochs} --seed {args.seed}"
+    if args.bn_l1 > 0:
+        command += f" --bn-l1 {args.bn_l1:g}"
+    manifest[name] = {
         "builder": builder,
         "kwargs": kwargs,
         "file": path.name,
@@ -90,10 +111,11 @@ def main() -> None:
         "train_seconds": round(seconds),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
-        "command": f"python scripts/train.py {args.name} --epochs {args.epochs} --seed {args.seed}",
+        "command": command,
+        **({"bn_l1": args.bn_l1} if args.bn_l1 > 0 else {}),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    print(f"{args.name}: test accuracy {100 * acc:.2f}% -> {path}")
+    print(f"{name}: test accuracy {100 * acc:.2f}% -> {path}")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def test_merge_of_two_halves_equals_whole():
 def test_tensors_fixed_order():
     X, Y = data(2)
     st = accumulate(X, Y, 4, 9, 20)
-    Gf, Cf, sf, tf, yyf, nf = st.tensors()  # per fold: one fold here
+    Gf, Cf, sf, tf, yyf, nf, zeros, entries = st.tensors()  # per fold: one fold here
+    assert zeros is st.zeros and entries is st.entries  # the APoZ counts, all-reduced too
     assert Gf is st.Gf and Cf is st.Cf and sf is st.sf and tf is st.tf and yyf is st.yyf
     assert nf is st.nf and nf.tolist() == [60.0]
     for total, per_fold in ((st.G, Gf), (st.C, Cf), (st.s, sf), (st.t, tf), (st.yy_out, yyf)):
@@ -164,8 +165,8 @@ def test_memory_does_not_grow_with_samples():
         shapes.append([t.shape for t in patch.tensors()] + [t.shape for t in chan.tensors()])
         assert patch.count == chan.count == N
     assert shapes[0] == shapes[1]
-    assert shapes[0][:6] == [(1, 36, 36), (1, 36, 5), (1, 36), (1, 5), (1, 5), (1,)]
-    assert shapes[0][6:] == [(4, 4), (4,), (), ()]
+    assert shapes[0][:8] == [(1, 36, 36), (1, 36, 5), (1, 36), (1, 5), (1, 5), (1,), (4,), ()]
+    assert shapes[0][8:] == [(4, 4), (4,), (), (), (4,), ()]
 
 
 def test_channel_gram_rejects_flat_weight_naming_it():
