@@ -308,6 +308,7 @@ def run(
     speedup: float = 2.0,
     method: str = "lasso",
     reconstruct: str = "lstsq",
+    allocation: str = "uniform",
     samples_per_image: int | None = 10,
     batch_size: int = 64,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -328,6 +329,9 @@ def run(
         Label for the report.
     speedup, method, reconstruct, samples_per_image, cache_bytes, seed
         As for :func:`recon.prune`.
+    allocation : str, default "uniform"
+        As for :func:`recon.prune`; uniform by default, the split every timing in
+        docs/benchmarks.md and the naive reference use (``"auto"`` adds its profile).
     device : str or torch.device, optional
         Where to run (default: the model's device).
     repeats : int, default 3
@@ -357,6 +361,7 @@ def run(
         "speedup": speedup,
         "method": method,
         "reconstruct": reconstruct,
+        "allocation": allocation,
         "samples_per_image": samples_per_image,
         "cache_bytes": cache_bytes,
         "seed": seed,

@@ -186,11 +186,34 @@ def _probe_count(counts: Tensor, err: Tensor, uniform: int) -> int:
     return int(counts[0])
 
 
+def _flat_output(out) -> Tensor:
+    """A model's output as one float64 vector per image: its tensors (in tuples, lists or
+    dicts, as detection or multi-head models return them) flattened and concatenated."""
+    leaves = []
+
+    def visit(obj) -> None:
+        if isinstance(obj, Tensor):
+            leaves.append(obj.double().reshape(obj.shape[0] if obj.dim() else 1, -1))
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                visit(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                visit(item)
+
+    visit(out)
+    if not leaves:
+        raise TypeError(
+            "allocation='auto' measures the network's output, which must hold tensors "
+            f"(a tensor, or tuples, lists or dicts of them). Got {type(out).__name__}; "
+            "pass allocation='uniform'."
+        )
+    return torch.cat(leaves, dim=1) if len(leaves) > 1 else leaves[0]
+
+
 def _output_error(model: nn.Module, x: Tensor, ref: Tensor) -> list[float]:
-    out = model(x)
-    if not isinstance(out, Tensor):
-        raise TypeError("allocation='auto' needs a model whose output is one tensor")
-    return [float(((out.double() - ref) ** 2).sum()), float((ref**2).sum())]
+    out = _flat_output(model(x))
+    return [float(((out - ref) ** 2).sum()), float((ref**2).sum())]
 
 
 def profile_units(
@@ -223,7 +246,7 @@ def profile_units(
         x_held = torch.cat(batches)[:HELDOUT_IMAGES]
     timer = PhaseTimer()  # the caller charges all of it to "profile"
     with torch.no_grad():
-        ref = original(x_held).double() if len(x_held) else None
+        ref = _flat_output(original(x_held)) if len(x_held) else None
         passes = Passes(
             gm_o, gm_o, fit, list(units), {u.name: None for u in units}, [],
             samples_per_image=samples_per_image, seed=seed, cache_bytes=cache_bytes,

@@ -312,7 +312,11 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = recon.prune(
-                    model, x.split(args.batch_size), speedup=target, progress=False
+                    model,
+                    x.split(args.batch_size),
+                    speedup=target,
+                    allocation="uniform",
+                    progress=False,
                 )
             pruned = result.model.eval()
             for batch in (1, 64):

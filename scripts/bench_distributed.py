@@ -72,6 +72,7 @@ def _worker(args: argparse.Namespace) -> None:
             model,
             x.split(args.batch_size),
             speedup=args.speedup,
+            allocation="uniform",
             method=args.method,
             device=args.device,
             progress=False,

@@ -53,7 +53,12 @@ def _run(
         warnings.simplefilter("ignore")  # the under-determined warnings are the point here
         t0 = time.perf_counter()
         res = recon.prune(
-            pretrained(model), calib.split(100), speedup=speedup, reconstruct=mode, progress=False
+            pretrained(model),
+            calib.split(100),
+            speedup=speedup,
+            reconstruct=mode,
+            allocation="uniform",
+            progress=False,
         )
         seconds = time.perf_counter() - t0
     ridges = [layer.ridge for layer in res.report.layers]

@@ -52,6 +52,7 @@ def main() -> None:
                     method=method,
                     reconstruct=rec,
                     speedup=s,
+                    allocation="uniform",
                     seed=args.seed,
                     progress=False,
                 )

@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
     runs = [("original", net, 1.0)]
     for speedup in (2.0, 4.0):
         for round_to in (1, 8):
-            res = recon.prune(net, x_calib, speedup=speedup, round_to=round_to, progress=False)
+            res = recon.prune(
+                net,
+                x_calib,
+                speedup=speedup,
+                allocation="uniform",
+                round_to=round_to,
+                progress=False,
+            )
             name = f"{speedup:g}x" + (f", round_to={round_to}" if round_to > 1 else "")
             runs.append((name, res.model.eval(), res.report.speedup))
     x = x_calib[: args.batch]

@@ -91,7 +91,12 @@ def main(argv: list[str] | None = None) -> None:
                 warnings.simplefilter("ignore")
                 t0 = time.perf_counter()
                 res = recon.prune(
-                    original, calib.split(16), reconstruct=mode, progress=False, **target
+                    original,
+                    calib.split(16),
+                    reconstruct=mode,
+                    allocation="uniform",
+                    progress=False,
+                    **target,
                 )
                 seconds = time.perf_counter() - t0
             e_cal = logit_error(original, res.model, calib, batch_size=64)

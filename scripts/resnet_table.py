@@ -59,7 +59,15 @@ def main() -> None:
     def run(**kwargs) -> tuple[list[str], float]:
         cells, t = [], time.perf_counter()
         for s in speedups:
-            res = recon.prune(model, calib, speedup=s, seed=args.seed, progress=False, **kwargs)
+            res = recon.prune(
+                model,
+                calib,
+                speedup=s,
+                allocation="uniform",
+                seed=args.seed,
+                progress=False,
+                **kwargs,
+            )
             acc = evaluate(res.model, x_test, y_test)
             with torch.no_grad():
                 err = float(((res.model(x_test).double() - ref) ** 2).sum() / (ref**2).sum())

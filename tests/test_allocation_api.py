@@ -75,15 +75,23 @@ def test_auto_prunes_the_redundant_layer_harder_within_the_flops_target():
     assert auto.plan["options"]["allocation"] == "auto"
 
 
-def test_uniform_is_the_default_and_unchanged_bit_for_bit():
+def test_auto_is_the_default_for_a_speedup_and_uniform_stays_as_it_was():
     net, x = randomize_bn(models.vgg11(width=0.125)).eval(), _images(64, 32)
     default = _prune(net, x, speedup=2.0)
-    uniform = _prune(net, x, speedup=2.0, allocation="uniform")
-    assert default.channels == uniform.channels
-    assert default.report.allocation is None and "profile" not in default.report.phases
-    a, b = default.model.state_dict(), uniform.model.state_dict()
+    auto = _prune(net, x, speedup=2.0, allocation="auto")
+    assert recon.api.DEFAULT_ALLOCATION == "auto"
+    assert default.channels == auto.channels and default.report.allocation is not None
+    a, b = default.model.state_dict(), auto.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert default.plan["options"]["allocation"] == "auto"
+    uniform = _prune(net, x, speedup=2.0, allocation="uniform")
+    assert uniform.report.allocation is None and "profile" not in uniform.report.phases
+    widths = {u: len(k) for u, k in uniform.kept.items()}
+    ratios = {round(uniform.channels[u] / widths[u], 1) for u in widths}
+    assert len(ratios) == 1, ratios  # one keep ratio for every layer
     assert uniform.plan["options"]["allocation"] == "uniform"
+    keep = _prune(net, x, keep_ratio=0.5)  # explicit counts: no allocation, no profile
+    assert keep.report.allocation is None and "profile" not in keep.report.phases
 
 
 @pytest.mark.parametrize("bad", ["Auto", "even", 1, ""])

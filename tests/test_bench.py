@@ -82,6 +82,9 @@ def test_recon_bench_cli(tmp_path, capsys):
     assert "one plain forward pass" in text and "stats" in text
     numbers = json.loads(out.read_text())
     assert numbers["images"] == 48 and numbers["ratio"] > 0
+    assert "profile" not in numbers["phases"]  # uniform unless asked
+    assert cli.main([*argv, "--allocation", "auto", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["phases"]["profile"] > 0
 
 
 def test_recon_prune_takes_cache_mb(tmp_path, capsys):

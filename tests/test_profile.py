@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import recon
 from recon.allocate import count_grid, lstsq_error_curve, scale_error_curve
-from recon.profile import _curve, _probe_fit
+from recon.profile import _curve, _flat_output, _probe_fit
 from recon.solve import cv_lstsq, lstsq
 from recon.stats import PatchStats
 
@@ -67,3 +68,30 @@ def test_the_probe_is_fitted_as_pruning_fits_it():
     weight, bias = _probe_fit(stats, A, b, keep, w, "lstsq_plain")
     plain = lstsq(stats, keep, fit_bias=True)
     assert torch.equal(weight, plain[0]) and torch.equal(bias, plain[1])
+
+
+class _TwoHeads(torch.nn.Module):
+    """A small CNN whose output is a dict of two tensors, as multi-head models return."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+        return {"logits": h.mean((2, 3)), "aux": (h[:, :2].flatten(1),)}
+
+
+def test_auto_measures_an_output_made_of_several_tensors():
+    torch.manual_seed(0)
+    net, x = _TwoHeads().eval(), torch.randn(40, 3, 8, 8)
+    result = recon.prune(net, x, speedup=1.6, progress=False)  # auto: the default
+    assert result.report.allocation is not None
+    assert result.report.speedup == pytest.approx(1.6, rel=0.02)
+    out = _flat_output({"a": torch.ones(5, 2, 3), "b": [torch.zeros(5, 4)]})
+    assert out.shape == (5, 10) and out.dtype == torch.float64
+    assert float(out[:, :6].sum()) == 30 and float(out[:, 6:].abs().sum()) == 0
+    with pytest.raises(TypeError, match="allocation='uniform'"):
+        _flat_output("not a tensor")
