@@ -568,8 +568,8 @@ def _allocate_channels(
                 normalization=GLOBAL_ALLOCATIONS[allocation],
             )
         return _agreed(targets, net, ctx), None
-    if allocation != "auto":
-        return uniform, None
+    if allocation != "auto" or all(uniform[u.name] >= u.width for u in free):
+        return uniform, None  # (a target every unit meets whole: nothing to allocate)
     with timer("profile"):
         prof = profile_units(
             net.original,

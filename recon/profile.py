@@ -110,19 +110,19 @@ class Profile:
         return {name: (p.counts, p.cost) for name, p in self.units.items()}
 
 
-def _split(batches: list[Tensor], offsets: list[int], held: int):
-    """The batches without their last ``held`` images (and offsets), and those images."""
+def _split(batches: list[Tensor], offsets: list[int], first_held: int):
+    """The batches without the images of global index >= ``first_held`` (and their
+    offsets), and those images (None if none): the same split whichever process holds
+    which images (a process may hold none)."""
     fit, fit_offsets, tail = [], [], []
-    left = sum(b.shape[0] for b in batches) - held
     for b, off in zip(batches, offsets, strict=True):
-        n = min(b.shape[0], max(left, 0))
+        n = min(b.shape[0], max(first_held - off, 0))
         if n:
             fit.append(b[:n])
             fit_offsets.append(off)
         if n < b.shape[0]:
             tail.append(b[n:])
-        left -= b.shape[0]
-    return fit, fit_offsets, torch.cat(tail) if tail else batches[0][:0]
+    return fit, fit_offsets, torch.cat(tail) if tail else None
 
 
 def _order(unit: Unit, A: Tensor, b: Tensor, stats, original: nn.Module, method, seed):
@@ -240,13 +240,15 @@ def profile_units(
     errors are summed over ranks, so every rank computes the same profile.
     """
     total = sum(b.shape[0] for b in batches)
+    if ctx is not None:  # the held-out images are the last of the whole calibration set
+        total = int(ctx.sum([total], "calibration image count")[0])
     held = min(HELDOUT_IMAGES, total // 5)
-    fit, fit_offsets, x_held = _split(batches, offsets, held)
-    if held == 0:  # too few images to hold any out: measure on the statistics' images
+    fit, fit_offsets, x_held = _split(batches, offsets, total - held)
+    if held == 0 and batches:  # too few images to hold any out: measure on the fitted ones
         x_held = torch.cat(batches)[:HELDOUT_IMAGES]
     timer = PhaseTimer()  # the caller charges all of it to "profile"
     with torch.no_grad():
-        ref = _flat_output(original(x_held)) if len(x_held) else None
+        ref = _flat_output(original(x_held)) if x_held is not None else None
         passes = Passes(
             gm_o, gm_o, fit, list(units), {u.name: None for u in units}, [],
             samples_per_image=samples_per_image, seed=seed, cache_bytes=cache_bytes,
@@ -255,6 +257,7 @@ def profile_units(
         out: dict[str, UnitProfile] = {}
         bar = progress_bar(units, desc="profile", disable=not show, unit="layer", log="each")
         for step, unit in enumerate(bar):
+            bar.set_postfix_str(unit.name)
             stats = _accumulate(
                 unit, gm_o, gm_o, fit, target=None, samples_per_image=samples_per_image,
                 seed=seed, progress=False, passes=passes, step=step, timer=timer,
@@ -269,17 +272,14 @@ def profile_units(
             )  # fmt: skip
             del stats
         del passes
-    images = total - held
-    if ctx is not None:
-        images, held = (int(v) for v in ctx.sum([images, held], "profile image counts"))
-    return Profile(out, images, held)
+    return Profile(out, total - held, held)
 
 
 def _profile_one(
     unit: Unit,
     stats: PatchStats | ChannelStats,
     original: nn.Module,
-    x_held: Tensor,
+    x_held: Tensor | None,
     ref: Tensor | None,
     uniform: int,
     *,

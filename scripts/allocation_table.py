@@ -143,13 +143,13 @@ def write_table(jsonl: Path, md: Path, argv: list[str] | None) -> None:
         f"torch {torch.__version__}). Shipped models, {first['calib']:,} calibration images "
         f"drawn with seed {first['seed']} from the Fashion-MNIST train split, top-1 on "
         f'{first["test"]:,} test images, `reconstruct="lstsq"`, no fine-tuning. Loss = base '
-        "accuracy − pruned accuracy, in points. Time = the whole `recon.prune` run on a "
-        "2-core machine shared with other jobs (compare within a row only); profile = its "
-        '`"profile"` phase (auto only).',
+        "accuracy − pruned accuracy, in points. The runs' times are in allocation.jsonl; "
+        "they were made on a machine shared with other jobs, so what the profile costs is "
+        "measured apart (README, `recon bench --allocation auto`).",
         "",
         "| model | method | speedup | uniform loss | auto loss | auto − uniform | "
-        "speedup (uniform / auto) | time s (uniform / auto, profile) |",
-        "|---|---|---|---|---|---|---|---|",
+        "speedup (uniform / auto) |",
+        "|---|---|---|---|---|---|---|",
     ]
     pairs = [(k, by.get((*k, "uniform")), by.get((*k, "auto"))) for k in keys]
     pairs = [(k, u, a) for k, u, a in pairs if u is not None and a is not None]
@@ -158,8 +158,7 @@ def write_table(jsonl: Path, md: Path, argv: list[str] | None) -> None:
         out.append(
             f"| {base} | {k[1]} | {k[2]:g}× | {100 * u['loss']:.2f} | {100 * a['loss']:.2f} | "
             f"{100 * (a['loss'] - u['loss']):+.2f} | {u['measured_speedup']:.2f} / "
-            f"{a['measured_speedup']:.2f} | {u['seconds']:.0f} / {a['seconds']:.0f} "
-            f"({a['profile_seconds']:.0f}) |"
+            f"{a['measured_speedup']:.2f} |"
         )
     better = sum(a["loss"] < u["loss"] for _, u, a in pairs)
     out += ["", f"auto loses less than uniform in {better} of {len(pairs)} cells."]

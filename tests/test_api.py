@@ -94,7 +94,8 @@ def tv_pruned(request, calib):
     torch.manual_seed(0)
     model = getattr(torchvision.models, request.param)(weights=None).eval()
     runs = {
-        rec: _quiet_prune(model, calib, speedup=2.0, reconstruct=rec) for rec in ("lstsq", "none")
+        rec: _quiet_prune(model, calib, speedup=2.0, reconstruct=rec, allocation="uniform")
+        for rec in ("lstsq", "none")
     }
     return request.param, model, runs
 
@@ -356,7 +357,8 @@ def test_report_to_json(small, calib, tmp_path):
     data = json.loads(text)
     assert data["flops_before"] == report.flops_before
     assert data["method"] == "lasso" and data["reconstruct"] == "lstsq"
-    assert len(data["layers"]) == len(report.layers) == len(result.kept)
+    assert len(data["layers"]) == len(report.layers) >= 1
+    assert {row.name for row in report.layers} <= set(result.kept)  # units kept whole: no row
     assert Report.from_json(text) == report
     assert json.loads((tmp_path / "r.json").read_text()) == data
     assert report.speedup == pytest.approx(2.0, rel=0.02)

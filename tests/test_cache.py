@@ -142,13 +142,17 @@ def spy(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "build", "kwargs"),
     [
-        ("vgg", _vgg_like, {"speedup": 2.0}),
+        ("vgg", _vgg_like, {"speedup": 2.0}),  # allocation="auto": its profile's passes too
         (
             "vgg-all-positions",
             lambda: _vgg_like(0.5),
             {"keep_ratio": 0.5, "samples_per_image": None},
         ),
-        ("resnet", lambda: models.cifar_resnet20(width=0.5), {"speedup": 2.0}),
+        (
+            "resnet",
+            lambda: models.cifar_resnet20(width=0.5),
+            {"speedup": 2.0, "allocation": "uniform"},
+        ),
         (
             "resnet-branch-target",
             lambda: models.cifar_resnet20(width=0.5),
@@ -180,8 +184,8 @@ def test_cache_keeps_statistics_identical_to_float64_precision(images):
     """The per-unit float64 statistics agree too (through the errors they give)."""
     torch.manual_seed(0)
     net = randomize_bn(models.cifar_resnet20(width=0.5)).eval()
-    a = _prune(net, images, speedup=2.0, cache_bytes=0)
-    b = _prune(net, images, speedup=2.0, cache_bytes=1 << 30)
+    a = _prune(net, images, speedup=2.0, allocation="uniform", cache_bytes=0)
+    b = _prune(net, images, speedup=2.0, allocation="uniform", cache_bytes=1 << 30)
     for la, lb in zip(a.report.layers, b.report.layers, strict=True):
         assert la.error_after == pytest.approx(lb.error_after, rel=1e-10, abs=1e-12)
 
@@ -207,8 +211,8 @@ def test_original_targets_fall_back_when_over_budget(images):
     """A budget below the targets' size: every unit runs the original again, same model."""
     torch.manual_seed(0)
     net = randomize_bn(_vgg_like()).eval()
-    a = _prune(net, images, speedup=2.0, cache_bytes=1 << 30)
-    b = _prune(net, images, speedup=2.0, cache_bytes=1_000)
+    a = _prune(net, images, speedup=2.0, allocation="uniform", cache_bytes=1 << 30)
+    b = _prune(net, images, speedup=2.0, allocation="uniform", cache_bytes=1_000)
     _assert_same(a, b)
 
 
@@ -243,7 +247,7 @@ def test_final_errors_match_the_returned_model(images, cache_bytes):
     """The passes see the pruned network as it is (samplers swapped in included)."""
     torch.manual_seed(0)
     net = randomize_bn(models.cifar_resnet20(width=0.5)).eval()
-    result = _prune(net, images, speedup=2.0, cache_bytes=cache_bytes)
+    result = _prune(net, images, speedup=2.0, allocation="uniform", cache_bytes=cache_bytes)
     with torch.no_grad():
         ref, out = net(images).double(), result.model(images).double()
     expected = float(((out - ref) ** 2).sum() / (ref**2).sum())

@@ -179,7 +179,9 @@ def test_dead_channels_go_first(method, reconstruct):
     assert all(r.error_before == r.error_before for r in result.report.layers)  # no NaN
 
 
-@pytest.mark.parametrize("method", METHODS)
+# bn_gamma needs a BatchNorm after each producer, which these plain nets lack (its own
+# errors and hostile cases are in test_seed_systems.py); below, it gets a BN net.
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "bn_gamma"])
 def test_all_dead_layer_gives_no_nan(method):
     model = _dead(_vgg(batch_norm=False), 0, list(range(8)))
     result = _prune(model, X8, keep_ratio=0.5, method=method)
@@ -194,10 +196,11 @@ def test_all_dead_layer_gives_no_nan(method):
 @pytest.mark.parametrize("reconstruct", RECONSTRUCT)
 def test_rank_deficient_patch_gram(method, reconstruct):
     """Duplicate channels and constant images: the patch Gram is singular."""
-    model = _vgg(batch_norm=False)
+    model = _vgg(batch_norm=method == "bn_gamma")
     with torch.no_grad():
         model.features[0].weight[1] = model.features[0].weight[0]
-        model.features[0].bias[1] = model.features[0].bias[0]
+        if model.features[0].bias is not None:  # a conv before a BatchNorm has none
+            model.features[0].bias[1] = model.features[0].bias[0]
     calib = torch.ones(8, 3, 8, 8) * torch.linspace(-1, 1, 8).view(8, 1, 1, 1)
     result = _prune(
         model, calib, keep_ratio=0.5, method=method, reconstruct=reconstruct, samples_per_image=None

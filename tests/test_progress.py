@@ -98,8 +98,13 @@ def test_prune_logs_one_line_per_pruned_layer(capsys):
     result = recon.prune(model, CALIB, speedup=2.0, progress=True)
     err = capsys.readouterr().err
     lines = err.splitlines()
-    pruned = [u.name for u in find_units(model).units if result.channels[u.name] < u.width]
+    found = find_units(model).units
+    units = [u.name for u in found]
+    pruned = [u.name for u in found if result.channels[u.name] < u.width]
     assert "\r" not in err  # no bar redraws
+    profile, lines = lines[: len(units)], lines[len(units) :]  # allocation="auto" first
+    for i, (line, name) in enumerate(zip(profile, units, strict=True), 1):
+        assert line.startswith(f"profile {i}/{len(units)} layers: {name} "), line
     assert len(lines) == len(pruned)
     for i, (line, name) in enumerate(zip(lines, pruned, strict=True), 1):
         assert line.startswith(f"recon {i}/{len(pruned)} layers: {name} "), line

@@ -230,11 +230,12 @@ def _check_torchvision(name: str, calib: list[torch.Tensor]) -> None:
     for speedup in (1.5, 2.0):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # under-determined deep layers
-            result = recon.prune(net, calib, speedup=speedup, method="thinet", progress=False)
+            # the graph handling under test; allocation="auto" on a torchvision ResNet:
+            # test_torchvision_resnet_lasso
+            kw = {"method": "thinet", "allocation": "uniform", "progress": False}
+            result = recon.prune(net, calib, speedup=speedup, **kw)
             if speedup == 2.0:
-                plain = recon.prune(
-                    net, calib, speedup=2.0, method="thinet", reconstruct="none", progress=False
-                )
+                plain = recon.prune(net, calib, speedup=2.0, reconstruct="none", **kw)
                 assert result.report.output_error < plain.report.output_error, name
         report = result.report
         assert report.speedup == pytest.approx(speedup, rel=0.02), name
@@ -258,7 +259,7 @@ def test_torchvision_resnets_large(name, tv_calib):
 
 
 def test_torchvision_resnet_lasso(tv_calib):
-    """The default method on a torchvision ResNet, wide layers included (coordinate descent)."""
+    """The defaults (lasso, allocation="auto") on a torchvision ResNet, wide layers included."""
     torch.manual_seed(0)
     net = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
     with warnings.catch_warnings():
@@ -266,6 +267,7 @@ def test_torchvision_resnet_lasso(tv_calib):
         result = recon.prune(net, tv_calib, speedup=2.0, progress=False)
     assert result.report.speedup == pytest.approx(2.0, rel=0.02)
     assert result.report.output_error < 0.5
+    assert result.report.allocation is not None
 
 
 # --------------------------------------------------------------------------- unsupported
