@@ -405,11 +405,16 @@ def cv_lstsq(
     Gf = stats.kept_blocks(idx)
     Cf, sf, tf, yyf, nf = stats.Cf[:, idx], stats.sf[:, idx], stats.tf, stats.yyf, stats.nf
 
-    def sums(parts: Tensor | slice, out: Tensor | slice = slice(None)) -> _Sums:
-        pick = (lambda x: x[parts].sum(0)) if isinstance(parts, Tensor) else (lambda x: x[parts])
-        return _Sums(
-            pick(Gf), pick(Cf)[:, out], pick(sf), pick(tf)[out], pick(yyf)[out], float(pick(nf))
-        )
+    # Every fold's sums, once: a fold's complement is then one subtraction (K - 1 folds
+    # summed again for each held-out fold would cost K - 2 more passes over the Grams).
+    whole = _Sums(Gf.sum(0), Cf.sum(0), sf.sum(0), tf.sum(0), yyf.sum(0), float(nf.sum()))
+
+    def fold(f: int, out: Tensor | slice = slice(None)) -> _Sums:
+        return _Sums(Gf[f], Cf[f][:, out], sf[f], tf[f][out], yyf[f][out], float(nf[f]))
+
+    def rest(f: int) -> _Sums:
+        return _Sums(*(a - b for a, b in zip(whole[:5], fold(f)[:5], strict=True)),
+                     whole.N - float(nf[f]))  # fmt: skip
 
     def centres(data: _Sums, names: tuple[str, ...]) -> Tensor:  # (P, n, m*k)
         made = {"original": w_S}
@@ -422,12 +427,11 @@ def cv_lstsq(
     heldout: dict[tuple[str, float], float] = {}
     if len(live) >= 2:
         total = torch.zeros(len(grid), len(centers), dtype=torch.float64, device=w_S.device)
-        everything = torch.arange(stats.folds, device=w_S.device)
         for f in live:
-            train = sums(everything[everything != f])
+            train = rest(f)
             sub = train._replace(C=train.C[:, outputs], t=train.t[outputs], yy=train.yy[outputs])
             W, beta = _ridge_fits(sub, centres(train, centers)[:, outputs], grid)
-            total += _sq_errors(sums(f, outputs), W, beta)
+            total += _sq_errors(fold(f, outputs), W, beta)
         yy = float(yyf[:, outputs].sum())
         for i, lam in enumerate(grid):
             for j, c in enumerate(centers):
@@ -437,7 +441,6 @@ def cv_lstsq(
         center, lam = min(heldout, key=lambda key: (heldout[key], -key[1], order[key[0]]))
     else:
         center, lam = centers[0], 0.0
-    whole = sums(torch.arange(stats.folds, device=w_S.device))
     W, beta = _ridge_fits(whole, centres(whole, (center,)), (lam,))
     w, beta = W[0, 0], beta[0, 0]
     return CVFit(

@@ -212,8 +212,8 @@ def test_refit_keeping_every_channel_reproduces_outputs(block_target):
 
 # --------------------------------------------------------------------------- torchvision
 
-_TV_FAST = ["resnet18", "resnet34", "resnet50"]
-_TV_SLOW = ["resnet101", "resnet152", "wide_resnet50_2"]
+_TV_FAST = ["resnet18", "resnet50"]  # basic and bottleneck blocks
+_TV_SLOW = ["resnet34", "resnet101", "resnet152", "wide_resnet50_2"]
 
 
 @pytest.fixture(scope="module")
