@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -67,14 +68,66 @@ def _check_model(model: nn.Module) -> None:
             )
 
 
-def _calibration_batches(calib: Any, max_images: int | None) -> list[Tensor]:
-    """The calibration inputs as batches (as given, not moved or cast), no labels."""
-    if isinstance(calib, Tensor):
-        items: Iterable[Any] = [calib]
-    elif isinstance(calib, str | bytes | Mapping) or not isinstance(calib, Iterable):
+#: Keys tried, in order, for the images of a dict batch when ``input_key`` is None and
+#: the dict holds more than one array (Hugging Face image processors use "pixel_values").
+INPUT_KEYS = ("image", "pixel_values", "images", "inputs", "input")
+
+
+def _array(value: Any) -> Tensor | None:
+    """A tensor, or a numpy array as a tensor (sharing its memory); else None."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":  # not numbers (strings, objects, complex)
+            return None
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return None
+
+
+def _from_dict(item: Mapping, i: int, input_key: str | None) -> Any:
+    """The images of a dict batch: ``item[input_key]``, the only array it holds, or the
+    first of :data:`INPUT_KEYS` it has."""
+    if input_key is not None:
+        if input_key not in item:
+            raise ValueError(
+                f"The 'calib' argument's item {i} is a dict without the 'input_key' "
+                f"{input_key!r}. Got keys {sorted(map(str, item))} instead."
+            )
+        return item[input_key]
+    arrays = [k for k, v in item.items() if _array(v) is not None]
+    if len(arrays) == 1:
+        return item[arrays[0]]
+    for key in INPUT_KEYS:
+        if key in item:
+            return item[key]
+    raise ValueError(
+        f"The 'calib' argument's item {i} is a dict with {len(arrays)} arrays "
+        f"({sorted(map(str, arrays))}) and none of the keys {INPUT_KEYS}: pass "
+        "input_key= to say which holds the images."
+    )
+
+
+def _calibration_batches(
+    calib: Any, max_images: int | None, input_key: str | None = None
+) -> list[Tensor]:
+    """The calibration inputs as batches (as given, not moved or cast), no labels.
+
+    ``calib`` is a tensor or numpy array (N, C, H, W), a dict batch, or an iterable of
+    such batches or of ``(inputs, labels)`` tuples; a dict batch gives its images by
+    ``input_key`` (see :func:`_from_dict`). Numpy arrays become tensors.
+    """
+    if input_key is not None and not isinstance(input_key, str):
         raise TypeError(
-            "The 'calib' argument must be a tensor, or an iterable (e.g. a DataLoader) of "
-            f"tensors or (inputs, labels) tuples. Got {type(calib).__name__} instead."
+            f"The 'input_key' argument must be a str or None. Got {type(input_key).__name__} "
+            "instead."
+        )
+    if isinstance(calib, Tensor | np.ndarray | Mapping):
+        items: Iterable[Any] = [calib]
+    elif isinstance(calib, str | bytes) or not isinstance(calib, Iterable):
+        raise TypeError(
+            "The 'calib' argument must be a tensor or numpy array, a dict batch, or an "
+            "iterable (e.g. a DataLoader) of those or of (inputs, labels) tuples. Got "
+            f"{type(calib).__name__} instead."
         )
     else:
         items = calib
@@ -82,10 +135,13 @@ def _calibration_batches(calib: Any, max_images: int | None) -> list[Tensor]:
     seen = 0
     for i, item in enumerate(items):
         x = item[0] if isinstance(item, tuple | list) and len(item) > 0 else item
-        if not isinstance(x, Tensor):
+        if isinstance(x, Mapping):
+            x = _from_dict(x, i, input_key)
+        x = _array(x)
+        if x is None:
             raise TypeError(
-                f"The 'calib' argument's item {i} must be a tensor or an (inputs, labels) "
-                f"tuple. Got {type(item).__name__} instead."
+                f"The 'calib' argument's item {i} must be a tensor, a numpy array, a dict "
+                f"batch or an (inputs, labels) tuple. Got {type(item).__name__} instead."
             )
         if x.dim() < 2 or not x.is_floating_point():
             raise ValueError(

@@ -124,6 +124,7 @@ def prune(
     allocation: str | None = None,
     samples_per_image: int | None = 10,
     max_images: int | None = None,
+    input_key: str | None = None,
     ignored_layers: Iterable[str] = (),
     round_to: int = 1,
     sampler_layers: bool = True,
@@ -161,9 +162,11 @@ def prune(
     model : nn.Module
         A trained network built from standard layers (traceable by ``torch.fx``).
         It is not modified unless ``inplace=True``.
-    calib : Tensor or iterable
-        Calibration images: a tensor (N, C, H, W), or an iterable (e.g. a DataLoader)
-        of such tensors or of ``(inputs, labels)`` tuples; labels are ignored.
+    calib : Tensor, ndarray, dict or iterable
+        Calibration images: a tensor or numpy array (N, C, H, W), or an iterable (e.g. a
+        DataLoader) of such batches or of ``(inputs, labels)`` tuples; labels are
+        ignored. A batch may also be a dict (as Hugging Face datasets give them): its
+        images are ``batch[input_key]``.
     method : {"lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", \
 "random"}
         Channel selection (He et al. 2017 LASSO, Luo et al. 2017 ThiNet greedy, or a
@@ -217,6 +220,10 @@ def prune(
         Output positions sampled per image and layer; None for every position.
     max_images : int, optional
         Use at most this many calibration images.
+    input_key : str, optional
+        The key of the images in dict batches. None: the dict's only tensor or array,
+        else the first of ``"image"``, ``"pixel_values"``, ``"images"``, ``"inputs"``,
+        ``"input"`` that it has.
     ignored_layers : iterable of str
         Units never pruned.
     round_to : int, default 1
@@ -313,6 +320,7 @@ def prune(
             sampler_layers=sampler_layers,
             calib_sharded=calib_sharded,
             max_images=max_images,
+            input_key=input_key,
             keep_ratio=keep_ratio,
             channels=channels,
             ignored_layers=ignored_layers,
@@ -457,8 +465,8 @@ class _Network:
 
 
 def _prepare(
-    model, calib, dev, ctx, *, sampler_layers, calib_sharded, max_images, keep_ratio,
-    channels, ignored_layers,
+    model, calib, dev, ctx, *, sampler_layers, calib_sharded, max_images, input_key,
+    keep_ratio, channels, ignored_layers,
 ) -> _Network:  # fmt: skip
     """Find the units, take the calibration data, and check the model runs on it."""
     graph = find_units(model)
@@ -472,7 +480,7 @@ def _prepare(
         )
     if not sampler_layers:
         graph.units = [u for u in graph.units if u.kind != "sampler"]
-    given = _calibration_batches(calib, None if calib_sharded else max_images)
+    given = _calibration_batches(calib, None if calib_sharded else max_images, input_key)
     example = given[0][:1].to(dev, model_dtype(model))  # the first image (of this rank)
     local, offsets = _shard(given, ctx, calib_sharded, max_images)
     batches = [b.to(dev, model_dtype(model)) for b in local]  # (B, C, H, W) each

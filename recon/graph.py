@@ -89,6 +89,22 @@ _CHANNELWISE_FUNCTIONS = _ELEMENTWISE_FUNCTIONS | {
     F.dropout2d,
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+# Element-wise arithmetic: channel-wise when every operand but the tensor is a number
+# (``x * 0.5 + 1``, ``x.clamp(0, 6)``, a hand-written hard-swish ``x * F.relu6(x + 3) / 6``
+# is not: it reads x twice).
+_SCALAR_FUNCTIONS = {
+    operator.mul, operator.imul, operator.add, operator.iadd, operator.sub, operator.isub,
+    operator.truediv, operator.itruediv, operator.neg, operator.pow, torch.mul, torch.add,
+    torch.sub, torch.div, torch.neg, torch.clamp, torch.clip, torch.pow, torch.abs,
+}  # fmt: skip
+_SCALAR_METHODS = {
+    "mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_", "neg", "neg_", "clamp",
+    "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_", "pow",
+    "abs", "abs_",
+}  # fmt: skip
+# Reductions over the spatial dimensions (a hand-written global pooling).
+_SPATIAL_REDUCE_METHODS = {"mean", "sum", "amax"}
+_SPATIAL_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax}
 
 
 @dataclass(frozen=True)
@@ -371,13 +387,98 @@ def _channelwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return type(m) in _CHANNELWISE_MODULES and not (
             isinstance(m, nn.PReLU) and m.num_parameters != 1
         )
+    if _scalar_op(node):
+        return True
     if node.op == "call_function":
         return node.target in _CHANNELWISE_FUNCTIONS
     return node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
 
 
+def _scalar_op(node: fx.Node) -> bool:
+    """Whether ``node`` is element-wise arithmetic of one tensor with Python numbers."""
+    if node.op == "call_function":
+        known = node.target in _SCALAR_FUNCTIONS
+    else:
+        known = node.op == "call_method" and node.target in _SCALAR_METHODS
+    if not known or len(node.all_input_nodes) != 1:
+        return False
+    others = [a for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
+    return all(a is None or isinstance(a, int | float) for a in others)
+
+
+def _spatial_reduce(node: fx.Node) -> str | None:
+    """``"keep"`` for a mean/sum/amax over dims (2, 3) of a (B, c, H, W) value that keeps
+    them (still channel-wise), ``"flat"`` for one that drops them ((B, c), as a flatten
+    of 1×1 maps), None for anything else."""
+    if node.op == "call_method" and node.target in _SPATIAL_REDUCE_METHODS:
+        pass
+    elif not (node.op == "call_function" and node.target in _SPATIAL_REDUCE_FUNCTIONS):
+        return None
+    if len(node.all_input_nodes) != 1 or node.args[0] is not node.all_input_nodes[0]:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if set(node.kwargs) - {"dim", "keepdim"} or not isinstance(keep, bool):
+        return None
+    ints = isinstance(dims, tuple | list) and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in dims
+    )
+    if not ints or len(dims) != 2 or {d % 4 for d in dims} != {2, 3}:
+        return None
+    return "keep" if keep else "flat"
+
+
+_BINARY_FUNCTIONS = {
+    operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add,
+    torch.sub, torch.div,
+}  # fmt: skip
+_BINARY_METHODS = {"mul", "add", "sub", "div"}
+_MAX_REGION = 16  # nodes in a hand-written activation (hard-swish is 4)
+
+
+def _elementwise_region(
+    start: fx.Node, modules: dict[str, nn.Module]
+) -> tuple[fx.Node, list[fx.Node]] | None:
+    """Where a hand-written element-wise function of ``start`` ends, and its nodes; or None.
+
+    ``start``'s value read by several element-wise nodes that merge again, such as
+    hard-swish ``x * F.relu6(x + 3) / 6`` or swish ``x * torch.sigmoid(x)``: walking the
+    graph in order from ``start``, every node that reads the region is channel-wise or
+    element-wise arithmetic of region values (and numbers), until one node is the only
+    region value still to be read. The region as a whole maps channel ``i`` to channel
+    ``i``.
+    """
+    live = {start}  # region values with users not yet reached
+    region: list[fx.Node] = []
+    node = start.next
+    while node.op != "output" and len(region) < _MAX_REGION:
+        if any(a in live for a in node.all_input_nodes) and not _is_size_query(node):
+            binary = (node.op == "call_function" and node.target in _BINARY_FUNCTIONS) or (
+                node.op == "call_method" and node.target in _BINARY_METHODS
+            )
+            if not (_channelwise(node, modules) or binary):
+                return None
+            if any(a not in live for a in node.all_input_nodes):
+                return None  # a value from outside the region couples the channels
+            others = [a for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
+            if not all(a is None or isinstance(a, int | float) for a in others):
+                return None
+            region.append(node)
+            live.add(node)
+            seen = set(region)
+            live = {v for v in live if any(u not in seen for u in _users(v))}
+            if live == {node}:
+                return node, region
+        node = node.next
+    return None
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not _is_size_query(u)]
+
+
 def _single_user(node: fx.Node) -> bool:
-    return len([u for u in node.users if not _is_size_query(u)]) == 1
+    return len(_users(node)) == 1
 
 
 def _upstream(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
@@ -505,7 +606,15 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
     flattened = False
     cur = node
     while True:
-        users = [u for u in cur.users if not _is_size_query(u)]
+        users = _users(cur)
+        merged = _elementwise_region(cur, modules) if len(users) > 1 else None
+        if merged is not None:  # a hand-written activation: go on from where it ends
+            end, region = merged
+            for n in region:
+                if n.op == "call_module" and isinstance(modules[n.target], nn.BatchNorm2d):
+                    return f"'{n.target}' (BatchNorm2d) inside an element-wise expression"
+            cur = end
+            continue
         if len(users) != 1:
             what = ", ".join(_describe(u, modules) for u in users) or "nothing"
             return (
@@ -573,8 +682,14 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
             pass
         elif nxt.op == "call_method" and nxt.target in _ELEMENTWISE_METHODS:
             pass
-        elif not flattened and _flatten_kind(nxt, modules):
+        elif _scalar_op(nxt):
+            pass
+        elif not flattened and _spatial_reduce(nxt) == "keep":
+            pass
+        elif not flattened and (_flatten_kind(nxt, modules) or _spatial_reduce(nxt) == "flat"):
             flattened = True
+        elif flattened and _flatten_kind(nxt, modules):
+            pass  # flattening (B, features) again changes nothing
         elif nxt.op == "call_function" and nxt.target is operator.getitem:
             return f"its output is indexed at node '{nxt.name}', which recon cannot see through"
         else:

@@ -81,7 +81,7 @@ def test_keep_everything_reproduces_outputs(small, calib):
 # --------------------------------------------------------------------------- torchvision
 
 TV_MODELS = [
-    "vgg11",
+    pytest.param("vgg11", marks=pytest.mark.slow),  # vgg11_bn has the same graph and more
     "vgg11_bn",
     pytest.param("vgg13", marks=pytest.mark.slow),
     pytest.param("vgg16_bn", marks=pytest.mark.slow),
@@ -218,6 +218,42 @@ def test_user_models_end_to_end(build, calib):
             assert not torch.equal(bn.running_mean, net.get_submodule(u.consumer_bn).running_mean)
 
 
+class _HandWritten(nn.Module):
+    """Scalar arithmetic, hand-written hard-swish and swish, a spatial mean as pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.conv2 = nn.Conv2d(12, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(self.conv1(x) * 0.5 + 0.1, 2).clamp(min=0)
+        x = self.bn2(self.conv2(x))
+        x = x * nn.functional.relu6(x + 3) / 6
+        x = self.conv3(x)
+        x = x * torch.sigmoid(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_hand_written_ops_prune_end_to_end(calib):
+    torch.manual_seed(0)
+    net = randomize_bn(_HandWritten()).eval()
+    assert [u.name for u in find_units(net).units] == ["conv1", "conv2", "conv3"]
+    whole = _quiet_prune(net, calib, keep_ratio=1.0)
+    with torch.no_grad():
+        assert_same_outputs(whole.model(calib), net(calib))
+    runs = {rec: _quiet_prune(net, calib, keep_ratio=0.5, reconstruct=rec) for rec in RECONSTRUCT}
+    for result in runs.values():
+        assert result.channels == {"conv1": 6, "conv2": 8, "conv3": 8}
+        assert result.model.fc.in_features == 8
+        assert result.model(calib).shape == (16, 10)
+    err = {rec: _rel_err(net, r.model, calib) for rec, r in runs.items()}
+    assert err["lstsq"] < err["none"], err
+
+
 # --------------------------------------------------------------------------- caller's model
 
 
@@ -266,6 +302,30 @@ def test_calib_forms_give_same_weights(small, calib):
         with torch.no_grad():
             assert_same_outputs(result.model(held_out), ref.model(held_out), msg=name)
         assert_same_state(result.model.state_dict(), ref.model.state_dict())
+
+
+def test_numpy_and_dict_batches(small, calib):
+    """Numpy pipelines and Hugging Face datasets: arrays and dict batches."""
+    labels = torch.arange(16) % 10
+    forms = {
+        "numpy": calib.numpy(),
+        "numpy_batches": [calib[:8].numpy(), calib[8:].numpy()],
+        "dict": {"pixel_values": calib, "labels": labels},
+        "dict_batches": [{"image": calib[:8], "label": labels[:8]}, {"image": calib[8:]}],
+        "only_array": [{"x": calib[:8]}, {"x": calib[8:].numpy(), "name": "b"}],
+        "dict_loader": DataLoader(
+            [{"img": x, "label": y, "extra": x[0]} for x, y in zip(calib, labels, strict=True)],
+            batch_size=6,
+        ),
+    }
+    ref = _quiet_prune(small, calib, keep_ratio=0.5)
+    held_out = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    for name, form in forms.items():
+        key = "img" if name == "dict_loader" else None
+        result = _quiet_prune(small, form, keep_ratio=0.5, input_key=key)
+        assert result.kept == ref.kept, name
+        with torch.no_grad():
+            assert_same_outputs(result.model(held_out), ref.model(held_out), msg=name)
 
 
 def test_max_images_uses_first_images(small, calib):

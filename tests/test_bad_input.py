@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -276,11 +277,37 @@ def test_calib_non_finite(model, bad, where):
 
 @pytest.mark.parametrize(
     "calib",
-    ["images/", b"bytes", {"x": X}, 5, None, [X[:4], "oops"], [[]]],
-    ids=["str", "bytes", "dict", "int", "none", "list_with_str", "list_of_empty_list"],
+    ["images/", b"bytes", 5, None, [X[:4], "oops"], [[]], np.array(["a", "b"]), [{"image": "a"}]],
+    ids=[
+        "str",
+        "bytes",
+        "int",
+        "none",
+        "list_with_str",
+        "list_of_empty_list",
+        "str_array",
+        "dict_str",
+    ],
 )
 def test_calib_wrong_type(model, calib):
     _check(model, calib, TypeError, "'calib'")
+
+
+def test_calib_dict_without_a_known_key(model):
+    err = _check(model, {"a": X, "b": X}, ValueError, "'calib'.*input_key=")
+    assert "['a', 'b']" in str(err)
+
+
+def test_calib_dict_missing_input_key(model):
+    _check(model, [{"image": X}], ValueError, "'input_key' 'pixels'", input_key="pixels")
+
+
+def test_input_key_not_a_str(model):
+    _check(model, {"image": X}, TypeError, "'input_key'.*int", input_key=3)
+
+
+def test_calib_integer_numpy_images(model):
+    _check(model, (X.numpy() * 50).astype(np.uint8), ValueError, "'calib'")
 
 
 # --------------------------------------------------------------------------- model

@@ -391,3 +391,78 @@ def test_shared_conv_is_skipped():
     assert "2 times" in graph.skipped["a"] and "shared" in graph.skipped["a"]
     # stem's consumer is shared: slicing its inputs would break the other call.
     assert "'a'" in graph.skipped["stem"] and "shared" in graph.skipped["stem"]
+
+
+# --------------------------------------------------------------------------- see-through ops
+
+
+class _ScalarOps(nn.Module):
+    """Element-wise arithmetic with numbers, hand-written activations, a spatial mean."""
+
+    def __init__(self, head: str = "flat"):
+        super().__init__()
+        self.head = head
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 10, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(10)
+        self.conv3 = nn.Conv2d(10, 12, 3, padding=1)
+        self.conv4 = nn.Conv2d(12, 6, 1)
+        self.conv5 = nn.Conv2d(6, 5, 1)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        x = self.conv1(x) * 0.5 + 1  # scalar arithmetic
+        x = self.bn2(self.conv2(x.clamp(0, 6)))
+        x = x * F.relu6(x + 3) / 6  # hand-written hard-swish
+        x = self.conv3(x)
+        x = x * torch.sigmoid(x)  # hand-written swish
+        x = F.max_pool2d(self.conv4(x), 2)
+        x = (-x).abs() ** 2
+        if self.head == "keepdim":  # (B, 6, 1, 1) into a 1x1 conv, then flattened
+            x = self.conv5(x.mean((2, 3), keepdim=True))
+            return self.fc(torch.flatten(x, 1))
+        x = self.conv5(x)
+        return self.fc(x.sum(dim=(-2, -1)))  # a hand-written global pooling
+
+
+@pytest.mark.parametrize("head", ["flat", "keepdim"])
+def test_scalar_arithmetic_activations_and_spatial_means_are_channelwise(head):
+    model = _ScalarOps(head)
+    graph = find_units(model)
+    assert graph.skipped == {}
+    assert _as_tuples(graph) == [
+        ("conv1", "conv2", "conv", 8, 9, (), "bn2"),
+        ("conv2", "conv3", "conv", 10, 9, ("bn2",), None),
+        ("conv3", "conv4", "conv", 12, 1, (), None),
+        ("conv4", "conv5", "conv", 6, 1, (), None),
+        ("conv5", "fc", "linear", 5, 1, (), None),
+    ]
+
+
+def test_what_still_couples_channels():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.c = nn.Conv2d(4, 4, 1)
+            self.d = nn.Conv2d(4, 4, 1)
+            self.e = nn.Conv2d(4, 4, 1)
+            self.scale = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+        def forward(self, x):
+            x = self.a(x)
+            x = self.b(x * self.scale)  # a tensor operand, not a number
+            x = x * self.bn(x)  # a BatchNorm inside the expression
+            x = self.c(x)
+            x = x.mean(1, keepdim=True) + x  # a mean over channels
+            x = self.d(x)
+            return self.e(x - x.mean((1, 2), keepdim=True))
+
+    graph = find_units(M())
+    assert graph.units == []
+    assert "combines it with other values" in graph.skipped["a"]
+    assert "BatchNorm2d" in graph.skipped["b"]
+    for name in ("c", "d"):
+        assert "used by 2 nodes" in graph.skipped[name] and "coupled" in graph.skipped[name]
