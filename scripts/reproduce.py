@@ -521,8 +521,16 @@ def _plot(model: str, rows: list[dict[str, Any]], base: float, path: Path, args)
     return True
 
 
-def _quality_bars(rows: list[dict[str, Any]], bases: dict[str, float]) -> list[str]:
-    """The quality-bar table: LASSO + least squares against :data:`QUALITY_BARS`."""
+def _quality_bars(
+    rows: list[dict[str, Any]], bases: dict[str, float], folder: Path = Path("docs")
+) -> list[str]:
+    """The quality-bar table: LASSO + least squares against :data:`QUALITY_BARS`, for a
+    page written in ``folder`` (its link to docs/quality.md is relative to it)."""
+    quality = Path(
+        os.path.relpath(
+            Path(__file__).resolve().parent.parent / "docs" / "quality.md", folder.resolve()
+        )
+    ).as_posix()
     out = []
     for (model, target, tuned, bar), alloc in itertools.product(QUALITY_BARS, ALLOCATIONS):
         row = next(
@@ -551,7 +559,7 @@ def _quality_bars(rows: list[dict[str, Any]], bases: dict[str, float]) -> list[s
         "|---|---:|---|---|---:|---:|---:|---|",
         *out,
         "",
-        "Why the VGG-16 misses its bars, and what helps: [`quality.md`](quality.md) "
+        f"Why the VGG-16 misses its bars, and what helps: [`quality.md`]({quality}) "
         "(`python scripts/quality_bar.py`).",
         "",
     ]
@@ -623,7 +631,7 @@ def _write_markdown(
             f"messages are in `{RESULTS}`.",
             "",
         ]
-    lines += _quality_bars(rows, bases)
+    lines += _quality_bars(rows, bases, path.parent)
     for model in models:
         lines += _model_table(model, [r for r in rows if r["model"] == model], bases[model], args)
         if (path.parent / f"results_{model}.png").exists():
