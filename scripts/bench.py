@@ -4,7 +4,8 @@ inference speed-up of the pruned models. Writes docs/benchmarks.md.
     python scripts/bench.py compare          # recon vs naive, shipped VGG-16, 1,000 images
     python scripts/bench.py scale            # images x4, width x2 (cache on and off)
     python scripts/bench.py latency          # original vs pruned, VGG and ResNet, 2x and 4x
-    python scripts/bench.py all --out docs/benchmarks.md
+    python scripts/bench.py scale224 --out docs/benchmarks_224.md   # torchvision, 224 px
+    python scripts/bench.py all --out docs/benchmarks.md   # all four (224 px: its own page)
 
 Each measured side of ``compare`` and ``scale`` runs in its own child process, so that
 peak memories are not mixed (``--in-process`` runs them here, for tests). The naive
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import _bench224  # noqa: E402
 import _naive  # noqa: E402
 
 import recon  # noqa: E402
@@ -101,9 +103,11 @@ def _model(spec: str, width: float = 1.0) -> nn.Module:
 
 
 def _side(config: dict[str, Any]) -> dict[str, Any]:
-    """Run one measured side (``recon`` or ``naive``) in this process; its numbers."""
+    """Run one measured side (``recon``, ``naive`` or ``recon224``) in this process."""
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
+    if config["side"] == "recon224":
+        return _bench224.side(config)
     model = _model(config["model"], config.get("width", 1.0))
     x, source = _images(config["data"], config["images"])
     batches = list(x.split(config["batch_size"]))
@@ -344,6 +348,39 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def scale224(args: argparse.Namespace) -> dict[str, Any]:
+    """torchvision VGG-16 and ResNet-50 at 224 px: pruning in forward passes, latency."""
+    runs = []
+    for spec in args.scale_models.split(","):
+        for allocation in args.allocations.split(","):
+            config = _config(
+                args,
+                "recon224",
+                model=spec,
+                images=args.scale_images,
+                size=args.size,
+                allocation=allocation,
+                repeats=1,
+            )
+            out = _run_side(config, args.in_process)
+            runs.append(out)
+            print(
+                f"{spec:<24} {allocation:<8} {out['prune_seconds']:8.1f} s = "
+                f"{out['ratio']:5.1f} forward passes of {out['forward_seconds']:.1f} s   "
+                f"peak RSS {out['peak_rss'] / MiB:6.0f} MiB   "
+                + ", ".join(
+                    f"{k} {v / out['forward_seconds']:.2f}" for k, v in out["phases"].items()
+                )
+            )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = tuple(int(b) for b in args.latency_batches.split(","))
+    lat = []
+    for spec in args.scale_models.split(","):
+        lat += _bench224.latency(spec, args.size, args.speedup, batches, args.repeats)
+    return {"runs": runs, "latency": lat}
+
+
 # --------------------------------------------------------------------------- markdown
 
 
@@ -578,6 +615,7 @@ def markdown(args: argparse.Namespace, c: dict, runs: list, lat: list, seconds: 
         "python scripts/bench.py compare                        # section 1",
         "python scripts/bench.py scale                          # section 2",
         "python scripts/bench.py latency                        # section 3",
+        "python scripts/bench.py scale224 --out docs/benchmarks_224.md   # 224 px, own page",
         "recon bench                                            # recon's side of section 1",
         "python scripts/bench.py all --quick --out /tmp/b.md    # tiny sizes, seconds",
         "```",
@@ -658,7 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=("compare", "scale", "latency", "all", "_child"))
+    parser.add_argument(
+        "command", choices=("compare", "scale", "latency", "scale224", "all", "_child")
+    )
     parser.add_argument("child", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="pretrained:vgg16_fmnist", help="recon prune --model")
     parser.add_argument("--data", default="fmnist", help="recon prune --data (default fmnist)")
@@ -675,12 +715,31 @@ def build_parser() -> argparse.ArgumentParser:
         default="pretrained:vgg16_fmnist,pretrained:resnet20_fmnist",
         help="comma-separated model specs for 'latency'",
     )
+    parser.add_argument(
+        "--scale-models",
+        default=_bench224.MODELS,
+        help="comma-separated model specs for 'scale224' (torchvision VGG-16, ResNet-50)",
+    )
+    parser.add_argument("--size", type=int, default=224, help="'scale224' image size (224)")
+    parser.add_argument(
+        "--scale-images", type=int, default=256, help="'scale224' random images (256)"
+    )
+    parser.add_argument(
+        "--allocations", default="uniform,auto", help="'scale224' allocations (uniform,auto)"
+    )
+    parser.add_argument(
+        "--latency-batches", default="1,32", help="'scale224' latency batch sizes (1,32)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and data (seconds)")
     parser.add_argument(
         "--in-process", action="store_true", help="no child processes (peaks are mixed)"
     )
     parser.add_argument("--json", help="write the numbers as JSON here")
-    parser.add_argument("--out", help="'all': write the Markdown here (docs/benchmarks.md)")
+    parser.add_argument(
+        "--out",
+        help="'all': write the Markdown here (docs/benchmarks.md; the 224-px page beside "
+        "it, as benchmarks_224.md); 'scale224': write its page here",
+    )
     return parser
 
 
@@ -695,6 +754,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+        args.scale_models, args.size = _bench224.QUICK["models"], _bench224.QUICK["size"]
+        args.scale_images, args.latency_batches = 16, "1"
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
     if args.command in ("compare", "all"):
@@ -703,6 +764,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["scale"] = scale(args)
     if args.command in ("latency", "all"):
         out["latency"] = latency(args)
+    if args.command in ("scale224", "all"):
+        t224 = time.perf_counter()
+        out["scale224"] = scale224(args)
+        page = args.out
+        if args.command == "all" and args.out:
+            page = str(Path(args.out).with_name("benchmarks_224.md"))
+        if page:
+            seconds = time.perf_counter() - t224
+            text = _bench224.markdown(
+                args, out["scale224"]["runs"], out["scale224"]["latency"], seconds
+            )
+            Path(page).write_text(text, encoding="utf-8")
+            print(f"written to {page}")
     if args.command == "all" and args.out:
         text = markdown(
             args, out["compare"], out["scale"], out["latency"], time.perf_counter() - t0

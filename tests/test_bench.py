@@ -110,6 +110,18 @@ def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
         assert heading in text
     assert "naive / recon" in text and "The bars of issue 5" in text
     assert "python scripts/bench.py all --quick --in-process" in text
+    # the 224-px part (tiny models here): one run per model and allocation, its own page
+    runs, lat = out["scale224"]["runs"], out["scale224"]["latency"]
+    assert [(r["model"].split(":")[1], r["allocation"]) for r in runs] == [
+        (m, a) for m in ("digits_vgg", "digits_resnet20") for a in ("uniform", "auto")
+    ]
+    for r in runs:
+        assert r["ratio"] > 0 and r["peak_rss"] > 0
+        assert r["flops_ratio"] == pytest.approx(2.0, rel=0.02)
+    assert {(x["format"], x["round_to"]) for x in lat} >= {("contiguous", 1), ("channels_last", 8)}
+    page = (tmp_path / "benchmarks_224.md").read_text()
+    assert "## Pruning" in page and "## Latency of the pruned models" in page
+    assert page.count("| `recon.models:digits_") == len(runs) + len(lat)
 
 
 def test_bench_script_compare_in_child_processes(script, tmp_path):

@@ -1,0 +1,224 @@
+"""recon at ImageNet size: pruning time in forward passes, memory, and the latency of
+the pruned models. ``python scripts/bench.py scale224`` (also part of ``all``).
+
+torchvision VGG-16 and ResNet-50 with random weights (seeded) whose BatchNorm statistics
+are re-estimated on the images, and random 224-px images: timings only, no accuracy.
+Each pruning run is a child process of its own (``bench._run_side``), so that peak
+memories are not mixed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import recon
+from recon import bench
+from recon.cli import load_model
+
+MODELS = "torchvision:vgg16,torchvision:resnet50"
+QUICK = {"models": "recon.models:digits_vgg,recon.models:digits_resnet20", "size": 8}
+ROUND_TO = (1, 8, 16)
+MiB = 2**20
+
+
+def images(model: nn.Module, n: int, size: int, seed: int = 0) -> Tensor:
+    """``n`` random images (n, C, size, size), C the input channels of ``model``."""
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, conv.in_channels, size, size, generator=g)
+
+
+def build(spec: str, n: int, size: int) -> tuple[nn.Module, Tensor]:
+    """The model of ``spec`` (seeded), BatchNorm statistics re-estimated on the first 64
+    of ``n`` random images, and the images."""
+    torch.manual_seed(0)
+    model = load_model(spec)
+    x = images(model, n, size)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    if bns:
+        model.train()
+        with torch.no_grad():
+            for xb in x[:64].split(16):
+                model(xb)
+    return model.eval(), x
+
+
+def side(config: dict[str, Any]) -> dict[str, Any]:
+    """One pruning run (in a child process): ``bench.run``'s numbers."""
+    model, x = build(config["model"], config["images"], config["size"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few images for wide layers: under-determined
+        result, pruned = bench.run(
+            model,
+            x,
+            name=config["model"],
+            speedup=config["speedup"],
+            allocation=config["allocation"],
+            samples_per_image=config["samples_per_image"],
+            batch_size=config["batch_size"],
+            cache_bytes=int(config["cache_mb"] * MiB),
+            seed=config["seed"],
+            repeats=config["repeats"],
+            warmup=False,  # one-time costs are seconds against minutes here
+        )
+    out = result.to_dict()
+    out["allocation"] = config["allocation"]
+    out["units"] = len(pruned.report.layers)
+    return out
+
+
+def _ms(model: nn.Module, x: Tensor, repeats: int) -> float:
+    """Median milliseconds of one forward pass of ``x`` (inference mode, one warm-up)."""
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def latency(spec: str, size: int, speedup: float, batches: tuple[int, ...], repeats: int):
+    """Latency of the original and of models pruned with ``round_to`` 1, 8 and 16 (uniform
+    split, 16 images: the shapes matter here, not the weights), contiguous and
+    channels_last."""
+    model, x = build(spec, 16, size)
+    pruned = {}
+    for round_to in ROUND_TO:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = recon.prune(
+                    model,
+                    x.split(8),
+                    speedup=speedup,
+                    allocation="uniform",
+                    round_to=round_to,
+                    samples_per_image=2,
+                    progress=False,
+                )
+        except ValueError as e:  # a small model cannot reach the target in such steps
+            print(f"{spec}: round_to={round_to} skipped: {e}")
+            continue
+        pruned[round_to] = (r.model.eval(), r.report.speedup)
+    rows = []
+    for batch in batches:
+        xb = images(model, batch, size, seed=1)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            name = "channels_last" if fmt is torch.channels_last else "contiguous"
+            xf = xb.contiguous(memory_format=fmt)
+            reps = repeats * (5 if batch == 1 else 1)
+            t_o = _ms(model.to(memory_format=fmt), xf, reps)
+            for round_to, (m, flops_ratio) in pruned.items():
+                t_p = _ms(m.to(memory_format=fmt), xf, reps)
+                row = {
+                    "model": spec,
+                    "batch": batch,
+                    "format": name,
+                    "round_to": round_to,
+                    "flops_ratio": flops_ratio,
+                    "original_ms": t_o,
+                    "pruned_ms": t_p,
+                    "speedup": t_o / t_p,
+                }
+                row["vs_flops"] = row["speedup"] / flops_ratio
+                rows.append(row)
+                print(
+                    f"{spec:<24} batch {batch:>2} {name:<13} round_to {round_to:>2}  FLOPs "
+                    f"{flops_ratio:.2f}x  {t_o:9.1f} ms -> {t_p:9.1f} ms = "
+                    f"{row['speedup']:.2f}x ({row['vs_flops']:.2f} of the FLOPs ratio)"
+                )
+    return rows
+
+
+def markdown(args: Any, runs: list[dict], lat: list[dict], seconds: float) -> str:
+    """The 224-px page: pruning runs, latency table, the goals of issue 17."""
+    m = runs[0]["machine"] if runs else bench.machine()
+    cmd = " ".join(["python scripts/bench.py", *args.argv])
+    size = args.size
+    lines = [
+        f"# Benchmarks at {size} px",
+        "",
+        f"Written by `scripts/bench.py scale224` ({seconds / 60:.0f} minutes); rerun it to "
+        "check every number on your machine:",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch "
+        f"threads, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']}.",
+        "",
+        "Models with random weights (seeded) and BatchNorm statistics re-estimated on the "
+        f"images; {args.scale_images} random {size}-px images, batches of "
+        f"{args.batch_size}, 10 positions per image, LASSO with the cross-validated "
+        f"least-squares re-fit (the defaults), {args.speedup:g}x FLOPs. *Forward passes*: "
+        "time in units of one plain forward pass of the calibration images through the "
+        "original model, measured in the same process. Timings only: random weights say "
+        "nothing about accuracy.",
+        "",
+        "## Pruning",
+        "",
+        "| model | allocation | units | forward pass (s) | pruning (s) | forward passes | "
+        "phases (forward passes) | peak RSS (MiB) | FLOPs ratio |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in runs:
+        fwd = r["forward_seconds"]
+        phases = ", ".join(f"{k} {v / fwd:.2f}" for k, v in r["phases"].items())
+        lines.append(
+            f"| `{r['model']}` | {r['allocation']} | {r['units']} | {fwd:.1f} | "
+            f"{r['prune_seconds']:.1f} | {r['ratio']:.1f} | {phases} | "
+            f"{r['peak_rss'] / MiB:,.0f} | {r['flops_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Latency of the pruned models",
+        "",
+        f"Pruned at {args.speedup:g}x with the uniform split from 16 images (the shapes "
+        "matter, not the weights), `round_to` 1, 8 and 16; `torch.inference_mode`, one "
+        "warm-up, median of repeats; the original and the pruned model in the same memory "
+        "format.",
+        "",
+        "| model | batch | memory format | round_to | FLOPs ratio | original (ms) | "
+        "pruned (ms) | speed-up | speed-up / FLOPs ratio |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for x in lat:
+        lines.append(
+            f"| `{x['model']}` | {x['batch']} | {x['format']} | {x['round_to']} | "
+            f"{x['flops_ratio']:.2f} | {x['original_ms']:.1f} | {x['pruned_ms']:.1f} | "
+            f"{x['speedup']:.2f}x | {x['vs_flops']:.2f} |"
+        )
+    lines += ["", "## Goals (issue 17)", "", *_goals(runs, lat), ""]
+    return "\n".join(lines)
+
+
+def _goals(runs: list[dict], lat: list[dict]) -> list[str]:
+    ok = {True: "met", False: "**not met**"}
+    out = []
+    for r in runs:
+        out.append(
+            f"- `{r['model']}` ({r['allocation']}): pruning in ≤ 3 forward passes: "
+            f"{r['ratio']:.1f} — {ok[r['ratio'] <= 3]}."
+        )
+    if lat:
+        best = max(lat, key=lambda x: x["vs_flops"])
+        low = [x for x in lat if x["vs_flops"] < 0.8]
+        out.append(
+            f"- Latency speed-up ≥ 0.8 × the FLOPs ratio: {len(lat) - len(low)} of "
+            f"{len(lat)} rows — {ok[not low]}; best {best['vs_flops']:.2f} "
+            f"(`{best['model']}`, batch {best['batch']}, {best['format']}, round_to "
+            f"{best['round_to']})."
+        )
+    return out
