@@ -239,8 +239,11 @@ def test_half_cuts_the_depthwise_convs_with_their_producers(half):
                 assert dw.in_channels == dw.out_channels == dw.groups == k
                 assert dw.weight.shape == (k, 1, 3, 3)
                 assert dw.bias is None or dw.bias.shape == (k,)
-        reads = m[unit.consumer].in_features if unit.consumer_kind == "linear" else None
-        assert reads == k if reads is not None else m[unit.consumer].in_channels == k
+        consumer = m[unit.consumer]
+        linear = unit.consumer_kind == "linear"
+        assert (consumer.in_features if linear else consumer.in_channels) == k * (
+            unit.taps if linear else 1
+        )
     assert m["blocks.2.dw"].dilation == (2, 2) and m["blocks.0.dw"].stride == (2, 2)
     assert m["first.1"].bias.shape == (4,)
     with torch.no_grad():
