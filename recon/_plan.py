@@ -2,8 +2,9 @@
 
 A *plan* is a JSON-serialisable dict (strings, numbers, lists, dicts, None) that says,
 for every unit of the unpruned network, which channels were kept — with the unit's
-structure (producer, BatchNorms, consumer) so that the surgery can be replayed on a
-freshly built model without the calibration data — plus the settings of the run::
+structure (producer, BatchNorms and depthwise convs between, consumer) so that the
+surgery can be replayed on a freshly built model without the calibration data — plus
+the settings of the run::
 
     {
       "format": "recon.plan", "format_version": 1,
@@ -284,10 +285,14 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
             p = get(e["producer"], (nn.Conv2d,), "Conv2d")
             if p is not None and p.out_channels != width:
                 out.append(f"'{e['producer']}' has {p.out_channels} output channels, not {width}")
-            for bn_name in e.get("channelwise", []):
-                bn = get(bn_name, (nn.BatchNorm2d,), "BatchNorm2d")
-                if bn is not None and bn.num_features != width:
-                    out.append(f"'{bn_name}' normalises {bn.num_features} channels, not {width}")
+            for cw_name in e.get("channelwise", []):
+                m = get(cw_name, (nn.BatchNorm2d, nn.Conv2d), "BatchNorm2d or depthwise Conv2d")
+                if isinstance(m, nn.BatchNorm2d) and m.num_features != width:
+                    out.append(f"'{cw_name}' normalises {m.num_features} channels, not {width}")
+                elif isinstance(m, nn.Conv2d) and not m.groups == m.in_channels == m.out_channels:
+                    out.append(f"'{cw_name}' is not a depthwise convolution (groups={m.groups})")
+                elif isinstance(m, nn.Conv2d) and m.in_channels != width:
+                    out.append(f"'{cw_name}' has {m.in_channels} channels, not {width}")
         if e["consumer_kind"] == "conv":
             c = get(e["consumer"], (nn.Conv2d,), "Conv2d")
             if c is not None and (c.in_channels, c.kernel_size[0] * c.kernel_size[1]) != (
@@ -313,11 +318,11 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
 def apply_plan(model: nn.Module, plan: Mapping[str, Any], *, inplace: bool = False) -> nn.Module:
     """Reshape an unpruned model as ``plan`` says, without re-fitting anything.
 
-    The kept channels of every unit are sliced out of the producer, the BatchNorms
-    between and the consumer, and sampler layers are put in front of residual
-    branches, exactly as :func:`recon.prune` did; the weights are the model's own,
-    sliced (consumers to which the pruning run added a bias get a zero bias). Load the
-    pruned weights afterwards with ``load_state_dict`` — or use :func:`recon.load`,
+    The kept channels of every unit are sliced out of the producer, the BatchNorms and
+    depthwise convs between and the consumer, and sampler layers are put in front of
+    residual branches, exactly as :func:`recon.prune` did; the weights are the model's
+    own, sliced (consumers to which the pruning run added a bias get a zero bias). Load
+    the pruned weights afterwards with ``load_state_dict`` — or use :func:`recon.load`,
     which does both — or fine-tune the reshaped model elsewhere.
 
     Parameters

@@ -52,7 +52,7 @@ from .gather import (  # noqa: F401  (_image_folds, _accumulate: used by tests)
     _image_folds,
     _Target,
 )
-from .graph import Graph, find_units, trace
+from .graph import Graph, Unit, find_units, trace
 from .passes import DEFAULT_CACHE_BYTES, Passes
 from .profile import profile_units
 from .ranking import global_channels
@@ -147,8 +147,8 @@ def prune(
 
     .. math:: \\sum \\|y - W' x_S - \\beta\\|^2
 
-    (``reconstruct="lstsq"``). The producer's output channels, the BatchNorms between
-    and the consumer's inputs are then removed physically.
+    (``reconstruct="lstsq"``). The producer's output channels, the BatchNorms and
+    depthwise convs between and the consumer's inputs are then removed physically.
 
     In a residual network the channels that meet in an ``add`` are never removed: the
     inner channels of each block are ordinary units, and a *sampler layer* in front of
@@ -277,8 +277,8 @@ def prune(
     ------
     ValueError
         For a bad argument, or a model with a pattern recon does not support (grouped
-        or depthwise convolutions, a residual add of two conv branches), before any
-        calibration work.
+        convolutions, depthwise convolutions with a depth multiplier, a residual add of
+        two conv branches), before any calibration work.
 
     Examples
     --------
@@ -464,6 +464,14 @@ class _Network:
     params_before: int
 
 
+def _budget_unit(unit: Unit, model: nn.Module) -> _budget.BudgetUnit:
+    """The unit as the budget sees it: the producer and the depthwise convs between
+    scale on their output side, the consumer on its input side."""
+    depthwise = [n for n in unit.channelwise if isinstance(model.get_submodule(n), nn.Conv2d)]
+    out = (unit.producer, *depthwise) if unit.producer else ()
+    return _budget.BudgetUnit(unit.name, unit.width, out, (unit.consumer,))
+
+
 def _prepare(
     model, calib, dev, ctx, *, sampler_layers, calib_sharded, max_images, input_key,
     keep_ratio, channels, ignored_layers,
@@ -517,10 +525,7 @@ def _prepare(
             "were removed."
         )
     flops_before, module_flops = _budget.count_flops(original, example)
-    budget_units = [
-        _budget.BudgetUnit(u.name, u.width, (u.producer,) if u.producer else (), (u.consumer,))
-        for u in graph.units
-    ]
+    budget_units = [_budget_unit(u, original) for u in graph.units]
     params_before = _budget.count_params(original)
     return _Network(
         graph,

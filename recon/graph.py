@@ -3,8 +3,14 @@
 A *unit* is a producer whose output channels can be removed together with the consumer
 inputs that read them::
 
-    producer conv -> [BN | ReLU | pooling | dropout | identity]* -> consumer conv
+    producer conv -> [BN | ReLU | pooling | dropout | identity | depthwise conv]* -> consumer conv
     producer conv -> [...]* -> flatten -> [ReLU | dropout]* -> consumer linear
+
+A depthwise conv (``groups == in_channels == out_channels``) maps channel ``i`` to
+channel ``i``, like a BatchNorm: in an inverted residual (1×1 expand -> BN -> ReLU6 ->
+depthwise -> BN -> ReLU6 -> 1×1 project) the expand conv is the producer, the project
+conv the consumer, and the depthwise conv and both BatchNorms are cut along with the
+producer. A depthwise conv is never a producer or a consumer itself.
 
 Each channel-wise op in between must have the producer's output as its only input and
 a single user; a value with several users (a residual ``add``, a concatenation, a
@@ -123,7 +129,8 @@ class Unit:
         Module that reads the producer's channels (a conv, or a linear after flatten).
     consumer_kind : {"conv", "linear"}
     channelwise : tuple of str
-        BatchNorm modules between producer and consumer, sliced with the producer.
+        Modules between producer and consumer that are sliced with the producer, in
+        forward order: BatchNorms and depthwise convs.
     consumer_bn : str or None
         A BatchNorm directly after the consumer (a bias change can be folded into it).
     width : int
@@ -290,8 +297,40 @@ def _supported_conv(m: nn.Module) -> str | None:
         if isinstance(m, nn.Conv2d):
             return f"it is a {type(m).__name__}, a Conv2d subclass recon does not know"
         return "it is not a Conv2d"
+    if _depthwise(m):
+        return (
+            f"it is a depthwise convolution (groups={m.groups}), not a producer or consumer "
+            "itself: recon cuts it only as a channel-wise op between a producer and its "
+            "consumer"
+        )
     if m.groups != 1:
-        return f"it is a grouped/depthwise convolution (groups={m.groups}), not supported"
+        return f"it is {_grouped(m)}, not supported"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
+    return None
+
+
+def _depthwise(m: nn.Module) -> bool:
+    """Whether ``m`` is a depthwise conv: ``groups == in_channels == out_channels > 1``."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels
+
+
+def _grouped(m: nn.Conv2d) -> str:
+    """What kind of grouped (not depthwise) conv ``m`` is, for a message."""
+    if m.groups == m.in_channels:
+        return (
+            f"a depthwise convolution with depth multiplier {m.out_channels // m.in_channels} "
+            f"(groups={m.groups}, {m.in_channels} -> {m.out_channels} channels)"
+        )
+    return f"a grouped convolution (groups={m.groups})"
+
+
+def _cuttable_depthwise(m: nn.Conv2d, width: int) -> str | None:
+    """None when depthwise ``m`` can be cut along with a unit of ``width`` channels."""
+    if type(m) is not nn.Conv2d:
+        return f"it is a {type(m).__name__}, a Conv2d subclass recon does not know"
+    if m.in_channels != width:
+        return f"it reads {m.in_channels} channels, not {width}"
     if m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
     return None
@@ -336,10 +375,12 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d) and name not in calls and name not in skipped:
             skipped[name] = _supported_conv(m) or "forward() does not call it as a module"
+    _note_depthwise(units, skipped, modules)
     unsupported = {
-        name: f"it is a grouped/depthwise convolution (groups={m.groups})"
+        name: f"it is {_grouped(m)}; recon cuts grouped/depthwise convolutions only when "
+        "depthwise (groups = in = out channels) and between a producer and its consumer"
         for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and m.groups != 1
+        if isinstance(m, nn.Conv2d) and m.groups != 1 and not _depthwise(m)
     }
     blocks = _find_blocks(gm, modules, calls, unsupported)
     for block in blocks:
@@ -361,6 +402,22 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
     order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     units.sort(key=lambda u: order[u.consumer])
     return Graph(units, skipped, gm, blocks, unsupported)
+
+
+def _note_depthwise(
+    units: list[Unit], skipped: dict[str, str], modules: dict[str, nn.Module]
+) -> None:
+    """Say in ``skipped`` which unit cuts each depthwise conv, or that none does."""
+    cut = {n: u.name for u in units for n in u.channelwise if isinstance(modules[n], nn.Conv2d)}
+    for name, reason in skipped.items():
+        if name in cut:
+            skipped[name] = (
+                f"it is a depthwise convolution (groups={modules[name].groups}), not a "
+                f"producer or consumer itself: it is cut as a channel-wise op with the "
+                f"unit '{cut[name]}'"
+            )
+        elif _depthwise(modules.get(name)) and reason == _supported_conv(modules[name]):
+            skipped[name] = f"{reason}; no unit reaches it here"
 
 
 # --------------------------------------------------------------------------- residuals
@@ -580,7 +637,11 @@ def _find_blocks(
         i = 0 if lengths[0] > lengths[1] else 1
         (_, bn, linear), (convs, fork) = tails[i], chains[i]
         names = [str(c.target) for c in convs]
-        if any(calls[n] > 1 or _supported_conv(modules[n]) is not None for n in names):
+        if any(calls[n] > 1 for n in names) or not all(
+            _supported_conv(modules[n]) is None
+            or (0 < j < len(names) - 1 and _depthwise(modules[n]))  # cut by the first's unit
+            for j, n in enumerate(names)
+        ):
             continue  # shared or unsupported convs: pruned as nothing, reported as skipped
         sampler = fork is not None and fork.op != "placeholder" and not _single_user(fork)
         blocks.append(
@@ -602,7 +663,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
     """Walk from a producer conv to its consumer; a Unit, or the reason there is none."""
     width = producer.out_channels
     name = node.target
-    bns: list[str] = []
+    channelwise: list[str] = []  # BatchNorms and depthwise convs, sliced with the producer
     flattened = False
     cur = node
     while True:
@@ -615,6 +676,14 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     return f"'{n.target}' (BatchNorm2d) inside an element-wise expression"
             cur = end
             continue
+        gate = _gate(cur, users)
+        if gate is not None:
+            return (
+                f"its output (through {_describe(cur, modules)}) is multiplied at node "
+                f"'{gate.name}' by a gate computed from all its channels (squeeze-and-"
+                "excitation): its channels are coupled with the gate's layers, the unit is "
+                "left whole"
+            )
         if len(users) != 1:
             what = ", ".join(_describe(u, modules) for u in users) or "nothing"
             return (
@@ -630,6 +699,13 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                 )
         if nxt.op == "call_module":
             mod = modules[nxt.target]
+            if _depthwise(mod) and not flattened:
+                why = _cuttable_depthwise(mod, width)
+                if why is not None:
+                    return f"the depthwise convolution '{nxt.target}' cannot be cut along: {why}"
+                channelwise.append(nxt.target)
+                cur = nxt
+                continue
             if isinstance(mod, nn.Conv2d) and not flattened:
                 why = _supported_conv(mod)
                 if why is not None:
@@ -645,7 +721,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     consumer_kind="conv",
                     width=width,
                     taps=mod.kernel_size[0] * mod.kernel_size[1],
-                    channelwise=tuple(bns),
+                    channelwise=tuple(channelwise),
                     consumer_bn=_bn_after(nxt, modules),
                 )
             if isinstance(mod, nn.Linear) and flattened:
@@ -661,7 +737,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     consumer_kind="linear",
                     width=width,
                     taps=mod.in_features // width,
-                    channelwise=tuple(bns),
+                    channelwise=tuple(channelwise),
                     consumer_bn=_bn_after(nxt, modules),
                 )
             allowed = _ELEMENTWISE_MODULES if flattened else _CHANNELWISE_MODULES
@@ -671,7 +747,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                 if isinstance(mod, nn.BatchNorm2d):
                     if mod.num_features != width:
                         return f"'{nxt.target}' normalises {mod.num_features} channels, not {width}"
-                    bns.append(nxt.target)
+                    channelwise.append(nxt.target)
             elif not flattened and _flatten_kind(nxt, modules):
                 flattened = True
             else:
@@ -695,6 +771,38 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
         else:
             return _opaque(nxt, modules)
         cur = nxt
+
+
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_MAX_GATE = 64  # nodes searched above a gate for the value it multiplies
+
+
+def _gate(value: fx.Node, users: list[fx.Node]) -> fx.Node | None:
+    """A user of ``value`` that multiplies it by a tensor computed from it, or None.
+
+    Squeeze-and-excitation: ``x * sigmoid(fc2(relu(fc1(pool(x)))))``.
+    """
+    for user in users:
+        mul = (user.op == "call_function" and user.target in _MUL_FUNCTIONS) or (
+            user.op == "call_method" and user.target in ("mul", "mul_")
+        )
+        others = [a for a in user.all_input_nodes if a is not value]
+        if mul and others and all(_reads(a, value) for a in others):
+            return user
+    return None
+
+
+def _reads(node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` is computed from ``value`` (searching a few nodes up)."""
+    todo, seen = [node], set()
+    while todo and len(seen) < _MAX_GATE:
+        cur = todo.pop()
+        if cur is value:
+            return True
+        if cur not in seen:
+            seen.add(cur)
+            todo.extend(cur.all_input_nodes)
+    return False
 
 
 def _opaque(node: fx.Node, modules: dict[str, nn.Module]) -> str:

@@ -40,11 +40,22 @@ __all__ = ["NORMALIZATIONS", "channel_scores", "check_scores", "global_scores", 
 NORMALIZATIONS = ("none", "mean")
 
 
+def _first_bn(unit: Unit, model: nn.Module) -> str | None:
+    """Name of the first BatchNorm between the unit's producer and its consumer, or None.
+
+    In an inverted residual (expand conv -> BN -> depthwise conv -> BN -> project conv)
+    it is the one right after the producer.
+    """
+    if unit.producer is None:
+        return None
+    names = (n for n in unit.channelwise if isinstance(model.get_submodule(n), nn.BatchNorm2d))
+    return next(names, None)
+
+
 def _bn_of(unit: Unit, model: nn.Module) -> nn.Module | None:
     """The BatchNorm right after the unit's producer, with a scale ``γ``, or None."""
-    if unit.producer is None or not unit.channelwise:
-        return None
-    bn = model.get_submodule(unit.channelwise[0])
+    name = _first_bn(unit, model)
+    bn = None if name is None else model.get_submodule(name)
     return bn if getattr(bn, "weight", None) is not None else None
 
 
@@ -64,8 +75,8 @@ def check_scores(method: str, units: Sequence[Unit], model: nn.Module) -> None:
                 "it is a sampler unit, whose channels (a residual block's input) have no "
                 "BatchNorm of their own; pass sampler_layers=False"
             )
-        elif unit.channelwise:
-            why = f"its BatchNorm '{unit.channelwise[0]}' has no scale (affine=False)"
+        elif _first_bn(unit, model) is not None:
+            why = f"its BatchNorm '{_first_bn(unit, model)}' has no scale (affine=False)"
         else:
             why = f"no BatchNorm lies between '{unit.producer}' and '{unit.consumer}'"
         raise ValueError(

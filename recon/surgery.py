@@ -1,4 +1,5 @@
-"""Physical removal of channels: slicing convs, BatchNorms and linears in place, and
+"""Physical removal of channels: slicing convs, BatchNorms, depthwise convs and linears
+in place, and
 putting sampler layers in front of residual branches.
 
 This module sees modules only; the re-fitted weights it installs are computed elsewhere.
@@ -17,6 +18,7 @@ __all__ = [
     "insert_sampler",
     "prune_unit",
     "slice_bn",
+    "slice_depthwise",
     "slice_inputs",
     "slice_outputs",
 ]
@@ -48,6 +50,29 @@ def slice_bn(bn: nn.BatchNorm2d, keep: Tensor) -> None:
         bn.running_mean = bn.running_mean[keep].clone()
         bn.running_var = bn.running_var[keep].clone()
     bn.num_features = len(keep)
+
+
+def slice_depthwise(conv: nn.Conv2d, keep: Tensor) -> None:
+    """Keep only channels ``keep`` of a depthwise conv (``groups == in == out``), in place."""
+    if not conv.groups == conv.in_channels == conv.out_channels:
+        raise ValueError(
+            f"recon.surgery: expected a depthwise convolution (groups = in = out channels), "
+            f"got groups={conv.groups}, {conv.in_channels} -> {conv.out_channels} channels"
+        )
+    keep = keep.to(conv.weight.device)
+    conv.weight = _param(conv.weight[keep], conv.weight)  # (c, 1, kh, kw)
+    if conv.bias is not None:
+        conv.bias = _param(conv.bias[keep], conv.bias)
+    conv.in_channels = conv.out_channels = conv.groups = len(keep)
+
+
+def slice_channelwise(module: nn.Module, keep: Tensor) -> None:
+    """Keep only channels ``keep`` of a BatchNorm or depthwise conv between a producer
+    and its consumer, in place."""
+    if isinstance(module, nn.Conv2d):
+        slice_depthwise(module, keep)
+    else:
+        slice_bn(module, keep)
 
 
 def slice_inputs(
@@ -120,9 +145,9 @@ def prune_unit(
 ) -> None:
     """Remove every channel of ``unit`` not in ``keep``, in place.
 
-    Slices the producer's outputs, the BatchNorms between, and the consumer's inputs;
-    for a sampler unit, puts a sampler in front of the consumer instead. Installs a
-    re-fitted consumer ``weight`` and adds ``bias_delta`` when given.
+    Slices the producer's outputs, the BatchNorms and depthwise convs between, and the
+    consumer's inputs; for a sampler unit, puts a sampler in front of the consumer
+    instead. Installs a re-fitted consumer ``weight`` and adds ``bias_delta`` when given.
     """
     keep = torch.as_tensor(keep, dtype=torch.long)
     if unit.kind == "sampler":
@@ -130,7 +155,7 @@ def prune_unit(
     else:
         slice_outputs(model.get_submodule(unit.producer), keep)
         for name in unit.channelwise:
-            slice_bn(model.get_submodule(name), keep)
+            slice_channelwise(model.get_submodule(name), keep)
         slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
     if bias_delta is not None:
         apply_bias_delta(model, unit, bias_delta)

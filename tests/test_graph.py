@@ -263,22 +263,29 @@ def test_torchvision_resnet_blocks():
         assert "coupled" in graph.skipped[name]
 
 
-@pytest.mark.parametrize("groups", [2, 8], ids=["grouped", "depthwise"])
-def test_grouped_conv_consumer_is_skipped(groups):
+@pytest.mark.parametrize(
+    ("groups", "out", "what"),
+    [(2, 8, "grouped convolution"), (8, 16, "depth multiplier 2")],
+    ids=["grouped", "depth-multiplier"],
+)
+def test_grouped_conv_consumer_is_skipped(groups, out, what):
+    # A depthwise conv (groups = in = out) is cut along with its producer instead: see
+    # test_depthwise.py.
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=groups),
+        nn.Conv2d(8, out, 3, padding=1, groups=groups),
         nn.ReLU(),
-        nn.Conv2d(8, 4, 3, padding=1),
+        nn.Conv2d(out, 4, 3, padding=1),
         nn.Flatten(),
         nn.Linear(4 * 6 * 6, 2),
     )
     graph = find_units(model)
     assert graph.names == ["4"]
     assert "'2'" in graph.skipped["0"]
-    assert "grouped" in graph.skipped["0"]
+    assert what in graph.skipped["0"]
     assert f"groups={groups}" in graph.skipped["2"]
+    assert what in graph.unsupported["2"]
 
 
 def test_other_unsupported_patterns_are_skipped_with_reasons():

@@ -300,9 +300,14 @@ def _untouched_calib():
             lambda: torchvision.models.resnext50_32x4d(weights=None),
             r"'layer1\.0\.conv2'.*groups=32",
         ),
-        (lambda: torchvision.models.mobilenet_v2(weights=None), r"grouped/depthwise"),
+        (  # a depthwise conv with a depth multiplier (MobileNetV2 is pruned: test_depthwise)
+            lambda: nn.Sequential(
+                nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=8), nn.Conv2d(16, 4, 1)
+            ),
+            r"'2'.*depth multiplier 2",
+        ),
     ],
-    ids=["two-branches", "resnext", "mobilenet"],
+    ids=["two-branches", "resnext", "depth-multiplier"],
 )
 def test_unsupported_pattern_is_refused_before_calibration(build, match):
     torch.manual_seed(0)

@@ -1,0 +1,343 @@
+"""Depthwise convolutions cut along with their producer: inverted residuals, MobileNetV2."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from nets import randomize_bn
+from torch import nn
+
+import recon
+from recon.graph import find_units
+from recon.layers import SampledConv2d
+from recon.select import METHODS
+
+X = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _dw(c: int, *, stride: int = 1, dilation: int = 1, bias: bool = False) -> nn.Conv2d:
+    """A 3×3 depthwise conv (groups = in = out channels)."""
+    return nn.Conv2d(c, c, 3, stride, padding=dilation, dilation=dilation, groups=c, bias=bias)
+
+
+class InvertedResidual(nn.Module):
+    """1×1 expand -> BN -> ReLU6 -> depthwise 3×3 -> BN -> ReLU6 -> 1×1 project -> BN
+    (+ the input when the shape allows)."""
+
+    def __init__(self, cin: int, cout: int, *, stride: int = 1, dilation: int = 1) -> None:
+        super().__init__()
+        hidden = 2 * cin
+        self.expand = nn.Conv2d(cin, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.dw = _dw(hidden, stride=stride, dilation=dilation)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.dw(y)))
+        y = self.bn3(self.project(y))
+        return x + y if self.residual else y
+
+
+class TinyMobileNet(nn.Module):
+    """MobileNetV2 in miniature: a stem, a block without expansion (as MobileNetV2's
+    first), a stride-2 block, two residual blocks (one dilated), a 1×1 head."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.first = nn.Sequential(
+            nn.ReLU6(),
+            _dw(8, bias=True),
+            nn.BatchNorm2d(8),
+            nn.ReLU6(),
+            nn.Conv2d(8, 8, 1, bias=False),
+            nn.BatchNorm2d(8),
+        )
+        self.blocks = nn.Sequential(
+            InvertedResidual(8, 12, stride=2),
+            InvertedResidual(12, 12),
+            InvertedResidual(12, 12, dilation=2),
+        )
+        self.head = nn.Sequential(nn.Conv2d(12, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.first(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TinyMobileNet()).eval()
+
+
+def _prune(model: nn.Module, calib: torch.Tensor = X, **kwargs) -> recon.PruneResult:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="re-fitting", category=UserWarning)
+        return recon.prune(model, calib, progress=False, **kwargs)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(((a - b) ** 2).sum() / (b**2).sum())
+
+
+def _block(i: int) -> tuple[str, str]:
+    """Block ``i``'s (expand conv, channel-wise modules between it and the project conv)."""
+    p = f"blocks.{i}."
+    return p + "expand", (p + "bn1", p + "dw", p + "bn2")
+
+
+# --------------------------------------------------------------------------- graph
+
+EXPECTED = {  # unit -> (consumer, channel-wise modules)
+    "stem.0": ("first.4", ("stem.1", "first.1", "first.2")),
+    "first.4": ("blocks.0.expand", ("first.5",)),
+    "blocks.0.expand": ("blocks.0.project", _block(0)[1]),
+    "blocks.1.expand.sampler": ("blocks.1.expand", ()),
+    "blocks.1.expand": ("blocks.1.project", _block(1)[1]),
+    "blocks.2.expand.sampler": ("blocks.2.expand", ()),
+    "blocks.2.expand": ("blocks.2.project", _block(2)[1]),
+    "head.0": ("fc", ("head.1",)),
+}
+
+
+def test_units_cut_the_depthwise_conv_and_both_batchnorms():
+    graph = find_units(_net())
+    assert graph.names == list(EXPECTED)
+    for unit in graph.units:
+        assert (unit.consumer, unit.channelwise) == EXPECTED[unit.name]
+    assert graph.unit("head.0").consumer_kind == "linear"
+    assert not graph.unsupported
+    for name in ("first.1", "blocks.0.dw", "blocks.2.dw"):
+        assert "depthwise" in graph.skipped[name]
+        assert "cut as a channel-wise op with the unit" in graph.skipped[name]
+    assert "coupled" in graph.skipped["blocks.0.project"]
+
+
+def test_residual_blocks_see_through_the_depthwise_conv():
+    graph = find_units(_net())
+    assert [b.name for b in graph.blocks] == ["blocks.1", "blocks.2"]
+    for b in graph.blocks:
+        assert b.convs == (f"{b.name}.expand", f"{b.name}.dw", f"{b.name}.project")
+        assert b.sampler and b.linear_tail and b.bn == f"{b.name}.bn3"
+
+
+def test_a_depthwise_conv_is_never_a_producer_or_consumer():
+    # Its producer is coupled (read by two branches): the depthwise conv is left alone.
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.dw = nn.Conv2d(3, 8, 1), _dw(8)
+            self.b, self.c = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            return self.b(F.relu(self.dw(x))) + self.c(x)
+
+    graph = find_units(Fork())
+    assert "a" not in graph.names and "dw" not in graph.names
+    assert "no unit reaches it" in graph.skipped["dw"]
+    assert not graph.unsupported
+
+
+def test_a_depthwise_conv_recon_cannot_slice_keeps_its_producer_whole():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect")
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(8, 4, 1))
+    graph = find_units(net)
+    assert graph.names == [] and not graph.unsupported
+    assert "depthwise convolution '2' cannot be cut along" in graph.skipped["0"]
+    assert "padding_mode='reflect'" in graph.skipped["0"]
+
+
+# --------------------------------------------------------------------------- refused
+
+
+@pytest.mark.parametrize(
+    ("conv", "what"),
+    [
+        (nn.Conv2d(8, 16, 3, padding=1, groups=8), "depth multiplier 2 (groups=8, 8 -> 16"),
+        (nn.Conv2d(8, 16, 3, padding=1, groups=4), "grouped convolution (groups=4)"),
+    ],
+    ids=["depth-multiplier", "grouped"],
+)
+def test_grouped_and_depth_multiplier_convs_are_refused(conv, what):
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(16, 4, 1))
+    graph = find_units(net)
+    assert what in graph.skipped["0"] and what in graph.unsupported["2"]
+    with pytest.raises(ValueError, match=r"cannot prune this Sequential: at '2'") as exc:
+        _prune(net, X, keep_ratio=0.5)
+    assert what in str(exc.value)
+
+
+class SqueezeExcite(nn.Module):
+    """expand -> BN -> ReLU -> depthwise -> BN -> ReLU -> x * gate(x) -> project."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn2 = _dw(8), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.project = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.dw(F.relu(self.bn1(self.expand(x))))))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.project(x * gate)
+
+
+def test_squeeze_and_excitation_leaves_the_block_whole():
+    graph = find_units(SqueezeExcite())
+    assert graph.names == ["fc1"]  # the gate's own squeeze is an ordinary unit
+    why = graph.skipped["expand"]
+    assert "multiplied at node 'mul' by a gate" in why and "squeeze-and-excitation" in why
+    assert "no unit reaches it" in graph.skipped["dw"]
+    assert not graph.unsupported
+    result = _prune(randomize_bn(SqueezeExcite()).eval(), X, keep_ratio=0.5)
+    assert result.model.expand.out_channels == 8 and result.model.dw.groups == 8
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def test_keep_all_reproduces_the_outputs():
+    net = _net()
+    result = _prune(net, keep_ratio=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(X), net(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def half():
+    return _net(), _prune(_net(), keep_ratio=0.5)
+
+
+def test_half_cuts_the_depthwise_convs_with_their_producers(half):
+    net, result = half
+    m = dict(result.model.named_modules())
+    graph = find_units(net)
+    for unit in graph.units:
+        k = unit.width // 2
+        assert result.channels[unit.name] == k
+        if unit.kind == "sampler":
+            assert isinstance(m[unit.consumer], SampledConv2d)
+            assert len(m[unit.consumer].sampler.index) == k
+            continue
+        assert m[unit.producer].out_channels == k
+        for name in unit.channelwise:
+            if isinstance(m[name], nn.BatchNorm2d):
+                assert m[name].num_features == k
+            else:
+                dw = m[name]
+                assert dw.in_channels == dw.out_channels == dw.groups == k
+                assert dw.weight.shape == (k, 1, 3, 3)
+                assert dw.bias is None or dw.bias.shape == (k,)
+        consumer = m[unit.consumer]
+        linear = unit.consumer_kind == "linear"
+        assert (consumer.in_features if linear else consumer.in_channels) == k * (
+            unit.taps if linear else 1
+        )
+    assert m["blocks.2.dw"].dilation == (2, 2) and m["blocks.0.dw"].stride == (2, 2)
+    assert m["first.1"].bias.shape == (4,)
+    with torch.no_grad():
+        assert result.model(X).shape == (32, 5)
+
+
+def test_refitting_beats_no_refit(half):
+    net, lstsq = half
+    none = _prune(_net(), keep_ratio=0.5, reconstruct="none")
+    with torch.no_grad():
+        ref = net(X)
+        assert _rel(lstsq.model(X), ref) < _rel(none.model(X), ref)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs(method):
+    # bn_gamma has no score for a sampler unit (a block input has no BatchNorm of its own)
+    result = _prune(_net(), keep_ratio=0.5, method=method, sampler_layers=method != "bn_gamma")
+    assert result.model.blocks[0].dw.groups == 8
+    with torch.no_grad():
+        assert torch.isfinite(result.model(X)).all()
+
+
+def test_bn_gamma_reads_the_batchnorm_right_after_the_producer():
+    net = _net()
+    result = _prune(net, channels={"blocks.0.expand": 5}, method="bn_gamma")
+    gamma = net.blocks[0].bn1.weight.detach().abs()  # not bn2, after the depthwise conv
+    assert result.kept["blocks.0.expand"] == sorted(gamma.topk(5).indices.tolist())
+
+
+def test_save_load_and_apply_plan_reproduce_the_pruned_model(half, tmp_path):
+    _, result = half
+    path = tmp_path / "dw.recon"
+    recon.save(result, path)
+    with torch.no_grad():
+        expected = result.model(X)
+        assert torch.equal(recon.load(path, _net).eval()(X), expected)
+        fresh = recon.apply_plan(_net(), result.plan)
+        fresh.load_state_dict(result.model.state_dict())
+        assert torch.equal(fresh.eval()(X), expected)
+
+
+def test_apply_plan_names_a_conv_that_is_not_depthwise(half):
+    _, result = half
+    other = _net()
+    other.blocks[0].dw = nn.Conv2d(16, 16, 3, padding=1)
+    with pytest.raises(ValueError, match=r"'blocks\.0\.dw' is not a depthwise convolution"):
+        recon.apply_plan(other, result.plan)
+
+
+def test_speedup_counts_the_depthwise_flops():
+    result = _prune(_net(), speedup=2.0)
+    assert result.report.speedup == pytest.approx(2.0, rel=0.02)
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _mobilenet_v2(width_mult: float = 1.0) -> nn.Module:
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return randomize_bn(tv.models.mobilenet_v2(weights=None, width_mult=width_mult)).eval()
+
+
+def _check_mobilenet(net: nn.Module, x: torch.Tensor) -> None:
+    graph = find_units(net)
+    assert not graph.unsupported
+    expand = [f"features.{i}.conv.0.0" for i in range(2, 18)]
+    assert {"features.0.0", *expand} <= set(graph.names)  # the stem and every expand conv
+    assert graph.unit("features.0.0").channelwise == (
+        "features.0.1",
+        "features.1.conv.0.0",
+        "features.1.conv.0.1",
+    )
+    result = _prune(net, x, speedup=1.5, allocation="uniform")
+    assert result.report.speedup == pytest.approx(1.5, rel=0.02)
+    with torch.no_grad():
+        out = result.model(x)
+    assert out.shape == (len(x), 1000) and torch.isfinite(out).all()
+
+
+# Coordinate-descent LASSO on the widest random-weight layers may stop short of its
+# tolerance; the selection is still made.
+_CD = "ignore:Objective did not converge"
+
+
+@pytest.mark.filterwarnings(_CD)
+def test_mobilenet_v2_small():
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _check_mobilenet(_mobilenet_v2(width_mult=0.5), x)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(_CD)
+def test_mobilenet_v2():
+    x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    _check_mobilenet(_mobilenet_v2(), x)
