@@ -270,3 +270,18 @@ def test_calib_size_quick(reproduce, tmp_path):
     assert len(rows[0]["ridges"]) == 13  # a chosen ridge per pruned layer of the VGG-16
     text = (tmp_path / "calib_size.md").read_text()
     assert "| 16 |" in text and "lstsq" in text and "none" in text
+
+
+def test_model_coverage_rows_and_table(reproduce):
+    """scripts/model_coverage.py: a pruned model's cells, a refused model's reason."""
+    pytest.importorskip("torchvision")
+    script = _load("model_coverage")
+    row = script.run_model("mobilenet_v3_small", 8, size=32)
+    assert row["units"] > 0 and "refused" not in row
+    assert "squeeze-and-excitation" in row["skip_summary"] or "gate" in row["skip_summary"]
+    cell = row.get("1.5x_lstsq")
+    assert "speedup" in cell or "maximum achievable speedup" in cell["error"]
+    refused = {"model": "vit_x", "size": 224, "params": 5e6, "refused": "no prunable layer"}
+    text = script.markdown([row, refused], ["--quick"], 8, 1.0)
+    assert "| `mobilenet_v3_small` |" in text and "refused | refused | no prunable layer |" in text
+    assert "1 of 2 models prune" in text
