@@ -12,23 +12,41 @@ forward passes in all:
   and what the final errors compare against (each residual ``add`` at its sampled
   positions, and the network output). These are small: positions × channels per unit.
 * **A boundary cache for the pruned network.** Pruning a unit changes only its own
-  modules (producer, BatchNorms between, consumer, BatchNorm after the consumer). So
-  every node of the graph before the first module that unit ``i`` *or any later unit*
-  changes -- the *cut* ``s_i`` -- already has its final value. The values live at that
-  cut (computed before it, read at or after it) are kept per batch, and the next unit
-  runs the graph from the cut rather than from the input (a :class:`GraphRunner` range).
+  modules (producer, channel-wise ops between, consumer, BatchNorm after the
+  consumer). So every node of the graph before the first module that unit ``i`` *or
+  any later unit* changes -- the *safe cut* of step ``i`` -- already has its final
+  value. The values live at a cut (computed before it, read at or after it) are kept
+  per batch, and the next unit runs the graph from the cut rather than from the input
+  (a :class:`GraphRunner` range).
+* **Past the producer, one pruned pass.** The safe cut lies before unit ``i``'s
+  producer, so the producer would run again once pruned: each layer twice, once at
+  full width (to give the consumer's input ``x``) and once pruned. Instead, where it
+  is safe (:meth:`Passes._late_cut`), the cut of step ``i`` is the *consumer*: the
+  values live there are cached during unit ``i``'s own pass, and once the caller
+  reports the kept channels (:meth:`Passes.kept`) the consumer's input is sliced to
+  them. The producer and the ops between are channel-wise (BatchNorm, activations,
+  pooling, depthwise convs), so the slice is what the pruned network computes there,
+  up to the rounding of a conv run at another output width. Safe means: the unit has
+  a producer (a sampler unit's cut is its consumer already), no later unit changes a
+  node before the consumer, of the live values only the consumer's input depends on
+  the producer, and no watched value (a block ``add``, a block target's shortcut)
+  does. Elsewhere the step keeps the safe cut. With every batch cached, each layer of
+  a VGG, ResNet or MobileNet then runs once per calibration image in each network
+  (tests/test_single_pass.py counts them).
 
-Because the cut lies before the producer, the producer runs again after it is pruned
-(at its new width) instead of its cached output being sliced: the cached and the
-recomputed paths do exactly the same arithmetic, so the pruned model is the same, bit
-for bit, whatever the cache budget. The price is that each layer runs twice in all,
-once at full output width (to give ``x``) and once pruned.
+A cached run and one that recomputes a batch from the input (``cache_bytes=0``, or a
+batch over the budget) therefore agree to float32 rounding, not bit for bit (on the
+CPU measured they were identical); the same call with the same budget repeats bit for
+bit. ``Passes(..., single_pass=False)`` (default :data:`_SINGLE_PASS`) keeps the older
+scheme, the safe cut everywhere, whose cached and recomputed paths do exactly the same
+arithmetic; benchmarks and tests compare the two.
 
 ``cache_bytes`` bounds what is held. The targets come first; if they do not fit, each
 unit runs the original network from the input again (as without a cache). The
-boundary values then fit batch by batch: a batch that does not fit starts from the
-input at the next unit. Values are cloned when cached, so in-place operations later in
-the graph (``ReLU(inplace=True)``, ``out += x``) cannot change them.
+boundary values then fit batch by batch (at a consumer, at full width until sliced):
+a batch that does not fit starts from the input at the next unit. Values are cloned
+when cached, so in-place operations later in the graph (``ReLU(inplace=True)``,
+``out += x``) cannot change them.
 
 This module sees traced graphs, modules and tensors; it knows nothing of selection or
 re-fitting.
