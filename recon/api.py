@@ -734,6 +734,7 @@ def _prune_units(
             )
             if unit.kind == "sampler":  # a new module: the traced copy must call it too
                 gm_p.set_submodule(unit.consumer, pruned.get_submodule(unit.consumer))
+            passes.kept(step, keep)  # cached consumer inputs, sliced to the kept channels
             row.seconds += t_stats
             layers.append(row)
             kept[unit.name] = keep.tolist()

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _timing
+from . import passes as _passes
 from ._utils import model_device
 from .api import PruneResult, prune
 from .budget import count_flops
@@ -219,6 +220,9 @@ class BenchResult:
     forward_macs, stats_macs : int
         Multiply-adds of one forward pass of the calibration set and of the float64
         statistics (:func:`work`).
+    single_pass : bool
+        Whether the run used the single pruned pass per unit (False: the older scheme
+        that runs each producer twice, :class:`recon.passes.Passes`).
     """
 
     model: str
@@ -240,6 +244,7 @@ class BenchResult:
     forward_macs: int = 0
     stats_macs: int = 0
     machine: dict[str, Any] = field(default_factory=dict)
+    single_pass: bool = True
 
     @property
     def ratio(self) -> float:
@@ -258,7 +263,8 @@ class BenchResult:
             f"recon bench: {self.model}, {self.images} images in batches of {self.batch_size}, "
             f"{self.samples_per_image or 'all'} positions per image, {self.method}, "
             f"{self.speedup:g}x target, on {self.device} "
-            f"({self.machine.get('torch_threads', torch.get_num_threads())} threads)",
+            f"({self.machine.get('torch_threads', torch.get_num_threads())} threads)"
+            + ("" if self.single_pass else "; older double passes"),
             f"  one plain forward pass of the calibration set   {self.forward_seconds:8.3f} s",
             f"  pruning, total                                   {self.prune_seconds:8.3f} s"
             f"   = {self.ratio:.1f} forward passes",
@@ -316,6 +322,7 @@ def run(
     seed: int = 0,
     repeats: int = 3,
     warmup: bool = True,
+    single_pass: bool = True,
 ) -> tuple[BenchResult, PruneResult]:
     """Benchmark one ``recon.prune`` run against one plain forward pass.
 
@@ -339,6 +346,9 @@ def run(
     warmup : bool, default True
         First prune one batch, so that one-time costs (lazy imports, kernel set-up) are
         not charged to the measured run.
+    single_pass : bool, default True
+        False times the older calibration passes, which run each producer twice
+        (:class:`recon.passes.Passes`), for comparison.
 
     Returns
     -------
@@ -367,22 +377,8 @@ def run(
         "seed": seed,
         "progress": False,
     }
-    if warmup:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # few images: under-determined re-fits
-            prune(model, batches[:1], **kwargs)
-    base = rss_bytes()
-    reset_peak_rss()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    with _synchronised(dev):
-        t0 = time.perf_counter()
-        result = prune(model, batches, **kwargs)
-        _sync(dev)
-        seconds = time.perf_counter() - t0
-    peak = peak_rss_bytes()
-    cuda_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    with _passes_scheme(single_pass):
+        seconds, result, base, peak, cuda_peak = _timed_prune(model, batches, kwargs, dev, warmup)
     fwd_macs, stats_macs = work(
         model, batches[0], images=calib.shape[0], samples_per_image=samples_per_image
     )
@@ -407,5 +403,40 @@ def run(
         forward_macs=fwd_macs,
         stats_macs=stats_macs,
         machine=machine(),
+        single_pass=single_pass,
     )
     return bench, result
+
+
+@contextlib.contextmanager
+def _passes_scheme(single_pass: bool) -> Iterator[None]:
+    old = _passes._SINGLE_PASS
+    _passes._SINGLE_PASS = single_pass
+    try:
+        yield
+    finally:
+        _passes._SINGLE_PASS = old
+
+
+def _timed_prune(
+    model: nn.Module, batches: list[Tensor], kwargs: dict[str, Any], dev: torch.device,
+    warmup: bool,
+) -> tuple[float, PruneResult, int | None, int | None, int | None]:  # fmt: skip
+    """Prune once (after a one-batch warm-up): seconds, result, RSS before and peak, CUDA peak."""
+    if warmup:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few images: under-determined re-fits
+            prune(model, batches[:1], **kwargs)
+    base = rss_bytes()
+    reset_peak_rss()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    with _synchronised(dev):
+        t0 = time.perf_counter()
+        result = prune(model, batches, **kwargs)
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    cuda_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    return seconds, result, base, peak, cuda_peak

@@ -319,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="cpu, cuda, ... (default: where the model is)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     b.add_argument("--repeats", type=int, default=3, help="forward passes timed (median; 3)")
+    b.add_argument(
+        "--passes",
+        default="single",
+        choices=("single", "double"),
+        help="the pruned network's passes: single (default) continues each unit from the "
+        "cached consumer input; double is the older scheme that runs each producer twice, "
+        "kept for comparison",
+    )
     _add_cache_mb(b)
     b.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     _add_image_args(b)
@@ -634,6 +642,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cache_bytes=_cache_bytes(args),
         device=args.device,
         repeats=args.repeats,
+        single_pass=args.passes == "single",
     )
     print(result.to_text())
     if args.json:

@@ -12,23 +12,41 @@ forward passes in all:
   and what the final errors compare against (each residual ``add`` at its sampled
   positions, and the network output). These are small: positions × channels per unit.
 * **A boundary cache for the pruned network.** Pruning a unit changes only its own
-  modules (producer, BatchNorms between, consumer, BatchNorm after the consumer). So
-  every node of the graph before the first module that unit ``i`` *or any later unit*
-  changes -- the *cut* ``s_i`` -- already has its final value. The values live at that
-  cut (computed before it, read at or after it) are kept per batch, and the next unit
-  runs the graph from the cut rather than from the input (a :class:`GraphRunner` range).
+  modules (producer, channel-wise ops between, consumer, BatchNorm after the
+  consumer). So every node of the graph before the first module that unit ``i`` *or
+  any later unit* changes -- the *safe cut* of step ``i`` -- already has its final
+  value. The values live at a cut (computed before it, read at or after it) are kept
+  per batch, and the next unit runs the graph from the cut rather than from the input
+  (a :class:`GraphRunner` range).
+* **Past the producer, one pruned pass.** The safe cut lies before unit ``i``'s
+  producer, so the producer would run again once pruned: each layer twice, once at
+  full width (to give the consumer's input ``x``) and once pruned. Instead, where it
+  is safe (:meth:`Passes._late_cut`), the cut of step ``i`` is the *consumer*: the
+  values live there are cached during unit ``i``'s own pass, and once the caller
+  reports the kept channels (:meth:`Passes.kept`) the consumer's input is sliced to
+  them. The producer and the ops between are channel-wise (BatchNorm, activations,
+  pooling, depthwise convs), so the slice is what the pruned network computes there,
+  up to the rounding of a conv run at another output width. Safe means: the unit has
+  a producer (a sampler unit's cut is its consumer already), no later unit changes a
+  node before the consumer, of the live values only the consumer's input depends on
+  the producer, and no watched value (a block ``add``, a block target's shortcut)
+  does. Elsewhere the step keeps the safe cut. With every batch cached, each layer of
+  a VGG, ResNet or MobileNet then runs once per calibration image in each network
+  (tests/test_single_pass.py counts them).
 
-Because the cut lies before the producer, the producer runs again after it is pruned
-(at its new width) instead of its cached output being sliced: the cached and the
-recomputed paths do exactly the same arithmetic, so the pruned model is the same, bit
-for bit, whatever the cache budget. The price is that each layer runs twice in all,
-once at full output width (to give ``x``) and once pruned.
+A cached run and one that recomputes a batch from the input (``cache_bytes=0``, or a
+batch over the budget) therefore agree to float32 rounding, not bit for bit (on the
+CPU measured they were identical); the same call with the same budget repeats bit for
+bit. ``Passes(..., single_pass=False)`` (default :data:`_SINGLE_PASS`) keeps the older
+scheme, the safe cut everywhere, whose cached and recomputed paths do exactly the same
+arithmetic; benchmarks and tests compare the two.
 
 ``cache_bytes`` bounds what is held. The targets come first; if they do not fit, each
 unit runs the original network from the input again (as without a cache). The
-boundary values then fit batch by batch: a batch that does not fit starts from the
-input at the next unit. Values are cloned when cached, so in-place operations later in
-the graph (``ReLU(inplace=True)``, ``out += x``) cannot change them.
+boundary values then fit batch by batch (at a consumer, at full width until sliced):
+a batch that does not fit starts from the input at the next unit. Values are cloned
+when cached, so in-place operations later in the graph (``ReLU(inplace=True)``,
+``out += x``) cannot change them.
 
 This module sees traced graphs, modules and tensors; it knows nothing of selection or
 re-fitting.
@@ -40,6 +58,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, fx
 
 from ._timing import PhaseTimer
@@ -50,6 +69,11 @@ __all__ = ["DEFAULT_CACHE_BYTES", "GraphRunner", "Original", "Passes"]
 
 #: Default of ``recon.prune(cache_bytes=...)``: 1 GiB of cached activations.
 DEFAULT_CACHE_BYTES = 1 << 30
+
+#: Default of ``Passes(single_pass=...)``: cache past each unit's producer where safe.
+#: False restores the older scheme (cut before the producer; each layer runs twice),
+#: kept so that a benchmark or a test can compare the two in one process.
+_SINGLE_PASS = True
 
 Watch = Sequence[tuple[str, Callable[[Any], None]]]
 
@@ -62,6 +86,23 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_nbytes(v) for v in value.values())
     return 0
+
+
+def _slice_channels(value: Any, keep: Tensor, unit: Unit) -> Tensor | None:
+    """``value`` (the consumer's input at full width) with only the ``keep`` channels.
+
+    None when ``value`` is not shaped as expected (the caller then drops it).
+    """
+    if not isinstance(value, Tensor) or value.dim() < 2:
+        return None
+    keep = keep.to(value.device)
+    if unit.consumer_kind == "conv" and value.dim() == 4 and value.shape[1] == unit.width:
+        return value.index_select(1, keep)
+    if unit.consumer_kind == "linear" and value.dim() == 2:
+        if value.shape[1] == unit.width * unit.taps:  # flattened channel-major: (B, c*taps)
+            rows = value.reshape(value.shape[0], unit.width, unit.taps)
+            return rows.index_select(1, keep).reshape(value.shape[0], -1)
+    return None
 
 
 def _clone(value: Any) -> Any:
@@ -211,6 +252,10 @@ class Passes:
         Global index of each batch's first image (seeds its positions); by default
         the batches are numbered consecutively from 0. A process of a distributed run
         passes where its shard starts.
+    single_pass : bool, optional
+        Cache past each unit's producer where that is safe (see the module docstring);
+        the caller then reports each unit's kept channels with :meth:`kept`. False: the
+        older scheme, the cut before the producer. Default ``_SINGLE_PASS`` (True).
     """
 
     def __init__(
@@ -228,6 +273,7 @@ class Passes:
         final: bool = True,
         timer: PhaseTimer | None = None,
         image_offsets: Sequence[int] | None = None,
+        single_pass: bool | None = None,
     ) -> None:
         self.ro, self.rp = GraphRunner(gm_o), GraphRunner(gm_p)
         self.gm_o = gm_o
@@ -247,15 +293,9 @@ class Passes:
         else:
             self.offsets = list(image_offsets)
         self._wants = [self._want(u, shortcuts.get(u.name)) for u in units]
-        # The cut of step i: the first node that unit i or a later unit changes.
-        first = self.rp.module_nodes()
-        cuts = []
-        for u in units:
-            names = [u.producer, *u.channelwise, u.consumer, u.consumer_bn]
-            cuts.append(min(first[n] for n in names if n is not None and n in first))
-        for i in range(len(cuts) - 2, -1, -1):
-            cuts[i] = min(cuts[i], cuts[i + 1])
-        self.cuts = [*cuts, len(self.rp)]
+        self.single_pass = _SINGLE_PASS if single_pass is None else bool(single_pass)
+        self.cuts, self._slices = self._plan_cuts(shortcuts)
+        self._sliced = [s is None for s in self._slices]  # unit i's cached values final?
         self.step = 0
         self.frontier: list[dict[int, Any] | None] = [None] * len(batches)
         self._frontier_bytes = [0] * len(batches)
@@ -267,6 +307,115 @@ class Passes:
         self.output_error: float | None = None
         self.block_errors: dict[str, float] = {}
         self._gather_targets()
+
+    # ------------------------------------------------------------------ cuts
+
+    def _plan_cuts(self, shortcuts: dict[str, str | None]) -> tuple[list[int], list[int | None]]:
+        """Each step's cut, and the node to slice once its unit is pruned (or None).
+
+        The safe cut of step ``i`` is the first node that unit ``i`` or a later unit
+        changes. A unit whose cut may move to its consumer (:meth:`_late_cut`) has
+        that cut instead, and the index of the consumer's input, to be sliced.
+        """
+        first = self.rp.module_nodes()
+        starts = []
+        for u in self.units:
+            names = [u.producer, *u.channelwise, u.consumer, u.consumer_bn]
+            starts.append(min(first[n] for n in names if n is not None and n in first))
+        safe = list(starts)
+        for i in range(len(safe) - 2, -1, -1):
+            safe[i] = min(safe[i], safe[i + 1])
+        cuts: list[int] = []
+        slices: list[int | None] = []
+        for i, u in enumerate(self.units):
+            later = safe[i + 1] if i + 1 < len(safe) else len(self.rp)
+            late = self._late_cut(u, first, later, shortcuts.get(u.name))
+            if self.single_pass and late is not None:
+                cuts.append(late[0])
+                slices.append(late[1])
+            else:
+                cuts.append(safe[i])
+                slices.append(None)
+        return [*cuts, len(self.rp)], slices
+
+    def _late_cut(
+        self, unit: Unit, first: dict[str, int], later: int, shortcut: str | None
+    ) -> tuple[int, int] | None:
+        """``(consumer node, consumer input node)`` if the cut may lie at the consumer.
+
+        Safe when: the unit has a producer; no later unit changes a node before the
+        consumer; of the values live at the consumer, only the consumer's input
+        depends on the unit's producer (or the ops cut with it); and no value that
+        depends on them before the consumer is watched (a block ``add`` or a
+        shortcut). Slicing that input to the kept channels then gives what the pruned
+        network computes there.
+        """
+        if unit.kind != "plain" or unit.producer is None or unit.consumer not in first:
+            return None
+        cut = first[unit.consumer]
+        if cut > later:
+            return None
+        node = self.rp.nodes[cut]
+        if len(node.args) != 1 or not isinstance(node.args[0], fx.Node) or node.kwargs:
+            return None
+        x = self.rp.index[node.args[0].name]
+        changed = [first[n] for n in (unit.producer, *unit.channelwise) if n in first]
+        if len(changed) != 1 + len(unit.channelwise):
+            return None
+        down = self._downstream(changed, cut)
+        if [j for j in self.rp.live(cut) if j in down] != [x]:
+            return None
+        watched = {self.rp.index[b.add] for b in self.blocks}
+        if shortcut is not None:
+            watched.add(self.rp.index[shortcut])
+        return None if watched & down else (cut, x)
+
+    def _downstream(self, nodes: list[int], stop: int) -> set[int]:
+        """Nodes before ``stop`` computed from any of ``nodes`` (themselves included)."""
+        todo, seen = list(nodes), set(nodes)
+        while todo:
+            for user in self.rp.nodes[todo.pop()].users:
+                j = self.rp.index[user.name]
+                if j < stop and j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+        return seen
+
+    def kept(self, step: int, keep: Tensor | None) -> None:
+        """Unit ``step`` now keeps the channels ``keep`` (None: it was left whole).
+
+        With a cut past the unit's producer, the cached consumer inputs are sliced to
+        ``keep`` (a batch whose value is not shaped as expected is dropped from the
+        cache and recomputed from the input). Call it before the next step.
+        """
+        x = self._slices[step]
+        if self._sliced[step] or x is None:
+            self._sliced[step] = True
+            return
+        self._sliced[step] = True
+        if keep is None:
+            return
+        keep = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
+        unit = self.units[step]
+        with self.timer("forward"):
+            for b, env in enumerate(self.frontier):
+                if env is None or x not in env:
+                    continue
+                value = _slice_channels(env[x], keep, unit)
+                self.held -= self._frontier_bytes[b]
+                if value is None:
+                    self.frontier[b], self._frontier_bytes[b] = None, 0
+                    continue
+                env[x] = value
+                self._frontier_bytes[b] = _nbytes(env)
+                self.held += self._frontier_bytes[b]
+
+    def _check_kept(self, step: int) -> None:
+        if step > 0 and not self._sliced[step - 1]:
+            name = self.units[step - 1].name
+            raise RuntimeError(
+                f"recon.passes: kept() not called for unit '{name}' (step {step - 1})"
+            )
 
     # ------------------------------------------------------------------ original side
 
@@ -455,6 +604,7 @@ class Passes:
         if step != self.step:
             if step != self.step + 1 or b != 0:
                 raise RuntimeError(f"recon.passes: step {step} out of order (at {self.step})")
+            self._check_kept(step)
             self.step = step
         w: dict[int, list] = {}
         for name, fn in watch:
@@ -480,6 +630,7 @@ class Passes:
         """
         if not self.final:
             raise RuntimeError("recon.passes: finish() on passes made with final=False")
+        self._check_kept(len(self.units))
         self.step = len(self.units)
         n = len(self.rp)
         for b in range(len(self.batches)):

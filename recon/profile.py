@@ -264,6 +264,7 @@ def profile_units(
                 folds=CV_FOLDS if reconstruct == "lstsq" else 1,
             )  # fmt: skip
             passes.drop_targets(step)
+            passes.kept(step, None)  # the profiled network is never pruned
             if ctx is not None:
                 ctx.all_reduce_(stats.tensors(), f"profile of {unit.name}")
             out[unit.name] = _profile_one(
