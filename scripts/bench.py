@@ -351,8 +351,11 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 def scale224(args: argparse.Namespace) -> dict[str, Any]:
     """torchvision VGG-16 and ResNet-50 at 224 px: pruning in forward passes, latency."""
     runs = []
+    sides = [(a, True) for a in args.allocations.split(",")]
+    if args.double_pass:  # the older passes, each producer twice, for comparison
+        sides.insert(1, (sides[0][0], False))
     for spec in args.scale_models.split(","):
-        for allocation in args.allocations.split(","):
+        for allocation, single in sides:
             config = _config(
                 args,
                 "recon224",
@@ -360,12 +363,14 @@ def scale224(args: argparse.Namespace) -> dict[str, Any]:
                 images=args.scale_images,
                 size=args.size,
                 allocation=allocation,
+                single_pass=single,
                 repeats=1,
             )
             out = _run_side(config, args.in_process)
             runs.append(out)
             print(
-                f"{spec:<24} {allocation:<8} {out['prune_seconds']:8.1f} s = "
+                f"{spec:<24} {allocation:<8} {'single' if single else 'double'} "
+                f"{out['prune_seconds']:8.1f} s = "
                 f"{out['ratio']:5.1f} forward passes of {out['forward_seconds']:.1f} s   "
                 f"peak RSS {out['peak_rss'] / MiB:6.0f} MiB   "
                 + ", ".join(
@@ -726,6 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--allocations", default="uniform,auto", help="'scale224' allocations (uniform,auto)"
+    )
+    parser.add_argument(
+        "--double-pass",
+        action="store_true",
+        help="'scale224': also time the older calibration passes (each producer twice)",
     )
     parser.add_argument(
         "--latency-batches", default="1,32", help="'scale224' latency batch sizes (1,32)"
