@@ -171,7 +171,7 @@ def markdown(args: Any, runs: list[dict], lat: list[dict], seconds: float) -> st
         "",
         "## Pruning",
         "",
-        "| model | allocation | calibration passes | units | forward pass (s) | pruning (s) | "
+        "| model | allocation | calibration passes | units pruned | forward pass (s) | pruning (s) | "
         "forward passes | phases (forward passes) | peak RSS (MiB) | FLOPs ratio |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
