@@ -171,8 +171,9 @@ def markdown(args: Any, runs: list[dict], lat: list[dict], seconds: float) -> st
         "",
         "## Pruning",
         "",
-        "| model | allocation | calibration passes | units pruned | forward pass (s) | pruning (s) | "
-        "forward passes | phases (forward passes) | peak RSS (MiB) | FLOPs ratio |",
+        "| model | allocation | calibration passes | units pruned | forward pass (s) | "
+        "pruning (s) | forward passes | phases (forward passes) | peak RSS (MiB) | "
+        "FLOPs ratio |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in runs:
