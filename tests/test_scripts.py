@@ -65,6 +65,7 @@ def quality_bar(reproduce):  # needs the same Fashion-MNIST files
     return _load("quality_bar")
 
 
+@pytest.mark.slow  # 40 s: a docs generator, run with -m slow
 def test_quality_bar_quick(quality_bar, tmp_path, capsys):
     quality_bar.main(["--quick", "--out-dir", str(tmp_path)])
     md = (tmp_path / "quality.md").read_text(encoding="utf-8")
@@ -82,6 +83,7 @@ def test_quality_bar_quick(quality_bar, tmp_path, capsys):
     assert "calibration images" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 22 s: a docs generator, run with -m slow
 def test_profile_latency_runs(capsys):
     rows = _load("profile_latency").main(["--batch", "2", "--repeats", "1"])
     assert [name for name, _, _ in rows] == [
