@@ -459,6 +459,11 @@ def _scalar_op(node: fx.Node) -> bool:
         known = node.op == "call_method" and node.target in _SCALAR_METHODS
     if not known or len(node.all_input_nodes) != 1:
         return False
+    return _numbers_only(node)
+
+
+def _numbers_only(node: fx.Node) -> bool:
+    """Whether every argument of ``node`` that is not a graph value is a number (or None)."""
     others = [a for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
     return all(a is None or isinstance(a, int | float) for a in others)
 
@@ -517,8 +522,7 @@ def _elementwise_region(
                 return None
             if any(a not in live for a in node.all_input_nodes):
                 return None  # a value from outside the region couples the channels
-            others = [a for a in (*node.args, *node.kwargs.values()) if not isinstance(a, fx.Node)]
-            if not all(a is None or isinstance(a, int | float) for a in others):
+            if not _numbers_only(node):
                 return None
             region.append(node)
             live.add(node)

@@ -9,12 +9,11 @@ memories are not mixed.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from typing import Any
 
 import torch
+from _measure import reestimate_bn
 from torch import Tensor, nn
 
 import recon
@@ -40,16 +39,7 @@ def build(spec: str, n: int, size: int) -> tuple[nn.Module, Tensor]:
     torch.manual_seed(0)
     model = load_model(spec)
     x = images(model, n, size)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches below
-    if bns:
-        model.train()
-        with torch.no_grad():
-            for xb in x[:64].split(16):
-                model(xb)
-    return model.eval(), x
+    return reestimate_bn(model, x[:64].split(16)), x
 
 
 def side(config: dict[str, Any]) -> dict[str, Any]:
@@ -80,14 +70,7 @@ def side(config: dict[str, Any]) -> dict[str, Any]:
 
 def _ms(model: nn.Module, x: Tensor, repeats: int) -> float:
     """Median milliseconds of one forward pass of ``x`` (inference mode, one warm-up)."""
-    times = []
-    with torch.inference_mode():
-        model(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * bench.forward_seconds(model, [x], repeats=repeats)
 
 
 def latency(spec: str, size: int, speedup: float, batches: tuple[int, ...], repeats: int):

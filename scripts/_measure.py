@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -15,3 +17,17 @@ def logit_error(a: nn.Module, b: nn.Module, x: Tensor, batch_size: int = 500) ->
             num += float(((yb - ya) ** 2).sum())
             den += float((ya**2).sum())
     return num / den
+
+
+def reestimate_bn(net: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
+    """``net`` in eval mode, its BatchNorm statistics the plain average over ``batches``
+    (random-weight models then have activations of realistic scale)."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+    net.train()
+    with torch.no_grad():
+        for xb in batches:
+            net(xb)
+    return net.eval()

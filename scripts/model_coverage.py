@@ -36,7 +36,7 @@ import recon
 from recon.graph import find_units
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import logit_error
+from _measure import logit_error, reestimate_bn
 from refit_torchvision import _images
 
 #: One model per torchvision family (``--models all`` lists every classification model).
@@ -72,23 +72,6 @@ def _skip_summary(graph: Any) -> str:
     return "; ".join(f"{n}× {r}" for r, n in top)
 
 
-def _model(name: str, data: torch.Tensor) -> torch.nn.Module:
-    """``name`` with random weights (seed 0), BatchNorm statistics averaged over ``data``."""
-    import torchvision
-
-    torch.manual_seed(0)
-    net = torchvision.models.get_model(name, weights=None, **KWARGS.get(name, {}))
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average
-    net.train()
-    with torch.no_grad():
-        for xb in data.split(64):
-            net(xb)
-    return net.eval()
-
-
 def run_model(
     name: str, n_images: int, size: int | None = None, max_params: float = MAX_PARAMS
 ) -> dict[str, Any]:
@@ -98,7 +81,6 @@ def run_model(
     row: dict[str, Any] = {"model": name}
     size = size or SIZE.get(name, 64)
     row["size"] = size
-    builder = torchvision.models.get_model_builder(name)
     t0 = time.perf_counter()
     try:
         data = _images(256, 10_000, size)
@@ -106,13 +88,13 @@ def run_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
-            built = builder(weights=None, **KWARGS.get(name, {}))
-            params = sum(p.numel() for p in built.parameters())
+            net = torchvision.models.get_model(name, weights=None, **KWARGS.get(name, {}))
+            params = sum(p.numel() for p in net.parameters())
             row["params"] = params
             if params > max_params:
                 row["refused"] = f"not run: {params / 1e6:.0f} M parameters (--max-params)"
                 return row
-            net = _model(name, data)
+            net = reestimate_bn(net, data.split(64))
             graph = find_units(net)
     except Exception as e:  # a model that cannot be built or traced: recorded
         row["refused"] = _first_line(e)

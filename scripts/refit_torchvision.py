@@ -30,7 +30,7 @@ import recon
 from recon.data import load_fashion_mnist, to_tensor32
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import logit_error
+from _measure import logit_error, reestimate_bn
 
 MODES = ("lstsq", "lstsq_plain", "scale", "none")
 # model, calibration images, target
@@ -48,15 +48,7 @@ def _model(name: str, data: Tensor) -> nn.Module:
 
     torch.manual_seed(0)
     net = getattr(torchvision.models, name)(weights=None)
-    for m in net.modules():  # cumulative averages over the data
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        for xb in data.split(64):
-            net(xb)
-    return net.eval()
+    return reestimate_bn(net, data.split(64))
 
 
 def main(argv: list[str] | None = None) -> None:
