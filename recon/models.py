@@ -241,16 +241,23 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(channels * spatial * spatial, num_classes)
 
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
+            self.init_weights(m)
+
+    @staticmethod
+    def init_weights(m: nn.Module) -> None:
+        """This architecture's initialisation of one module (conv: Kaiming normal,
+        fan-out; BatchNorm: 1, 0; linear: N(0, 0.01), 0), applied in ``modules()`` order
+        by the constructor; e.g. ``recon.reinit(pruned, seed, init=VGG.init_weights)``."""
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)  # (N, C, s, s)
@@ -401,11 +408,19 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+            self.init_weights(m)
+
+    @staticmethod
+    def init_weights(m: nn.Module) -> None:
+        """This architecture's initialisation of one module (conv: Kaiming normal,
+        fan-out; BatchNorm: 1, 0; linear: PyTorch's default), applied in ``modules()``
+        order by the constructor; e.g. ``recon.reinit(pruned, seed,
+        init=CifarResNet.init_weights)``."""
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))  # (N, widths[0], H, W)

@@ -12,6 +12,7 @@ This module sees modules only.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,7 +20,9 @@ from torch import nn
 __all__ = ["reinit"]
 
 
-def reinit(model: nn.Module, seed: int) -> nn.Module:
+def reinit(
+    model: nn.Module, seed: int, *, init: Callable[[nn.Module], None] | None = None
+) -> nn.Module:
     """A copy of ``model`` with the same architecture and fresh, seeded initial weights.
 
     Every module that has a ``reset_parameters`` method (convolutions, linear layers,
@@ -28,8 +31,10 @@ def reinit(model: nn.Module, seed: int) -> nn.Module:
     statistics are reset too (``reset_parameters`` does it). Everything else is
     copied as it is: the structure, sampler layers' channel indices, buffers of
     modules without ``reset_parameters``, the training flags and a pruning plan
-    attached by :func:`recon.prune`. The draws are made on the CPU, so the result is
-    the same whatever the model's device; the global random state is left as it was.
+    attached by :func:`recon.prune`. With ``init``, the architecture's own scheme is
+    then applied: ``init(module)`` for every module, in the same order, from the same
+    generator. The draws are made on the CPU, so the result is the same whatever the
+    model's device; the global random state is left as it was.
 
     Parameters
     ----------
@@ -37,6 +42,11 @@ def reinit(model: nn.Module, seed: int) -> nn.Module:
         E.g. ``PruneResult.model``. Not modified.
     seed : int
         Seeds the initialisation (>= 0).
+    init : callable, optional
+        Called on each module after the reset, e.g. :meth:`recon.models.VGG.init_weights`
+        or :meth:`recon.models.CifarResNet.init_weights` (what their constructors use):
+        a pruned model then starts as its architecture would when built afresh, which
+        is how Scratch-E/B train it.
 
     Returns
     -------
@@ -45,9 +55,9 @@ def reinit(model: nn.Module, seed: int) -> nn.Module:
 
     Notes
     -----
-    The initialisation is PyTorch's default for each layer, not a model's own scheme
-    (e.g. the Kaiming-normal convolutions of :func:`recon.models.vgg16`); apply that
-    scheme to the result where it matters.
+    Without ``init`` the initialisation is PyTorch's default for each layer, not a
+    model's own scheme (e.g. the Kaiming-normal convolutions of
+    :func:`recon.models.vgg16`).
 
     Examples
     --------
@@ -64,6 +74,11 @@ def reinit(model: nn.Module, seed: int) -> nn.Module:
         )
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"The 'seed' argument must be an int >= 0. Got {seed!r} instead.")
+    if init is not None and not callable(init):
+        raise TypeError(
+            "The 'init' argument must be a callable taking a module, or None. "
+            f"Got {type(init).__name__} instead."
+        )
     fresh = copy.deepcopy(model)
     places = {
         name: (t.device, t.dtype) for name, t in [*fresh.named_parameters(), *fresh.named_buffers()]
@@ -76,6 +91,9 @@ def reinit(model: nn.Module, seed: int) -> nn.Module:
                 reset = getattr(module, "reset_parameters", None)
                 if callable(reset):
                     reset()
+            if init is not None:
+                for module in fresh.modules():
+                    init(module)
     for name, t in [*fresh.named_parameters(), *fresh.named_buffers()]:
         device, dtype = places[name]
         t.data = t.data.to(device, dtype)

@@ -45,6 +45,7 @@ from recon._progress import progress_bar
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _args
+import _scratch
 
 import recon
 from recon.api import ALLOCATIONS
@@ -65,8 +66,9 @@ QUICK = {
     "methods": ("lasso", "thinet"),
     "ft_steps": 5,
     "n_test": 500,
+    "scratch_scale": 0.002,  # a few SGD steps per scratch run
 }
-DEFAULTS = {"calib": 1000, "ft_steps": 300, "n_test": None}
+DEFAULTS = {"calib": 1000, "ft_steps": 300, "n_test": None, "scratch_scale": 1.0}
 RESULTS, TABLE = "results.jsonl", "results.md"
 # The quality bar of LASSO + least squares: (model, target speed-up, after fine-tuning?,
 # largest accepted loss of top-1 in points).
@@ -143,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-finetune", action="store_true", help="skip fine-tuning")
     parser.add_argument(
+        "--scratch",
+        type=_args.names(_scratch.KINDS, "scratch kinds"),
+        default=(),
+        help="also train the LASSO + lstsq architectures again from the start: scratch_e, "
+        "scratch_b (Liu et al. 2019), ticket (Frankle & Carbin 2019), comma-separated; "
+        "each a full training run with the original's recipe (none)",
+    )
+    parser.add_argument(
+        "--scratch-speedups",
+        type=_args.ratios("FLOPs ratios", "2,4"),
+        default=_scratch.SPEEDUPS,
+        help="the targets whose architectures --scratch trains (2,4)",
+    )
+    parser.add_argument(
+        "--scratch-scale",
+        type=_positive_float,
+        help="multiply the epochs of every --scratch run by this (1; 0.002 with --quick)",
+    )
+    parser.add_argument(
         "--seed",
         type=_args.int_at_least(0),
         default=0,
@@ -165,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="smoke test: 128 calibration images, 2x only, lasso and thinet, 5 fine-tuning "
-        "steps, 500 test images",
+        "steps, 500 test images, --scratch runs of a few steps",
     )
     return parser
 
@@ -582,7 +603,10 @@ def _write_markdown(
         if args.ft_steps
         else "none"
     )
+    scratch_rows = [r for r in rows if "train" in r]
+    rows = [r for r in rows if "train" not in r]
     run_seconds = sum(r["prune_seconds"] + (r["ft_seconds"] or 0) for r in rows)
+    run_seconds += sum(r["train_seconds"] for r in scratch_rows)
     world = getattr(args, "world", 1)
     processes, launcher = "", "python"
     if world > 1:  # run under torchrun
@@ -613,7 +637,8 @@ def _write_markdown(
         f"- Fine-tuning: {ft}.",
         f"- Command: `{command}`.",
         f"- Run time: {seconds:.0f} s for this invocation; {run_seconds:.0f} s of pruning and "
-        f"fine-tuning summed over the {len(rows)} runs (see `{RESULTS}` for every run). "
+        f"{'training ' if scratch_rows else ''}fine-tuning summed over the "
+        f"{len(rows) + len(scratch_rows)} runs (see `{RESULTS}` for every run). "
         "Times are each run's wall clock as recorded: runs made in different sessions, "
         "code versions or machine loads (a resumed table) are not comparable.",
         "",
@@ -636,6 +661,7 @@ def _write_markdown(
         lines += _model_table(model, [r for r in rows if r["model"] == model], bases[model], args)
         if (path.parent / f"results_{model}.png").exists():
             lines += [f"![{model}](results_{model}.png)", ""]
+        lines += _scratch.table(model, scratch_rows, rows, bases[model], args.ft_steps)
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -705,7 +731,8 @@ def _reproduce(
         box = [old]
         dist.broadcast_object_list(box, src=0)
         old = box[0]
-    done = {_key(r): r for r in old}
+    done = {_key(r): r for r in old if "train" not in r}
+    done_scratch = {_scratch.key(r): r for r in old if "train" in r}
 
     torch.manual_seed(args.seed)
     data = _Data(args.seed, args.n_test)
@@ -736,6 +763,16 @@ def _reproduce(
                     rows.append(done[key])
                 else:
                     runs.append((model, target, method, rec, alloc))
+    for model in models:
+        for target, kind, alloc in itertools.product(
+            args.scratch_speedups, args.scratch, args.allocations
+        ):
+            what = {"model": model, "target": target, "allocation": alloc, "train": kind}
+            key = _scratch.key(what | settings | {"scale": args.scratch_scale})
+            if key in done_scratch:
+                rows.append(done_scratch[key])
+            else:
+                runs.append((model, target, kind, "", alloc))
     if len(rows):
         say(f"resuming: {len(rows)} runs already in {results}, {len(runs)} to go")
     args.missing = len(runs) if args.table_only else 0
@@ -745,7 +782,10 @@ def _reproduce(
     bar = progress_bar(runs, desc="runs", unit="run", disable=not lead)
     for model, target, method, rec, alloc in bar:
         bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}/{alloc}")
-        row = _run(nets[model], data, args, model, target, method, rec, alloc)
+        if method in _scratch.KINDS:
+            row = _scratch.run(nets[model], data, args, model, target, method, alloc)
+        else:
+            row = _run(nets[model], data, args, model, target, method, rec, alloc)
         row["acc_original"] = bases[model]
         row["processes"] = world  # fine-tuning with BatchNorm depends on it
         rows.append(row)
@@ -753,6 +793,13 @@ def _reproduce(
             continue
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
+        if method in _scratch.KINDS:
+            bar.write(
+                f"{model} {target:g}x {_scratch.LABELS[method]:>9} ({alloc}) "
+                f"{row['epochs']:.3g} epochs: acc {_pct(row['acc'])} "
+                f"({row['train_seconds']:.0f} s)"
+            )
+            continue
         bar.write(
             f"{model} {target:g}x {method:>12}/{rec:<5}/{alloc:<7} speed-up {row['speedup']:.2f}x  "
             f"acc {_pct(row['acc'])}"
@@ -766,7 +813,7 @@ def _reproduce(
     for model in models:
         _plot(
             model,
-            [r for r in rows if r["model"] == model],
+            [r for r in rows if r["model"] == model and "train" not in r],
             bases[model],
             args.out_dir / f"results_{model}.png",
             args,

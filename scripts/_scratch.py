@@ -1,0 +1,210 @@
+"""Rethinking's scratch baselines and the channel-level lottery ticket, for reproduce.py.
+
+For a shipped model and a FLOPs target, the LASSO + least-squares pruned architecture
+(the one ``reproduce.py``'s rows measure) is trained again from the start with the
+recipe that trained the original (``recon/assets/pretrained.json``: epochs, batch,
+learning rate, seed; ``recon.finetune.finetune``: SGD, momentum 0.9, weight decay
+5e-4, cosine schedule, shifts and flips):
+
+- ``scratch_e`` (Scratch-E, Liu et al. 2019): fresh weights drawn by the
+  architecture's own scheme (``recon.reinit(..., init=Model.init_weights)``), the
+  original's number of epochs;
+- ``scratch_b`` (Scratch-B): the same start, epochs scaled by the measured FLOPs
+  ratio so that training costs the original's FLOPs, capped at 2x the epochs as in
+  the paper;
+- ``ticket`` (Frankle & Carbin 2019, at the channel level): the original model's own
+  initial weights (its builder under its training seed, as ``scripts/train.py`` made
+  them) cut to the kept channels by ``recon.apply_plan``, the original's epochs.
+
+``scale`` multiplies every epoch count (``reproduce.py --scratch-scale``; ``--quick``
+trains a few steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+import recon
+from recon import models
+from recon.data import evaluate
+from recon.finetune import finetune
+
+KINDS = ("scratch_e", "scratch_b", "ticket")
+LABELS = {"scratch_e": "Scratch-E", "scratch_b": "Scratch-B", "ticket": "ticket"}
+SPEEDUPS = (2.0, 4.0)
+TRAIN_IMAGES = 60_000  # the Fashion-MNIST train split
+B_CAP = 2.0  # Scratch-B trains at most 2x the epochs (Liu et al. 2019)
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """How the shipped model ``name`` was trained (its manifest entry)."""
+    entry = models._manifest()[name]
+    for key in ("builder", "kwargs", "seed", "epochs", "batch_size", "lr"):
+        if key not in entry:
+            raise KeyError(f"{name}: the manifest entry has no {key!r}: cannot retrain it")
+    return entry
+
+
+def original_init(name: str) -> nn.Module:
+    """The shipped model's weights before training: its builder under its seed."""
+    entry = recipe(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(entry["seed"])
+        return getattr(models, entry["builder"])(**entry["kwargs"])
+
+
+def key(row: dict[str, Any]) -> tuple:
+    return tuple(
+        row[k]
+        for k in ("model", "target", "allocation", "train", "calib", "n_test", "seed", "scale")
+    )
+
+
+def _prune(net, data, args, target: float, allocation: str):
+    return recon.prune(
+        net,
+        data.calib(args.calib).split(100),
+        method="lasso",
+        reconstruct="lstsq",
+        speedup=target,
+        allocation=allocation,
+        seed=args.seed,
+        device=args.device,
+        progress=False,
+    )
+
+
+def run(
+    net: nn.Module,
+    data,
+    args: argparse.Namespace,
+    model: str,
+    target: float,
+    kind: str,
+    allocation: str,
+) -> dict[str, Any]:
+    """Prune ``net`` (LASSO + lstsq) for the architecture, train it as ``kind`` says."""
+    if kind not in KINDS:
+        raise ValueError(f"The 'kind' argument must be one of {KINDS}. Got {kind!r} instead.")
+    entry = recipe(model)
+    with warnings.catch_warnings():  # the pruned rows of reproduce.py record them
+        warnings.simplefilter("ignore")
+        res = _prune(net, data, args, target, allocation)
+    speedup = float(res.report.speedup)
+    if kind == "ticket":
+        start = recon.apply_plan(original_init(model), res.plan)
+    else:
+        init = type(net).init_weights if hasattr(type(net), "init_weights") else None
+        start = recon.reinit(res.model, seed=args.seed, init=init)
+    start = copy.deepcopy(start).to(args.device)
+    epochs = entry["epochs"] * args.scratch_scale
+    if kind == "scratch_b":
+        epochs *= min(B_CAP, speedup)
+    steps = max(1, round(epochs * (TRAIN_IMAGES // entry["batch_size"])))
+    x_train, y_train = data.train
+    t0 = time.perf_counter()
+    finetune(
+        start,
+        x_train,
+        y_train,
+        steps=steps,
+        lr=entry["lr"],
+        batch_size=entry["batch_size"],
+        seed=args.seed,
+        progress=False,
+    )
+    seconds = time.perf_counter() - t0
+    return {
+        "model": model,
+        "target": target,
+        "allocation": allocation,
+        "train": kind,
+        "method": "lasso",
+        "reconstruct": "lstsq",
+        "calib": args.calib,
+        "n_test": args.n_test,
+        "seed": args.seed,
+        "scale": args.scratch_scale,
+        "speedup": speedup,
+        "epochs": epochs,
+        "steps": steps,
+        "lr": entry["lr"],
+        "acc": evaluate(start, *data.test),
+        "train_seconds": seconds,
+        "channels": res.channels,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}%"
+
+
+def table(
+    model: str,
+    rows: list[dict[str, Any]],
+    prune_rows: list[dict[str, Any]],
+    base: float,
+    ft_steps: int,
+) -> list[str]:
+    """The section of results.md for one model: one-shot and fine-tuned pruning beside
+    the scratch-trained and ticket-trained same architectures, and what they say."""
+    rows = [r for r in rows if r["model"] == model]
+    if not rows:
+        return []
+    entry = recipe(model)
+    epochs = f"{entry['epochs'] * rows[0]['scale']:g}"
+    by = {(r["target"], r["allocation"], r["train"]): r for r in rows}
+    pruned = {
+        (r["target"], r.get("allocation", "uniform")): r
+        for r in prune_rows
+        if r["model"] == model and (r["method"], r["reconstruct"]) == ("lasso", "lstsq")
+    }
+    cells = sorted({(r["target"], r["allocation"]) for r in rows})
+    lines = [
+        f"#### {model}: pruned vs trained from scratch (Rethinking, lottery ticket)",
+        "",
+        f"Original {_pct(base)} after {entry['epochs']} epochs. The LASSO + lstsq "
+        "architecture of each target, as pruned (one-shot; after "
+        f"{ft_steps} fine-tuning steps) and trained from the start with the original's "
+        f"recipe: Scratch-E ({epochs} epochs, fresh init), Scratch-B (epochs × "
+        "the FLOPs ratio, at most 2×), ticket (the original's own initial weights, "
+        f"{epochs} epochs).",
+        "",
+        "| FLOPs | allocation | one-shot | fine-tuned | Scratch-E | Scratch-B | ticket |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    findings = []
+    for cell in cells:
+        target, alloc = cell
+        p = pruned.get((target, alloc), {})
+        got = {k: by.get((target, alloc, k), {}).get("acc") for k in KINDS}
+        speed = next(r["speedup"] for r in rows if (r["target"], r["allocation"]) == cell)
+        lines.append(
+            f"| {target:g}× ({speed:.2f}×) | {alloc} | {_pct(p.get('acc'))} | "
+            f"{_pct(p.get('acc_ft'))} | {_pct(got['scratch_e'])} | {_pct(got['scratch_b'])} | "
+            f"{_pct(got['ticket'])} |"
+        )
+        ft = p.get("acc_ft")
+        if ft is not None and got["scratch_b"] is not None:
+            verb = "beats" if got["scratch_b"] > ft else "does not beat"
+            findings.append(
+                f"{target:g}× ({alloc}): Scratch-B {verb} the fine-tuned pruned model "
+                f"({100 * (got['scratch_b'] - ft):+.2f} points)"
+            )
+        if got["ticket"] is not None and got["scratch_e"] is not None:
+            verb = "beats" if got["ticket"] > got["scratch_e"] else "does not beat"
+            findings.append(
+                f"{target:g}× ({alloc}): the ticket's init {verb} a fresh one at equal epochs "
+                f"({100 * (got['ticket'] - got['scratch_e']):+.2f} points)"
+            )
+    lines.append("")
+    if findings:
+        lines += ["One run each (seed 0): " + "; ".join(findings) + ".", ""]
+    return lines
