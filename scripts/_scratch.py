@@ -67,7 +67,18 @@ def key(row: dict[str, Any]) -> tuple:
     )
 
 
+_PRUNED: dict[tuple, Any] = {}  # the latest pruned architecture, shared by its kinds
+
+
 def _prune(net, data, args, target: float, allocation: str):
+    key = (id(net), target, allocation, args.calib, args.seed, str(args.device))
+    if key not in _PRUNED:
+        _PRUNED.clear()
+        _PRUNED[key] = _prune_now(net, data, args, target, allocation)
+    return _PRUNED[key]
+
+
+def _prune_now(net, data, args, target: float, allocation: str):
     return recon.prune(
         net,
         data.calib(args.calib).split(100),

@@ -182,6 +182,54 @@ def test_reproduce_allocations_and_rows_recorded_before_them(reproduce, tmp_path
     ).read_text(encoding="utf-8")
 
 
+def test_reproduce_scratch_rows(reproduce, tmp_path, monkeypatch):
+    """--scratch: each kind starts from the weights it names and trains the steps it says
+    (the training itself is recon.finetune's, tested on its own: recorded, not run)."""
+    import _scratch
+
+    starts = {}
+
+    def record(model, x, y, *, steps, lr, batch_size, seed, progress):
+        starts[len(starts)] = ({k: v.clone() for k, v in model.state_dict().items()}, steps)
+        return model.eval()
+
+    monkeypatch.setattr(_scratch, "finetune", record)
+    argv = ["--quick", "--models", "vgg16_fmnist", "--methods", "lasso", "--reconstruct"]
+    argv += ["lstsq", "--no-finetune", "--scratch", "scratch_e,scratch_b,ticket"]
+    argv += ["--scratch-speedups", "2", "--out-dir", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    pruned, *scratch = rows
+    assert "train" not in pruned and [r["train"] for r in scratch] == list(_scratch.KINDS)
+    (e, e_steps), (b, b_steps), (t, t_steps) = starts.values()
+    recipe = _scratch.recipe("vgg16_fmnist")
+    per_epoch = 60_000 // recipe["batch_size"]
+    assert e_steps == t_steps == round(recipe["epochs"] * 0.002 * per_epoch)
+    speedup = scratch[1]["speedup"]
+    assert b_steps == round(min(2.0, speedup) * recipe["epochs"] * 0.002 * per_epoch) > e_steps
+    for r in scratch:  # the architecture of the pruned row
+        assert r["channels"] == pruned["channels"] and r["speedup"] == pruned["speedup"]
+    # Scratch-E/B: fresh weights of VGG's own scheme; the ticket: the original's initial
+    # weights (its builder under its seed) at the kept channels, not the trained ones
+    assert torch.equal(e["features.0.weight"], b["features.0.weight"])
+    assert torch.equal(e["features.1.weight"], torch.ones_like(e["features.1.weight"]))
+    assert float(e["classifier.weight"].std()) < 0.02
+    init = _scratch.original_init("vgg16_fmnist").state_dict()["features.0.weight"]
+    trained = reproduce.pretrained("vgg16_fmnist").state_dict()["features.0.weight"]
+    ticket = t["features.0.weight"]
+    assert ticket.shape[0] == pruned["channels"]["features.0"] < init.shape[0]
+    for filt in ticket:
+        assert any(torch.equal(filt, f) for f in init)
+        assert not any(torch.equal(filt, f) for f in trained)
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "| FLOPs | allocation | one-shot | fine-tuned | Scratch-E | Scratch-B | ticket |" in md
+    assert f"{100 * scratch[2]['acc']:.2f}% |" in md and "ticket's init" in md
+    # --resume: nothing is trained again
+    monkeypatch.setattr(_scratch, "finetune", None)
+    assert reproduce.main([*argv, "--resume"]) == 0
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -190,6 +238,8 @@ def test_reproduce_allocations_and_rows_recorded_before_them(reproduce, tmp_path
         ["--calib", "0"],
         ["--seed", "-1"],
         ["--allocations", "even"],
+        ["--scratch", "scratch_c"],
+        ["--scratch-scale", "0"],
     ],
 )
 def test_reproduce_bad_options(reproduce, argv, tmp_path, capsys):

@@ -333,6 +333,30 @@ def test_reinit_keeps_sampler_indices():
     assert not torch.equal(fresh[0].weight, conv.weight)
 
 
+def test_reinit_with_the_architectures_own_init():
+    from recon.models import VGG, vgg11
+
+    net = vgg11(width=0.125, in_channels=1, num_classes=10, input_size=32)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.5)
+    fresh = recon.reinit(net, seed=3, init=VGG.init_weights)
+    default = recon.reinit(net, seed=3)
+    # VGG's own scheme: linear N(0, 0.01) with zero bias, where PyTorch's default draws
+    # U(±1/sqrt(fan_in)) for both (fan_in = 64 here: bound 0.125)
+    w = fresh.classifier.weight
+    assert 0.005 < float(w.std()) < 0.02 and torch.equal(fresh.classifier.bias, torch.zeros(10))
+    assert float(default.classifier.bias.abs().max()) > 0.02
+    conv = fresh.features[0]
+    fan_out = conv.out_channels * 9
+    assert float(conv.weight.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.3)
+    again = recon.reinit(net, seed=3, init=VGG.init_weights)
+    for (k, a), b in zip(fresh.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(TypeError, match="'init' argument must be a callable"):
+        recon.reinit(net, seed=0, init="kaiming")
+
+
 @pytest.mark.parametrize("seed", [-1, 1.5, True])
 def test_reinit_bad_seed(seed):
     with pytest.raises(ValueError, match="'seed' argument must be an int >= 0"):
