@@ -1,20 +1,31 @@
-"""Where the CPU time of the shipped VGG-16 goes, original and pruned, by operator.
+"""Where the CPU time of a model goes, original and pruned, by operator.
 
 Explains why the measured latency speed-up trails the FLOPs ratio (docs/benchmarks.md,
-section 3): FLOPs count convolutions only, while max-pooling and BatchNorm cost time
-too, and convolutions with channel counts that are not multiples of 8 run below the
-kernel's best speed (``round_to=8`` helps).
+section 3; docs/benchmarks_224.md): FLOPs count convolutions only, while max-pooling,
+BatchNorm, residual additions and sampler layers' index-selects cost time too, and
+convolutions with channel counts that are not multiples of 8 run below the kernel's
+best speed (``round_to=8`` helps).
 
-    python scripts/profile_latency.py              # batch 64, 10 repeats
+    python scripts/profile_latency.py              # shipped VGG-16, batch 64, 10 repeats
+    python scripts/profile_latency.py --model torchvision:resnet50 --size 224 --batch 1
+
+A torchvision model (random weights, BatchNorm statistics re-estimated as in
+``scripts/bench.py scale224``) is pruned at ``--prune-size`` px from 16 random images
+(uniform split: the shapes matter here, not the weights) and timed at ``--size``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import recon
 from recon.data import load_embedded
@@ -28,7 +39,16 @@ OPS = {
     "aten::native_batch_norm": "batch-norm",
     "aten::relu_": "relu",
     "aten::clamp_min_": "relu",
+    "aten::index_select": "index-select",
+    "aten::add_": "add",
+    "aten::add": "add",
+    "aten::adaptive_avg_pool2d": "avg-pool",
+    "aten::mean": "avg-pool",
+    "aten::addmm": "linear",
+    "aten::copy_": "copy",
+    "aten::clone": "copy",
 }
+GROUPS = ("conv", "max-pool", "batch-norm", "relu", "add", "index-select", "copy", "other")
 
 
 def _profile(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -49,25 +69,49 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64, help="images per forward pass (64)")
     p.add_argument("--repeats", type=int, default=10, help="profiled passes (10)")
+    p.add_argument(
+        "--model",
+        default="vgg16_fmnist",
+        help="the shipped vgg16_fmnist, or torchvision:NAME (random weights) (vgg16_fmnist)",
+    )
+    p.add_argument("--size", type=int, default=224, help="torchvision: timed input px (224)")
+    p.add_argument(
+        "--prune-size", type=int, default=64, help="torchvision: px of the pruning images (64)"
+    )
+    p.add_argument("--speedups", default="2,4", help="FLOPs targets (2,4)")
     args = p.parse_args(argv)
-    x_calib = load_embedded()[0]
-    net = pretrained("vgg16_fmnist").eval()
+    if args.model == "vgg16_fmnist":
+        x_calib = load_embedded()[0]
+        net = pretrained("vgg16_fmnist").eval()
+        x = x_calib[: args.batch]
+    else:
+        import _bench224  # the 224-px benchmark's seeded model and images
+
+        net, x_calib = _bench224.build(args.model, 16, args.prune_size)
+        x_calib = x_calib.split(8)
+        x = _bench224.images(net, args.batch, args.size)
     runs = [("original", net, 1.0)]
-    for speedup in (2.0, 4.0):
+    for speedup in (float(v) for v in args.speedups.split(",")):
         for round_to in (1, 8):
-            res = recon.prune(
-                net,
-                x_calib,
-                speedup=speedup,
-                allocation="uniform",
-                round_to=round_to,
-                progress=False,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # few images for wide layers
+                res = recon.prune(
+                    net,
+                    x_calib,
+                    speedup=speedup,
+                    allocation="uniform",
+                    round_to=round_to,
+                    samples_per_image=2 if args.model != "vgg16_fmnist" else 10,
+                    progress=False,
+                )
             name = f"{speedup:g}x" + (f", round_to={round_to}" if round_to > 1 else "")
             runs.append((name, res.model.eval(), res.report.speedup))
-    x = x_calib[: args.batch]
-    groups = ("conv", "max-pool", "batch-norm", "relu", "other")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}")
+    groups = GROUPS
+    print(
+        f"{args.model}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"batch {args.batch}, input {tuple(x.shape[1:])}; ms per forward pass (self CPU time) "
+        "and, in brackets, the original's time over the pruned model's"
+    )
     print("| model | FLOPs ratio | total ms | speed-up | " + " | ".join(groups) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(groups))
     base: dict[str, float] = {}
@@ -77,7 +121,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
         total = sum(ms.values())
         rows.append((name, total, dict(ms)))
         base = base or {**ms, "total": total}
-        cells = [f"{ms[g]:.2f} ({base[g] / ms[g]:.2f}x)" if ms[g] else "0" for g in groups]
+        cells = [
+            f"{ms[g]:.2f} ({base[g] / ms[g]:.2f}x)" if ms[g] and base.get(g) else f"{ms[g]:.2f}"
+            for g in groups
+        ]
         print(
             f"| {name} | {flops_ratio:.2f} | {total:.2f} | {base['total'] / total:.2f}x | "
             + " | ".join(cells)

@@ -98,6 +98,20 @@ def test_profile_latency_runs(capsys):
     assert "| original | 1.00 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a docs generator, run with -m slow
+def test_profile_latency_torchvision_resnet(capsys):
+    pytest.importorskip("torchvision")
+    argv = ["--model", "torchvision:resnet18", "--size", "32", "--prune-size", "32"]
+    rows = _load("profile_latency").main(
+        [*argv, "--batch", "1", "--repeats", "1", "--speedups", "2"]
+    )
+    (_, _, original), (_, _, pruned), _ = rows
+    # residual sums in both; sampler index-selects only in the pruned model
+    assert original["add"] > 0 and original.get("index-select", 0) == 0
+    assert pruned["index-select"] > 0  # the sampler layers' cost is counted on its own
+    assert "torchvision:resnet18" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def single_layer():
     return _load("single_layer")
