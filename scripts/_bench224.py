@@ -60,6 +60,7 @@ def side(config: dict[str, Any]) -> dict[str, Any]:
             repeats=config["repeats"],
             warmup=False,  # one-time costs are seconds against minutes here
             single_pass=config.get("single_pass", True),
+            device=config.get("device", "cpu"),
         )
     out = result.to_dict()
     out["allocation"] = config["allocation"]
@@ -73,10 +74,17 @@ def _ms(model: nn.Module, x: Tensor, repeats: int) -> float:
     return 1000 * bench.forward_seconds(model, [x], repeats=repeats)
 
 
-def latency(spec: str, size: int, speedup: float, batches: tuple[int, ...], repeats: int):
+def latency(
+    spec: str,
+    size: int,
+    speedup: float,
+    batches: tuple[int, ...],
+    repeats: int,
+    device: str = "cpu",
+):
     """Latency of the original and of models pruned with ``round_to`` 1, 8 and 16 (uniform
-    split, 16 images: the shapes matter here, not the weights), contiguous and
-    channels_last."""
+    split, 16 images: the shapes matter here, not the weights; pruned on the CPU), on
+    ``device``, contiguous and channels_last."""
     model, x = build(spec, 16, size)
     pruned = {}
     for round_to in ROUND_TO:
@@ -95,10 +103,11 @@ def latency(spec: str, size: int, speedup: float, batches: tuple[int, ...], repe
         except ValueError as e:  # a small model cannot reach the target in such steps
             print(f"{spec}: round_to={round_to} skipped: {e}")
             continue
-        pruned[round_to] = (r.model.eval(), r.report.speedup)
+        pruned[round_to] = (r.model.eval().to(device), r.report.speedup)
+    model = model.to(device)
     rows = []
     for batch in batches:
-        xb = images(model, batch, size, seed=1)
+        xb = images(model, batch, size, seed=1).to(device)
         for fmt in (torch.contiguous_format, torch.channels_last):
             name = "channels_last" if fmt is torch.channels_last else "contiguous"
             xf = xb.contiguous(memory_format=fmt)
@@ -108,6 +117,7 @@ def latency(spec: str, size: int, speedup: float, batches: tuple[int, ...], repe
                 t_p = _ms(m.to(memory_format=fmt), xf, reps)
                 row = {
                     "model": spec,
+                    "device": str(device),
                     "batch": batch,
                     "format": name,
                     "round_to": round_to,
@@ -142,7 +152,9 @@ def markdown(args: Any, runs: list[dict], lat: list[dict], seconds: float) -> st
         "```",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch "
-        f"threads, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']}.",
+        f"threads, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']}"
+        + (f"; GPU {m['cuda']}" if m.get("cuda") else "")
+        + f". Run on `{getattr(args, 'device', 'cpu')}`.",
         "",
         "Models with random weights (seeded) and BatchNorm statistics re-estimated on the "
         f"images; {args.scale_images} random {size}-px images, batches of "

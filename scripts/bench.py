@@ -365,6 +365,7 @@ def scale224(args: argparse.Namespace) -> dict[str, Any]:
                 allocation=allocation,
                 single_pass=single,
                 repeats=1,
+                device=args.device,
             )
             out = _run_side(config, args.in_process)
             runs.append(out)
@@ -382,7 +383,9 @@ def scale224(args: argparse.Namespace) -> dict[str, Any]:
     batches = tuple(int(b) for b in args.latency_batches.split(","))
     lat = []
     for spec in args.scale_models.split(","):
-        lat += _bench224.latency(spec, args.size, args.speedup, batches, args.repeats)
+        lat += _bench224.latency(
+            spec, args.size, args.speedup, batches, args.repeats, device=args.device
+        )
     return {"runs": runs, "latency": lat}
 
 
@@ -739,6 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--latency-batches", default="1,32", help="'scale224' latency batch sizes (1,32)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="'scale224': where to prune and time (cpu; cuda on a GPU machine: scripts/gpu_run.sh)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model and data (seconds)")
     parser.add_argument(

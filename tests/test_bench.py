@@ -119,9 +119,21 @@ def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
         assert r["ratio"] > 0 and r["peak_rss"] > 0
         assert r["flops_ratio"] == pytest.approx(2.0, rel=0.02)
     assert {(x["format"], x["round_to"]) for x in lat} >= {("contiguous", 1), ("channels_last", 8)}
+    assert {r["device"] for r in runs} == {x["device"] for x in lat} == {"cpu"}
     page = (tmp_path / "benchmarks_224.md").read_text()
     assert "## Pruning" in page and "## Latency of the pruned models" in page
     assert page.count("| `recon.models:digits_") == len(runs) + len(lat)
+    assert "Run on `cpu`." in page
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_run.sh)")
+def test_bench_scale224_on_cuda(script, tmp_path):
+    out = script.main(["scale224", "--quick", "--in-process", "--device", "cuda"])
+    runs, lat = out["scale224"]["runs"], out["scale224"]["latency"]
+    assert runs and all(r["device"].startswith("cuda") for r in runs)
+    assert lat and all(x["device"].startswith("cuda") for x in lat)
+    for r in runs:
+        assert r["flops_ratio"] == pytest.approx(2.0, rel=0.02)
 
 
 def test_bench_script_compare_in_child_processes(script, tmp_path):
