@@ -163,21 +163,23 @@ def table(
     prune_rows: list[dict[str, Any]],
     base: float,
     ft_steps: int,
+    planned: tuple[tuple[float, str], ...] = (),
 ) -> list[str]:
     """The section of results.md for one model: one-shot and fine-tuned pruning beside
-    the scratch-trained and ticket-trained same architectures, and what they say."""
+    the scratch-trained and ticket-trained same architectures, and what they say;
+    ``planned`` (target, allocation) cells not run yet are blank."""
     rows = [r for r in rows if r["model"] == model]
-    if not rows:
+    if not rows and not planned:
         return []
     entry = recipe(model)
-    epochs = f"{entry['epochs'] * rows[0]['scale']:g}"
+    epochs = f"{entry['epochs'] * (rows[0]['scale'] if rows else 1):g}"
     by = {(r["target"], r["allocation"], r["train"]): r for r in rows}
     pruned = {
         (r["target"], r.get("allocation", "uniform")): r
         for r in prune_rows
         if r["model"] == model and (r["method"], r["reconstruct"]) == ("lasso", "lstsq")
     }
-    cells = sorted({(r["target"], r["allocation"]) for r in rows})
+    cells = sorted({(r["target"], r["allocation"]) for r in rows} | set(planned))
     lines = [
         f"#### {model}: pruned vs trained from scratch (Rethinking, lottery ticket)",
         "",
@@ -196,9 +198,10 @@ def table(
         target, alloc = cell
         p = pruned.get((target, alloc), {})
         got = {k: by.get((target, alloc, k), {}).get("acc") for k in KINDS}
-        speed = next(r["speedup"] for r in rows if (r["target"], r["allocation"]) == cell)
+        speed = [r["speedup"] for r in rows if (r["target"], r["allocation"]) == cell]
+        speed = f" ({speed[0]:.2f}×)" if speed else ""
         lines.append(
-            f"| {target:g}× ({speed:.2f}×) | {alloc} | {_pct(p.get('acc'))} | "
+            f"| {target:g}×{speed} | {alloc} | {_pct(p.get('acc'))} | "
             f"{_pct(p.get('acc_ft'))} | {_pct(got['scratch_e'])} | {_pct(got['scratch_b'])} | "
             f"{_pct(got['ticket'])} |"
         )

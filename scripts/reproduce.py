@@ -661,7 +661,10 @@ def _write_markdown(
         lines += _model_table(model, [r for r in rows if r["model"] == model], bases[model], args)
         if (path.parent / f"results_{model}.png").exists():
             lines += [f"![{model}](results_{model}.png)", ""]
-        lines += _scratch.table(model, scratch_rows, rows, bases[model], args.ft_steps)
+        planned = tuple(itertools.product(args.scratch_speedups, args.allocations))
+        lines += _scratch.table(
+            model, scratch_rows, rows, bases[model], args.ft_steps, planned if args.scratch else ()
+        )
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
