@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> None:
                 splits[label] = allocate(box["units"], curves, **box["kwargs"]).channels
             splits["uniform"] = None
             for label, channels in splits.items():
-                how = {"channels": channels} if channels else {"speedup": s}
+                how = (
+                    {"channels": channels}
+                    if channels
+                    else {"speedup": s, "allocation": "uniform"}  # (the default is auto)
+                )
                 res = recon.prune(net, calib, progress=False, **how, **common)
                 row = {
                     "model": name,
