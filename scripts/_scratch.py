@@ -206,6 +206,12 @@ def table(
             f"{_pct(got['ticket'])} |"
         )
         ft = p.get("acc_ft")
+        if ft is not None and got["scratch_e"] is not None:
+            verb = "beats" if got["scratch_e"] > ft else "does not beat"
+            findings.append(
+                f"{target:g}× ({alloc}): Scratch-E {verb} the fine-tuned pruned model "
+                f"({100 * (got['scratch_e'] - ft):+.2f} points)"
+            )
         if ft is not None and got["scratch_b"] is not None:
             verb = "beats" if got["scratch_b"] > ft else "does not beat"
             findings.append(
@@ -220,5 +226,10 @@ def table(
             )
     lines.append("")
     if findings:
-        lines += ["One run each (seed 0): " + "; ".join(findings) + ".", ""]
+        lines += [
+            "One run each (seed 0; a difference under half a point is within noise): "
+            + "; ".join(findings)
+            + ".",
+            "",
+        ]
     return lines

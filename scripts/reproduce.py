@@ -636,8 +636,8 @@ def _write_markdown(
         f"- Seeds: {args.seed} (calibration draw, sampled positions, fine-tuning batches).",
         f"- Fine-tuning: {ft}.",
         f"- Command: `{command}`.",
-        f"- Run time: {seconds:.0f} s for this invocation; {run_seconds:.0f} s of pruning and "
-        f"{'training ' if scratch_rows else ''}fine-tuning summed over the "
+        f"- Run time: {seconds:.0f} s for this invocation; {run_seconds:.0f} s of pruning, "
+        f"{'training from the start ' if scratch_rows else ''}and fine-tuning summed over the "
         f"{len(rows) + len(scratch_rows)} runs (see `{RESULTS}` for every run). "
         "Times are each run's wall clock as recorded: runs made in different sessions, "
         "code versions or machine loads (a resumed table) are not comparable.",
