@@ -23,7 +23,6 @@ trains a few steps).
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 import warnings
 from typing import Any
@@ -112,9 +111,9 @@ def run(
     if kind == "ticket":
         start = recon.apply_plan(original_init(model), res.plan)
     else:
-        init = type(net).init_weights if hasattr(type(net), "init_weights") else None
+        init = getattr(type(net), "init_weights", None)
         start = recon.reinit(res.model, seed=args.seed, init=init)
-    start = copy.deepcopy(start).to(args.device)
+    start = start.to(args.device)  # both are new models: res.model stays as it is
     epochs = entry["epochs"] * args.scratch_scale
     if kind == "scratch_b":
         epochs *= min(B_CAP, speedup)
@@ -206,24 +205,17 @@ def table(
             f"{_pct(got['ticket'])} |"
         )
         ft = p.get("acc_ft")
-        if ft is not None and got["scratch_e"] is not None:
-            verb = "beats" if got["scratch_e"] > ft else "does not beat"
-            findings.append(
-                f"{target:g}× ({alloc}): Scratch-E {verb} the fine-tuned pruned model "
-                f"({100 * (got['scratch_e'] - ft):+.2f} points)"
-            )
-        if ft is not None and got["scratch_b"] is not None:
-            verb = "beats" if got["scratch_b"] > ft else "does not beat"
-            findings.append(
-                f"{target:g}× ({alloc}): Scratch-B {verb} the fine-tuned pruned model "
-                f"({100 * (got['scratch_b'] - ft):+.2f} points)"
-            )
-        if got["ticket"] is not None and got["scratch_e"] is not None:
-            verb = "beats" if got["ticket"] > got["scratch_e"] else "does not beat"
-            findings.append(
-                f"{target:g}× ({alloc}): the ticket's init {verb} a fresh one at equal epochs "
-                f"({100 * (got['ticket'] - got['scratch_e']):+.2f} points)"
-            )
+        for what, acc, against, than in (
+            ("Scratch-E", got["scratch_e"], ft, "the fine-tuned pruned model"),
+            ("Scratch-B", got["scratch_b"], ft, "the fine-tuned pruned model"),
+            ("the ticket's init", got["ticket"], got["scratch_e"], "a fresh one at equal epochs"),
+        ):
+            if acc is not None and against is not None:
+                verb = "beats" if acc > against else "does not beat"
+                findings.append(
+                    f"{target:g}× ({alloc}): {what} {verb} {than} "
+                    f"({100 * (acc - against):+.2f} points)"
+                )
     lines.append("")
     if findings:
         lines += [

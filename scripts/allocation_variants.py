@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/allocation_variants.md"))
     args = p.parse_args(argv)
 
-    warnings.simplefilter("ignore")  # the pruned rows of reproduce.py record them
+    warnings.simplefilter("ignore")  # under-determined re-fits warn; the losses are the point
     x_raw, _ = load_fashion_mnist("train")
     xt_raw, yt_raw = load_fashion_mnist("test")
     x, x_test = to_tensor32(x_raw), to_tensor32(xt_raw)

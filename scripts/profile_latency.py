@@ -106,14 +106,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
                 )
             name = f"{speedup:g}x" + (f", round_to={round_to}" if round_to > 1 else "")
             runs.append((name, res.model.eval(), res.report.speedup))
-    groups = GROUPS
     print(
         f"{args.model}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"batch {args.batch}, input {tuple(x.shape[1:])}; ms per forward pass (self CPU time) "
         "and, in brackets, the original's time over the pruned model's"
     )
-    print("| model | FLOPs ratio | total ms | speed-up | " + " | ".join(groups) + " |")
-    print("|---|---:|---:|---:|" + "---:|" * len(groups))
+    print("| model | FLOPs ratio | total ms | speed-up | " + " | ".join(GROUPS) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(GROUPS))
     base: dict[str, float] = {}
     rows = []
     for name, model, flops_ratio in runs:
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
         base = base or {**ms, "total": total}
         cells = [
             f"{ms[g]:.2f} ({base[g] / ms[g]:.2f}x)" if ms[g] and base.get(g) else f"{ms[g]:.2f}"
-            for g in groups
+            for g in GROUPS
         ]
         print(
             f"| {name} | {flops_ratio:.2f} | {total:.2f} | {base['total'] / total:.2f}x | "
