@@ -116,7 +116,7 @@ def prune(
     model: nn.Module,
     calib: Tensor | Iterable[Any],
     *,
-    method: str = "lasso",
+    method: str = "obs",
     reconstruct: str = "lstsq",
     speedup: float | None = None,
     keep_ratio: float | Mapping[str, float] | None = None,
@@ -167,15 +167,21 @@ def prune(
         DataLoader) of such batches or of ``(inputs, labels)`` tuples; labels are
         ignored. A batch may also be a dict (as Hugging Face datasets give them): its
         images are ``batch[input_key]``.
-    method : {"lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", \
-"random"}
-        Channel selection (He et al. 2017 LASSO, Luo et al. 2017 ThiNet greedy, or a
-        baseline). The score methods keep the channels with the largest score
-        (:mod:`recon.scores`): ``"l1"``, the producer filter's L1 norm (Li et al.
-        2017); ``"max_response"``, the L1 norm of the consumer weights reading the
-        channel; ``"apoz"``, the fraction of non-zero values the consumer reads from
-        the channel, over the calibration images (1 − APoZ, Hu et al. 2016; counted in
-        the unit's statistics pass, no pass of its own); ``"bn_gamma"``, the
+    method : {"obs", "lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", \
+"first_k", "random"}, default "obs"
+        Channel selection. ``"obs"``: remove one channel at a time, each time the one
+        whose removal least raises the error that the consumer's least-squares re-fit
+        leaves (the re-fitted objective itself, not a proxy; Optimal Brain Surgeon's
+        update for a group of weights, :mod:`recon.obs`; with ``reconstruct="scale"``
+        or ``"none"``, the error of ThiNet's per-channel scaling). ``"lasso"``: He et al.
+        2017's LASSO on the channels' scales; ``"thinet"``: Luo et al. 2017's greedy
+        removal on the original weights' error. The score methods keep the channels
+        with the largest score (:mod:`recon.scores`): ``"l1"``, the producer filter's
+        L1 norm (Li et al. 2017); ``"max_response"``, the L1 norm of the consumer
+        weights reading the channel; ``"apoz"``, the fraction of non-zero values the
+        consumer reads from the channel, over the calibration images (1 − APoZ, Hu et
+        al. 2016; counted in the unit's statistics pass, no pass of its own);
+        ``"bn_gamma"``, the
         ``|γ|`` of the BatchNorm after the producer (Network Slimming, Liu et al.
         2017; a unit without one is an error naming it).
     reconstruct : {"lstsq", "lstsq_plain", "scale", "none"}

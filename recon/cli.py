@@ -31,7 +31,7 @@ __all__ = ["BUILTIN_DATA", "build_parser", "load_data", "load_model", "main"]
 _DIST_ERRORS = (DistributedError, RankFailedError)  # another process failed: no traceback
 # recon.select.METHODS, spelled out: importing recon.select would load scikit-learn
 # for every command (tests/test_seed_systems.py checks the two agree)
-_METHODS = ("lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", "random")
+_METHODS = ("obs", "lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", "random")
 
 _EPILOG = """\
 examples:
@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("method")
     m.add_argument(
         "--method",
-        default="lasso",
+        default="obs",
         choices=_METHODS,
-        help="channel selection (default: lasso, He et al. 2017; thinet: Luo et al. 2017; "
+        help="channel selection (default: obs, greedy removal on the re-fitted least-squares "
+        "error; lasso: He et al. 2017; thinet: Luo et al. 2017; "
         "apoz: fewest zeros after the ReLU, Hu et al. 2016; bn_gamma: largest BatchNorm "
         "|gamma|, Network Slimming, Liu et al. 2017)",
     )
@@ -458,13 +459,14 @@ def _run_default(args: argparse.Namespace) -> int:
 
     print(
         "recon embedded default: the shipped VGG-16 (quarter width, trained on "
-        "Fashion-MNIST), pruned 2x by LASSO and by ThiNet from 1,000 unlabeled images."
+        "Fashion-MNIST), pruned 2x by recon's default (obs) and by LASSO and ThiNet "
+        "from 1,000 unlabeled images."
     )
     model = pretrained("vgg16_fmnist")
     x_calib, _, x_eval, y_eval = load_embedded()
     base = evaluate(model, x_eval, y_eval)
     rows = []
-    for method in ("lasso", "thinet"):
+    for method in ("obs", "lasso", "thinet"):
         result = prune(
             model,
             x_calib.split(args.batch_size),

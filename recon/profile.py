@@ -125,10 +125,16 @@ def _split(batches: list[Tensor], offsets: list[int], first_held: int):
     return fit, fit_offsets, torch.cat(tail) if tail else None
 
 
-def _order(unit: Unit, A: Tensor, b: Tensor, stats, original: nn.Module, method, seed):
+def _order(unit: Unit, A: Tensor, b: Tensor, stats, original: nn.Module, method, seed, mode):
     scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
     return channel_order(
-        method, A=A, b=b, scores=scores, width=unit.width, seed=_mix(seed, layer_key(unit.name))
+        method,
+        A=A,
+        b=b,
+        scores=scores,
+        width=unit.width,
+        seed=_mix(seed, layer_key(unit.name)),
+        stats=stats if mode in ("lstsq", "lstsq_plain") else None,  # obs: its re-fit's error
     ).to(A.device)
 
 
@@ -294,7 +300,7 @@ def _profile_one(
     n = consumer.weight.shape[0]
     w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
     A, b = stats.channel_problem(w_cons)
-    order = _order(unit, A, b, stats, original, method, seed)
+    order = _order(unit, A, b, stats, original, method, seed, reconstruct)
     counts = count_grid(unit.width, round_to)
     err = _curve(stats, A, b, order, counts, reconstruct).cpu()
     probe = _probe_count(counts, err, uniform)

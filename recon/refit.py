@@ -73,6 +73,7 @@ def _prune_one(
         scores=scores,
         width=unit.width,
         seed=_mix(seed, layer_key(unit.name)),
+        stats=stats if reconstruct in ("lstsq", "lstsq_plain") else None,  # obs: its re-fit
     ).to(A.device)
     if ctx is not None:
         keep = ctx.broadcast_(keep, f"channels of {unit.name}")

@@ -19,6 +19,8 @@ import torch
 from sklearn.linear_model import Lasso, lars_path_gram
 from torch import Tensor
 
+from .obs import removal_order
+
 __all__ = [
     "METHODS",
     "SCORE_METHODS",
@@ -29,6 +31,8 @@ __all__ = [
     "lasso_coef",
     "lasso_order",
     "lasso_path",
+    "obs",
+    "obs_order",
     "random",
     "score_order",
     "select_channels",
@@ -36,7 +40,7 @@ __all__ = [
     "thinet_order",
 ]
 
-METHODS = ("lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", "random")
+METHODS = ("obs", "lasso", "thinet", "l1", "max_response", "apoz", "bn_gamma", "first_k", "random")
 #: Methods that keep the channels with the largest per-channel scores (:mod:`recon.scores`):
 #: the ones ``allocation="global"`` can rank across units.
 SCORE_METHODS = ("l1", "max_response", "apoz", "bn_gamma")
@@ -250,6 +254,44 @@ def _greedy_removals(A: Tensor, steps: int) -> Tensor:
     return order
 
 
+def _obs_removals(stats, A: Tensor | None, b: Tensor | None, steps: int) -> Tensor:
+    """The first ``steps`` channels :func:`obs` removes, in removal order."""
+    if getattr(stats, "G", None) is not None:  # patch statistics: the least-squares re-fit
+        order, _ = removal_order(
+            stats.G, stats.C, stats.taps, s=stats.s, t=stats.t, count=stats.count, steps=steps
+        )
+        return order
+    if A is None or b is None:
+        raise ValueError("The 'stats' (or 'A' and 'b') argument is required for method 'obs'.")
+    order, _ = removal_order(A, b[:, None], 1, steps=steps)  # per-channel scales
+    return order
+
+
+def _obs_width(stats, A: Tensor | None) -> int:
+    if getattr(stats, "G", None) is not None:
+        return int(stats.channels)
+    if A is None:
+        raise ValueError("The 'stats' (or 'A' and 'b') argument is required for method 'obs'.")
+    return _check_gram(A)
+
+
+def obs(stats, k: int, *, A: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+    """Greedy removal on the re-fitted least-squares error (:mod:`recon.obs`).
+
+    Removes ``c - k`` channels one at a time, each time the one whose removal raises
+    least the error that the consumer's least-squares re-fit (with its bias) leaves,
+    ``min_{W,β} Σ‖y − W x_S − β‖²`` over the patch statistics ``stats`` (``G``, ``C``,
+    ``s``, ``t``, ``count``, ``taps``). Statistics without a patch Gram (a consumer
+    too wide for one: :class:`recon.stats.ChannelStats`) use the channel problem
+    ``A, b`` instead, whose re-fit is a scale per channel.
+    """
+    c = _obs_width(stats, A)
+    _check_k(k, c)
+    removed = torch.ones(c, dtype=torch.bool)
+    removed[_obs_removals(stats, A, b, c - k)] = False
+    return torch.nonzero(removed).flatten()
+
+
 def by_score(scores: Tensor, k: int) -> Tensor:
     """Keep the ``k`` channels with the largest scores (ties: lower index first)."""
     c = scores.shape[0]
@@ -280,10 +322,12 @@ def select_channels(
     scores: Tensor | None = None,
     width: int | None = None,
     seed: int = 0,
+    stats=None,
 ) -> Tensor:
     """Dispatch to a selection method by name.
 
-    ``lasso`` and ``thinet`` need ``A`` (and ``b``); the score methods (``l1``,
+    ``lasso`` and ``thinet`` need ``A`` (and ``b``); ``obs`` needs the unit's statistics
+    ``stats`` (:class:`recon.stats.PatchStats`, or ``A`` and ``b``); the score methods (``l1``,
     ``max_response``, ``apoz``, ``bn_gamma``: ``SCORE_METHODS``) need ``scores``
     (:func:`recon.scores.channel_scores`); ``first_k`` and ``random`` need only ``width``.
     """
@@ -291,6 +335,8 @@ def select_channels(
         return lasso(A, b, k)
     if method == "thinet":
         return thinet(A, b, k)
+    if method == "obs":
+        return obs(stats, k, A=A, b=b)
     if method in SCORE_METHODS:
         if scores is None:
             raise ValueError(f"The 'scores' argument is required for method {method!r}. Got None.")
@@ -323,6 +369,18 @@ def thinet_order(A: Tensor) -> Tensor:
     """
     c = _check_gram(A)
     removals = _greedy_removals(A, c - 1)
+    last = torch.ones(c, dtype=torch.bool)
+    last[removals] = False
+    return torch.cat([torch.nonzero(last).flatten(), removals.flip(0)])
+
+
+def obs_order(stats, *, A: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+    """:func:`obs`'s nested order: the reverse of its removal order.
+
+    ``sorted(order[:k])`` equals ``obs(stats, k)`` for every ``k``.
+    """
+    c = _obs_width(stats, A)
+    removals = _obs_removals(stats, A, b, c - 1)
     last = torch.ones(c, dtype=torch.bool)
     last[removals] = False
     return torch.cat([torch.nonzero(last).flatten(), removals.flip(0)])
@@ -401,6 +459,7 @@ def channel_order(
     width: int | None = None,
     seed: int = 0,
     max_active: int | None = None,
+    stats=None,
 ) -> Tensor:
     """A method's nested order of the channels: which channel it keeps first, second, ...
 
@@ -409,6 +468,7 @@ def channel_order(
     selection of ``k`` channels where the method is nested:
 
     - ``thinet``: :func:`thinet_order`, ``sorted(order[:k]) == thinet(A, b, k)``;
+    - ``obs``: :func:`obs_order`, ``sorted(order[:k]) == obs(stats, k)``;
     - ``lasso``: :func:`lasso_order`, equal to ``lasso(A, b, k)`` until a channel
       leaves the path (and up to ``LARS_MAX_CHANNELS`` channels, where ``lasso``
       follows the path);
@@ -421,6 +481,8 @@ def channel_order(
     Tensor, shape (c,), int64
         A permutation of the ``c`` channels.
     """
+    if method == "obs":
+        return obs_order(stats, A=A, b=b)
     if method in ("lasso", "thinet"):
         if A is None:
             raise ValueError(f"The 'A' argument is required for method {method!r}. Got None.")

@@ -57,3 +57,21 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def ints(what: str) -> Callable[[str], tuple[int, ...]]:
+    """A comma-separated list of ints >= 1."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(s) for s in text.split(",") if s.strip())
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"must be a comma-separated list of {what} (ints >= 1), e.g. 64,128. "
+                f"Got {text!r} instead."
+            )
+        return values
+
+    return parse

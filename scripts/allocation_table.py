@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--methods",
         type=_args.names(recon.select.METHODS, "methods"),
-        default=("lasso", "thinet"),
-        help="selection methods, comma-separated (default: lasso,thinet)",
+        default=("obs", "lasso", "thinet"),
+        help="selection methods, comma-separated (default: obs,lasso,thinet)",
     )
     p.add_argument(
         "--speedups",

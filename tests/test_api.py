@@ -416,7 +416,7 @@ def test_report_to_json(small, calib, tmp_path):
     text = report.to_json(tmp_path / "r.json")
     data = json.loads(text)
     assert data["flops_before"] == report.flops_before
-    assert data["method"] == "lasso" and data["reconstruct"] == "lstsq"
+    assert data["method"] == "obs" and data["reconstruct"] == "lstsq"
     assert len(data["layers"]) == len(report.layers) >= 1
     assert {row.name for row in report.layers} <= set(result.kept)  # units kept whole: no row
     assert Report.from_json(text) == report

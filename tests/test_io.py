@@ -86,7 +86,7 @@ def test_plan_is_plain_json(case):
     assert plan["format"] == "recon.plan" and plan["format_version"] == 1
     assert plan["recon_version"] == recon.__version__
     assert plan["torch_version"] == str(torch.__version__)
-    assert (plan["method"], plan["reconstruct"], plan["seed"]) == ("lasso", "lstsq", 0)
+    assert (plan["method"], plan["reconstruct"], plan["seed"]) == ("obs", "lstsq", 0)
     assert plan["target"] == {"speedup": None, "keep_ratio": 0.5, "channels": None}
     assert plan["history"] == []
     # The plan's kept channels are the result's, unit by unit, in forward order.
@@ -132,7 +132,7 @@ def test_result_plan_is_a_copy_of_the_models():
     result = _prune(_vgg_plain(), X8, keep_ratio=0.5)
     result.plan["method"] = "changed"
     again = _prune(result.model, X8, keep_ratio=0.5)
-    assert again.plan["history"][0]["method"] == "lasso"
+    assert again.plan["history"][0]["method"] == "obs"
 
 
 # --------------------------------------------------------------------------- apply_plan

@@ -257,12 +257,14 @@ def test_torchvision_resnets_large(name, tv_calib):
 
 
 def test_torchvision_resnet_lasso(tv_calib):
-    """The defaults (lasso, allocation="auto") on a torchvision ResNet, wide layers included."""
+    """LASSO with the default allocation="auto" on a torchvision ResNet, wide layers
+    included (obs, the default method, prunes torchvision models in test_api's
+    test_torchvision_speedup2)."""
     torch.manual_seed(0)
     net = randomize_bn(torchvision.models.resnet18(weights=None)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = recon.prune(net, tv_calib, speedup=2.0, progress=False)
+        result = recon.prune(net, tv_calib, speedup=2.0, method="lasso", progress=False)
     assert result.report.speedup == pytest.approx(2.0, rel=0.02)
     assert result.report.output_error < 0.5
     assert result.report.allocation is not None

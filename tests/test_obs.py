@@ -1,0 +1,159 @@
+"""Greedy removal on the re-fitted least-squares error (``method="obs"``), known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import recon
+from recon.obs import removal_order
+from recon.select import obs, obs_order, select_channels
+from recon.solve import lstsq, patch_error
+from recon.stats import PatchStats
+
+
+def patches(seed: int = 0, N: int = 300, c: int = 6, taps: int = 3, n: int = 4):
+    """Samples ``X`` (N, c*taps) with channel 3 a near copy of channel 0, and ``Y``."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, c * taps, generator=g, dtype=torch.float64)
+    X[:, 3 * taps : 4 * taps] = 0.9 * X[:, :taps] + 0.05 * torch.randn(N, taps, generator=g)
+    W = torch.randn(c * taps, n, generator=g, dtype=torch.float64)
+    Y = X @ W + 0.3 * torch.randn(N, n, generator=g, dtype=torch.float64) + 2.0
+    return X, Y
+
+
+def refit_error(X, Y, kept, taps) -> float:
+    """``min_{W,β} ‖Y − X_S W − β‖²`` by an explicit least-squares solve."""
+    cols = [i * taps + j for i in kept for j in range(taps)]
+    design = torch.cat([X[:, cols], torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    fit = torch.linalg.lstsq(design, Y).solution
+    return float(((Y - design @ fit) ** 2).sum())
+
+
+def stats_of(X, Y, taps) -> PatchStats:
+    st = PatchStats(channels=X.shape[1] // taps, taps=taps, outputs=Y.shape[1])
+    st.update(X, Y)
+    return st
+
+
+def test_each_removal_is_the_brute_force_greedy_choice_and_its_cost():
+    X, Y, taps = *patches(), 3
+    order, increase = removal_order(
+        X.T @ X, X.T @ Y, taps, s=X.sum(0), t=Y.sum(0), count=len(X), ridge=0.0
+    )
+    alive = list(range(6))
+    for g, rise in zip(order.tolist(), increase.tolist(), strict=True):
+        now = refit_error(X, Y, alive, taps)
+        costs = {h: refit_error(X, Y, [a for a in alive if a != h], taps) - now for h in alive}
+        assert g == min(costs, key=costs.get)
+        assert rise == pytest.approx(costs[g], rel=1e-8, abs=1e-8)
+        alive.remove(g)
+    assert order[0] in (0, 3)  # one of the near copies goes first, almost for free
+    assert increase[0] < 0.01 * increase[1:].min()
+
+
+def test_without_intercept_it_is_the_greedy_on_plain_least_squares():
+    X, Y = patches(seed=1, taps=1, c=5)
+    order, increase = removal_order(X.T @ X, X.T @ Y, 1, ridge=0.0)
+
+    def err(kept):
+        fit = torch.linalg.lstsq(X[:, kept], Y).solution
+        return float(((Y - X[:, kept] @ fit) ** 2).sum())
+
+    alive = list(range(5))
+    for g, rise in zip(order.tolist(), increase.tolist(), strict=True):
+        costs = {h: err([a for a in alive if a != h]) - err(alive) for h in alive}
+        assert g == min(costs, key=costs.get)
+        assert rise == pytest.approx(costs[g], rel=1e-8)
+        alive.remove(g)
+
+
+def test_obs_keeps_the_best_set_and_its_order_is_nested():
+    X, Y, taps = *patches(seed=2), 3
+    st = stats_of(X, Y, taps)
+    order = obs_order(st)
+    assert sorted(order.tolist()) == list(range(6))
+    for k in range(1, 7):
+        kept = obs(st, k)
+        assert kept.tolist() == sorted(order[:k].tolist())
+        assert select_channels("obs", k, stats=st).tolist() == kept.tolist()
+    # With one channel to remove the greedy choice is the optimum: the re-fitted error
+    # of its set is the smallest of the six, as lstsq's own fit measures it.
+    kept = obs(st, 5)
+    errors = {
+        h: patch_error(st, torch.tensor(s), *lstsq(st, torch.tensor(s), ridge=0.0))
+        for h in range(6)
+        for s in [[a for a in range(6) if a != h]]
+    }
+    assert kept.tolist() == [a for a in range(6) if a != min(errors, key=errors.get)]
+
+
+def test_obs_beats_lasso_and_thinet_on_the_re_fitted_error():
+    """Channels whose original weights reconstruct badly but whose re-fit does well."""
+    X, Y, taps = *patches(seed=3, c=8), 3
+    st = stats_of(X, Y, taps)
+    w = torch.randn(4, 8, taps, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A, b = st.channel_problem(w)  # a consumer weight unrelated to Y: a poor proxy
+    for k in (2, 4, 6):
+        kept = {m: select_channels(m, k, A=A, b=b, stats=st) for m in ("obs", "lasso", "thinet")}
+        err = {m: patch_error(st, s, *lstsq(st, s)) for m, s in kept.items()}
+        assert err["obs"] <= min(err["lasso"], err["thinet"]) + 1e-12
+
+
+def test_obs_without_patch_statistics_uses_the_channel_problem():
+    g = torch.Generator().manual_seed(4)
+    Z = torch.randn(5, 40, generator=g, dtype=torch.float64)
+    y = Z[:3].sum(0) + 0.1 * torch.randn(40, generator=g, dtype=torch.float64)
+    A, b = Z @ Z.T, Z @ y
+    kept = obs(None, 3, A=A, b=b)
+    assert kept.tolist() == [0, 1, 2]  # y is made of them; the scale re-fit recovers it
+    assert obs_order(None, A=A, b=b)[:3].sort().values.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "'stats'"),
+        ({"A": torch.eye(3)}, "'stats'"),
+    ],
+)
+def test_obs_needs_statistics(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        select_channels("obs", 2, **kwargs)
+
+
+def test_removal_order_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="taps=2"):
+        removal_order(torch.eye(5), torch.zeros(5, 1), 2)
+    with pytest.raises(ValueError, match="'steps'"):
+        removal_order(torch.eye(4), torch.zeros(4, 1), 2, steps=2)
+
+
+def test_prune_with_obs_finds_channels_the_others_make_redundant():
+    """Producer channels 8..15 are large linear combinations of 0..3 (no activation
+    between): 8 channels spanning the 16 (4..7 among them) reproduce the output exactly
+    after the re-fit, which greedy removal on the re-fitted error finds; LASSO's and
+    ThiNet's proxy (each channel with its own weights, scaled) keeps the large ones."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)).eval()
+    with torch.no_grad():
+        mix = 5 * torch.randn(8, 8)
+        mix[:, 4:] = 0
+        w = net[0].weight
+        w[8:] = torch.einsum("ij,jckl->ickl", mix, w[:8])
+        net[0].bias[8:] = mix @ net[0].bias[:8]
+    x, held = torch.randn(32, 3, 10, 10), torch.randn(16, 3, 10, 10)
+    with torch.no_grad():
+        ref = net(held)
+    err = {}
+    for method in ("obs", "lasso", "thinet"):
+        res = recon.prune(
+            net, x.split(16), method=method, reconstruct="lstsq_plain", keep_ratio=0.5,
+            samples_per_image=None, progress=False,
+        )  # fmt: skip
+        assert res.model[0].out_channels == 8 and res.model[1].in_channels == 8
+        with torch.no_grad():
+            err[method] = float((res.model(held) - ref).pow(2).sum() / ref.pow(2).sum())
+    assert err["obs"] < 1e-6
+    assert err["lasso"] > 1e-4 and err["thinet"] > 1e-4
