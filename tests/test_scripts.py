@@ -182,7 +182,7 @@ def test_reproduce_allocations_and_rows_recorded_before_them(reproduce, tmp_path
     assert abs(auto["speedup"] / 2.0 - 1) < 0.02
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert f"| thinet | lstsq | auto | {100 * auto['acc']:.2f}% |" in md
-    assert "| vgg16_fmnist | 2× | auto |" not in md  # quality bars are for lasso only
+    assert "| vgg16_fmnist | 2× | thinet |" not in md  # quality bars: obs and lasso only
     # a row from before --allocations (no "allocation" key) counts as uniform on --resume
     del uniform["allocation"]
     path.write_text(json.dumps(uniform) + "\n", encoding="utf-8")
@@ -308,15 +308,20 @@ def test_reproduce_quality_bars(reproduce):
     bases = {"vgg16_fmnist": 0.9400, "resnet20_fmnist": 0.9300}
     rows = [
         row("vgg16_fmnist", 2.0, 0.9360, 0.9390),  # loses 0.40 / 0.10: both met
-        row("vgg16_fmnist", 4.0, 0.9200, 0.9300, method="thinet"),  # not LASSO: no line
+        row("vgg16_fmnist", 4.0, 0.9200, 0.9300, method="thinet"),  # no bar for it: no line
         row("resnet20_fmnist", 2.0, 0.9150, 0.9290),  # loses 1.50: missed
         row("resnet20_fmnist", 2.0, 0.9260, 0.9290) | {"allocation": "auto"},  # 0.40: met
+        row("resnet20_fmnist", 2.0, 0.9270, 0.9290, method="obs") | {"allocation": "auto"},
     ]
     md = "\n".join(reproduce._quality_bars(rows, bases))
-    assert "| vgg16_fmnist | 2× | uniform | without | 93.60% | 0.40 | ≤ 0.5 | met |" in md
-    assert "| vgg16_fmnist | 2× | uniform | after | 93.90% | 0.10 | ≤ 0.3 | met |" in md
-    assert "| resnet20_fmnist | 2× | uniform | without | 91.50% | 1.50 | ≤ 1 | **missed** |" in md
-    assert "| resnet20_fmnist | 2× | auto | without | 92.60% | 0.40 | ≤ 1 | met |" in md
+    assert "| vgg16_fmnist | 2× | lasso | uniform | without | 93.60% | 0.40 | ≤ 0.5 | met |" in md
+    assert "| vgg16_fmnist | 2× | lasso | uniform | after | 93.90% | 0.10 | ≤ 0.3 | met |" in md
+    assert (
+        "| resnet20_fmnist | 2× | lasso | uniform | without | 91.50% | 1.50 | ≤ 1 | **missed** |"
+        in md
+    )
+    assert "| resnet20_fmnist | 2× | lasso | auto | without | 92.60% | 0.40 | ≤ 1 | met |" in md
+    assert "| resnet20_fmnist | 2× | obs | auto | without | 92.70% | 0.30 | ≤ 1 | met |" in md
     assert "4×" not in md
     assert reproduce._quality_bars([], bases) == []
 
