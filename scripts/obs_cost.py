@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# Channel selection cost per layer ({platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__})\n\n"
-        f"`python scripts/obs_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+        f"`{' '.join(['python scripts/obs_cost.py', *(sys.argv[1:] if argv is None else argv)])}`"
         f": {args.kernel}×{args.kernel} kernels, seconds.\n\n"
         "| c | d = c·k² | obs order | obs, keep c/2 | lasso order | lasso, keep c/2 "
         "| thinet order |\n|---|---|---|---|---|---|---|"
