@@ -356,3 +356,16 @@ def test_model_coverage_rows_and_table(reproduce):
     text = script.markdown([row, refused], ["--quick"], 8, 1.0)
     assert "| `mobilenet_v3_small` |" in text and "refused | refused | no prunable layer |" in text
     assert "1 of 2 models prune" in text
+
+
+def test_obs_cost_prints_a_row_per_width(capsys):
+    obs_cost = _load("obs_cost")
+    assert obs_cost.main(["--widths", "8,16", "--kernel", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "`python scripts/obs_cost.py --widths 8,16 --kernel 1`" in out
+    rows = [
+        line for line in out.splitlines() if line.startswith("| 8 |") or line.startswith("| 16 |")
+    ]
+    assert len(rows) == 2 and all(len(r.split("|")) == 9 for r in rows)
+    with pytest.raises(SystemExit):
+        obs_cost.main(["--widths", "0"])
