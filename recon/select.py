@@ -12,6 +12,7 @@ This module sees tensors only.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
@@ -20,6 +21,9 @@ from sklearn.linear_model import Lasso, lars_path_gram
 from torch import Tensor
 
 from .obs import removal_order
+
+if TYPE_CHECKING:
+    from .stats import ChannelStats, PatchStats
 
 __all__ = [
     "METHODS",
@@ -254,7 +258,9 @@ def _greedy_removals(A: Tensor, steps: int) -> Tensor:
     return order
 
 
-def _obs_removals(stats, A: Tensor | None, b: Tensor | None, steps: int) -> Tensor:
+def _obs_removals(
+    stats: PatchStats | ChannelStats | None, A: Tensor | None, b: Tensor | None, steps: int
+) -> Tensor:
     """The first ``steps`` channels :func:`obs` removes, in removal order."""
     if getattr(stats, "G", None) is not None:  # patch statistics: the least-squares re-fit
         order, _ = removal_order(
@@ -267,7 +273,7 @@ def _obs_removals(stats, A: Tensor | None, b: Tensor | None, steps: int) -> Tens
     return order
 
 
-def _obs_width(stats, A: Tensor | None) -> int:
+def _obs_width(stats: PatchStats | ChannelStats | None, A: Tensor | None) -> int:
     if getattr(stats, "G", None) is not None:
         return int(stats.channels)
     if A is None:
@@ -275,7 +281,13 @@ def _obs_width(stats, A: Tensor | None) -> int:
     return _check_gram(A)
 
 
-def obs(stats, k: int, *, A: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+def obs(
+    stats: PatchStats | ChannelStats | None,
+    k: int,
+    *,
+    A: Tensor | None = None,
+    b: Tensor | None = None,
+) -> Tensor:
     """Greedy removal on the re-fitted least-squares error (:mod:`recon.obs`).
 
     Removes ``c - k`` channels one at a time, each time the one whose removal raises
@@ -322,7 +334,7 @@ def select_channels(
     scores: Tensor | None = None,
     width: int | None = None,
     seed: int = 0,
-    stats=None,
+    stats: PatchStats | ChannelStats | None = None,
 ) -> Tensor:
     """Dispatch to a selection method by name.
 
@@ -374,7 +386,9 @@ def thinet_order(A: Tensor) -> Tensor:
     return torch.cat([torch.nonzero(last).flatten(), removals.flip(0)])
 
 
-def obs_order(stats, *, A: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+def obs_order(
+    stats: PatchStats | ChannelStats | None, *, A: Tensor | None = None, b: Tensor | None = None
+) -> Tensor:
     """:func:`obs`'s nested order: the reverse of its removal order.
 
     ``sorted(order[:k])`` equals ``obs(stats, k)`` for every ``k``.
@@ -459,7 +473,7 @@ def channel_order(
     width: int | None = None,
     seed: int = 0,
     max_active: int | None = None,
-    stats=None,
+    stats: PatchStats | ChannelStats | None = None,
 ) -> Tensor:
     """A method's nested order of the channels: which channel it keeps first, second, ...
 
