@@ -459,14 +459,14 @@ def _run_default(args: argparse.Namespace) -> int:
 
     print(
         "recon embedded default: the shipped VGG-16 (quarter width, trained on "
-        "Fashion-MNIST), pruned 2x by recon's default (obs) and by LASSO and ThiNet "
+        "Fashion-MNIST), pruned 2x by recon's default (obs) and by LASSO (He et al.) "
         "from 1,000 unlabeled images."
     )
     model = pretrained("vgg16_fmnist")
     x_calib, _, x_eval, y_eval = load_embedded()
     base = evaluate(model, x_eval, y_eval)
     rows = []
-    for method in ("obs", "lasso", "thinet"):
+    for method in ("obs", "lasso"):
         result = prune(
             model,
             x_calib.split(args.batch_size),

@@ -107,7 +107,10 @@ def removal_order(
     # H⁻¹ is updated lazily: the current one is ``Hinv − UM Uᵀ`` with the columns ``U``
     # (d, R) of the removals since the last flush and ``UM`` their ``U_g [H⁻¹]_gg⁻¹``.
     # One GEMM every FLUSH_COLUMNS columns instead of a rank-``taps`` update per removal.
-    U, UM = [], []
+    width = FLUSH_COLUMNS + taps  # a flush comes before the buffers fill up
+    U = H.new_empty(d, width)  # columns of the removals since the last flush
+    UM = H.new_empty(d, width)
+    r = 0
     order = torch.empty(steps, dtype=torch.int64)
     increase = torch.empty(steps, dtype=torch.float64)
     for step in range(steps):
@@ -120,8 +123,8 @@ def removal_order(
         order[step], increase[step] = int(names[g]), max(float(cost[g]), 0.0)
         rows = slice(g * taps, (g + 1) * taps)
         cols = Hinv[:, rows].clone()  # (d, taps): the current H⁻¹'s columns of channel g
-        if U:
-            cols -= torch.cat(UM, dim=1) @ torch.cat(U, dim=1)[rows].T
+        if r:
+            cols.addmm_(UM[:, :r], U[rows, :r].T, alpha=-1)
         inv = torch.linalg.inv(cols[rows])  # (taps, taps)
         W.addmm_(cols, inv @ W[rows], alpha=-1)
         W[rows] = 0  # zero already, up to round-off
@@ -129,13 +132,16 @@ def removal_order(
         diag -= cb @ inv @ cb.transpose(1, 2)
         alive[g] = False
         diag[~alive] = eye  # removed: any invertible block (their cost is not used)
-        U.append(cols)
-        UM.append(cols @ inv)
-        if len(U) * taps >= FLUSH_COLUMNS or 4 * int(alive.sum()) <= 3 * m:
-            Hinv.addmm_(torch.cat(UM, dim=1), torch.cat(U, dim=1).T, alpha=-1)
-            U, UM = [], []
-            if 4 * int(alive.sum()) <= 3 * m:  # drop the removed channels' rows
+        U[:, r : r + taps] = cols
+        torch.mm(cols, inv, out=UM[:, r : r + taps])
+        r += taps
+        compact = 4 * int(alive.sum()) <= 3 * m
+        if r >= FLUSH_COLUMNS or compact:
+            Hinv.addmm_(UM[:, :r], U[:, :r].T, alpha=-1)
+            r = 0
+            if compact:  # drop the removed channels' rows
                 keep = alive.repeat_interleave(taps)
                 W, Hinv = W[keep], Hinv[keep][:, keep]
                 names, diag, alive = names[alive], diag[alive], alive[alive]
+                U, UM = U[keep], UM[keep]
     return order, increase

@@ -147,14 +147,14 @@ def test_embedded_default(capsys):
     """`recon prune` alone prunes the shipped VGG-16 on the embedded Fashion-MNIST data."""
     assert main(["prune", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert all(f"method={m}" in out for m in ("obs", "lasso", "thinet"))
+    assert all(f"method={m}" in out for m in ("obs", "lasso"))
     acc = {}
-    for m in re.finditer(r"^\s+(original|obs|lasso|thinet)\s.*?([\d.]+)%", out, re.M):
+    for m in re.finditer(r"^\s+(original|obs|lasso)\s.*?([\d.]+)%", out, re.M):
         acc[m[1]] = float(m[2])
-    assert set(acc) == {"original", "obs", "lasso", "thinet"}
+    assert set(acc) == {"original", "obs", "lasso"}
     assert acc["original"] > 92
     # 2x without fine-tuning; the quality bar itself is measured by scripts/reproduce.py
-    assert all(acc[m] > acc["original"] - 3 for m in ("obs", "lasso", "thinet"))
+    assert all(acc[m] > acc["original"] - 3 for m in ("obs", "lasso"))
 
 
 def test_pretrained_spec_and_builtin_fmnist(capsys):

@@ -256,6 +256,7 @@ def test_torchvision_resnets_large(name, tv_calib):
     _check_torchvision(name, tv_calib)
 
 
+@pytest.mark.slow  # 30 s; auto on a ResNet in the default run: test_allocation_api
 def test_torchvision_resnet_lasso(tv_calib):
     """LASSO with the default allocation="auto" on a torchvision ResNet, wide layers
     included (obs, the default method, prunes torchvision models in test_api's
