@@ -46,7 +46,7 @@ from .passes import Passes
 from .sampling import _mix, layer_key
 from .scores import channel_scores
 from .select import SCORE_METHODS, channel_order
-from .solve import cv_lstsq, lstsq, scale
+from .solve import LSTSQ_MODES, cv_lstsq, lstsq, scale
 from .stats import ChannelStats, PatchStats
 from .surgery import prune_unit
 
@@ -134,7 +134,7 @@ def _order(unit: Unit, A: Tensor, b: Tensor, stats, original: nn.Module, method,
         scores=scores,
         width=unit.width,
         seed=_mix(seed, layer_key(unit.name)),
-        stats=stats if mode in ("lstsq", "lstsq_plain") else None,  # obs: its re-fit's error
+        stats=stats if mode in LSTSQ_MODES else None,  # obs: its re-fit's error
     ).to(A.device)
 
 
@@ -150,7 +150,7 @@ def _curve(stats, A, b, order, counts, mode: str) -> Tensor:
     and whose ``k`` unknowns per output do not over-fit); for ``"lstsq_plain"`` a count
     with ``p >= N`` (interpolation) costs a relative error of 1. Never increasing in ``k``.
     """
-    if mode in ("lstsq", "lstsq_plain") and isinstance(stats, PatchStats):
+    if mode in LSTSQ_MODES and isinstance(stats, PatchStats):
         err = lstsq_error_curve(stats, order, counts)
         n = float(stats.count)
         p = counts.to(err.device, torch.float64) * stats.taps + 1

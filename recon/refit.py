@@ -20,7 +20,7 @@ from .report import LayerReport
 from .sampling import _mix, layer_key
 from .scores import channel_scores
 from .select import SCORE_METHODS, select_channels
-from .solve import channel_error, cv_lstsq, lstsq, patch_error, scale
+from .solve import LSTSQ_MODES, channel_error, cv_lstsq, lstsq, patch_error, scale
 from .stats import ChannelStats, PatchStats
 from .surgery import prune_unit
 
@@ -73,7 +73,7 @@ def _prune_one(
         scores=scores,
         width=unit.width,
         seed=_mix(seed, layer_key(unit.name)),
-        stats=stats if reconstruct in ("lstsq", "lstsq_plain") else None,  # obs: its re-fit
+        stats=stats if reconstruct in LSTSQ_MODES else None,  # obs: its re-fit
     ).to(A.device)
     if ctx is not None:
         keep = ctx.broadcast_(keep, f"channels of {unit.name}")
@@ -82,10 +82,10 @@ def _prune_one(
     weight = bias_delta = None
     mode = reconstruct
     ridge = heldout = math.nan
-    if mode in ("lstsq", "lstsq_plain") and isinstance(stats, ChannelStats):
+    if mode in LSTSQ_MODES and isinstance(stats, ChannelStats):
         mode = "scale"
         note = _join(note, f"{reconstruct}->scale (c*k={unit.width * unit.taps} too wide)")
-    if mode in ("lstsq", "lstsq_plain"):
+    if mode in LSTSQ_MODES:
         unknowns = int(keep.numel()) * unit.taps + 1
         if mode == "lstsq":
             w_units = w_cons.double() if a is None else w_cons.double() * a[:, None, None]

@@ -235,9 +235,20 @@ def thinet(A: Tensor, b: Tensor | None, k: int) -> Tensor:
     """
     c = A.shape[0]
     _check_k(k, c)
-    removed = torch.ones(c, dtype=torch.bool)
-    removed[_greedy_removals(A, c - k)] = False
-    return torch.nonzero(removed).flatten()
+    return _kept(_greedy_removals(A, c - k), c)
+
+
+def _kept(removals: Tensor, c: int) -> Tensor:
+    """The sorted channels of ``0 .. c-1`` not in ``removals``."""
+    kept = torch.ones(c, dtype=torch.bool)
+    kept[removals] = False
+    return torch.nonzero(kept).flatten()
+
+
+def _nested(removals: Tensor, c: int) -> Tensor:
+    """A nested order from ``c - 1`` greedy removals: the survivor, then the removals
+    last-removed first."""
+    return torch.cat([_kept(removals, c), removals.flip(0)])
 
 
 def _greedy_removals(A: Tensor, steps: int) -> Tensor:
@@ -299,9 +310,7 @@ def obs(
     """
     c = _obs_width(stats, A)
     _check_k(k, c)
-    removed = torch.ones(c, dtype=torch.bool)
-    removed[_obs_removals(stats, A, b, c - k)] = False
-    return torch.nonzero(removed).flatten()
+    return _kept(_obs_removals(stats, A, b, c - k), c)
 
 
 def by_score(scores: Tensor, k: int) -> Tensor:
@@ -380,10 +389,7 @@ def thinet_order(A: Tensor) -> Tensor:
         A permutation of ``0 .. c-1``: ``order[0]`` is kept first (removed last).
     """
     c = _check_gram(A)
-    removals = _greedy_removals(A, c - 1)
-    last = torch.ones(c, dtype=torch.bool)
-    last[removals] = False
-    return torch.cat([torch.nonzero(last).flatten(), removals.flip(0)])
+    return _nested(_greedy_removals(A, c - 1), c)
 
 
 def obs_order(
@@ -394,10 +400,7 @@ def obs_order(
     ``sorted(order[:k])`` equals ``obs(stats, k)`` for every ``k``.
     """
     c = _obs_width(stats, A)
-    removals = _obs_removals(stats, A, b, c - 1)
-    last = torch.ones(c, dtype=torch.bool)
-    last[removals] = False
-    return torch.cat([torch.nonzero(last).flatten(), removals.flip(0)])
+    return _nested(_obs_removals(stats, A, b, c - 1), c)
 
 
 def lasso_order(A: Tensor, b: Tensor, *, max_active: int | None = None) -> Tensor:

@@ -19,6 +19,7 @@ __all__ = [
     "CENTERS",
     "CV_OUTPUTS",
     "CV_WIDE",
+    "LSTSQ_MODES",
     "RECONSTRUCT",
     "RIDGE_GRID",
     "RIDGE_GRID_WIDE",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 RECONSTRUCT = ("lstsq", "lstsq_plain", "scale", "none")
+#: The modes that re-fit by least squares on the patch statistics.
+LSTSQ_MODES = ("lstsq", "lstsq_plain")
 
 
 def kept_taps(keep: Tensor, taps: int) -> Tensor:
