@@ -96,6 +96,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a float in [0, 1]. Got {text!r} instead.")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ft-lr", type=_positive_float, default=0.01, help="fine-tuning peak learning rate (0.01)"
+    )
+    parser.add_argument(
+        "--ft-distill",
+        type=_unit_float,
+        default=0.0,
+        help="share of the fine-tuning loss that distils the original model's logits "
+        "(recon.finetune.finetune's teacher=, distill=); 0 trains on the labels only (0)",
+    )
+    parser.add_argument(
+        "--ft-temperature",
+        type=_positive_float,
+        default=4.0,
+        help="distillation temperature, used when --ft-distill > 0 (4)",
     )
     parser.add_argument("--no-finetune", action="store_true", help="skip fine-tuning")
     parser.add_argument(
@@ -231,8 +254,17 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "n_test": args.n_test,
         "ft_steps": args.ft_steps,
         "ft_lr": args.ft_lr if args.ft_steps else None,
+        **_distill_settings(args),
         "seed": args.seed,
     }
+
+
+def _distill_settings(args: argparse.Namespace) -> dict[str, float]:
+    """The distillation settings of a row; none for label-only fine-tuning (rows made
+    before the option have none and were all label-only)."""
+    if not args.ft_steps or not args.ft_distill:
+        return {}
+    return {"ft_distill": args.ft_distill, "ft_temperature": args.ft_temperature}
 
 
 def _alloc(row: dict[str, Any]) -> str:
@@ -242,6 +274,7 @@ def _alloc(row: dict[str, Any]) -> str:
 
 def _key(row: dict[str, Any]) -> tuple:
     settings = tuple(row[k] for k in ("calib", "n_test", "ft_steps", "ft_lr", "seed"))
+    settings += (row.get("ft_distill"), row.get("ft_temperature"))
     what = (row["model"], float(row["target"]), row["method"], row["reconstruct"], _alloc(row))
     return (*what, *settings)
 
@@ -346,6 +379,9 @@ def _run(
             y_train,
             steps=args.ft_steps,
             lr=args.ft_lr,
+            teacher=net if args.ft_distill else None,
+            distill=args.ft_distill,
+            temperature=args.ft_temperature,
             seed=args.seed,
             progress=False,
         )
@@ -602,8 +638,14 @@ def _write_markdown(
     n_test = args.n_test or 10_000
     ft = (
         f"{args.ft_steps} SGD steps (`recon.finetune.finetune`: batch 128, momentum 0.9, "
-        f"weight decay 5e-4, cosine learning rate from {args.ft_lr:g}, shifts and flips) on "
-        "the 60,000-image train split"
+        f"weight decay 5e-4, cosine learning rate from {args.ft_lr:g}, shifts and flips"
+        + (
+            f"; loss {1 - args.ft_distill:g} × cross-entropy + {args.ft_distill:g} × "
+            f"distillation of the original's logits at temperature {args.ft_temperature:g}"
+            if args.ft_distill
+            else "; cross-entropy on the labels"
+        )
+        + ") on the 60,000-image train split"
         if args.ft_steps
         else "none"
     )

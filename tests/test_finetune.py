@@ -6,7 +6,7 @@ import pytest
 import torch
 from nets import bright_pixels
 
-from recon.finetune import _augment, finetune
+from recon.finetune import _augment, _distill_loss, finetune
 from recon.models import digits_vgg
 
 
@@ -78,3 +78,69 @@ def test_bad_data():
         finetune(net, x, y.float(), steps=1, progress=False)
     with pytest.raises(ValueError, match="'y'"):
         finetune(net, x, y[:4], steps=1, progress=False)
+
+
+def _kl_to(model, teacher, x) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(teacher.eval()(x), 1)
+        q = torch.log_softmax(model.eval()(x), 1)
+    return float((p.exp() * (p - q)).sum(1).mean())
+
+
+def test_distill_loss_is_the_tempered_kl():
+    s, t = torch.randn(5, 4), torch.randn(5, 4)
+    p, q = torch.softmax(t / 3, 1), torch.softmax(s / 3, 1)
+    want = 9 * (p * (p.log() - q.log())).sum(1).mean()
+    assert torch.allclose(_distill_loss(s, t, 3.0), want, rtol=1e-5)
+    assert float(_distill_loss(t, t, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_pulls_the_model_toward_its_teacher_not_the_labels():
+    x, y = _problem()
+    torch.manual_seed(0)
+    teacher = digits_vgg(width=0.25)
+    finetune(teacher, x, y, steps=40, lr=0.05, batch_size=32, augment=False, progress=False)
+    torch.manual_seed(1)
+    student = digits_vgg(width=0.25)
+    wrong = (y + 1) % 10  # labels the distillation must ignore (distill=1)
+    before = _kl_to(student, teacher, x)
+    teacher.train()  # flags the call must give back
+    finetune(student, x, wrong, steps=40, lr=0.05, batch_size=32, augment=False,
+             teacher=teacher, distill=1.0, temperature=2.0, progress=False)  # fmt: skip
+    assert all(m.training for m in teacher.modules())
+    assert _kl_to(student, teacher, x) < 0.2 * before
+    assert _loss(student, x, y) < _loss(student, x, wrong)
+
+
+def test_distill_zero_is_plain_training():
+    x, y = _problem(64)
+    teacher = digits_vgg(width=0.25)
+    nets = []
+    for kwargs in ({}, {"teacher": teacher, "distill": 0.0}):
+        torch.manual_seed(0)
+        net = digits_vgg(width=0.25)
+        finetune(net, x, y, steps=4, batch_size=16, seed=3, progress=False, **kwargs)
+        nets.append(net)
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"teacher": "net"}, TypeError, "'teacher'"),
+        ({"distill": 1.5}, ValueError, "'distill'"),
+        ({"distill": -0.1}, ValueError, "'distill'"),
+        ({"temperature": 0.0}, ValueError, "'temperature'"),
+        ({"temperature": float("nan")}, ValueError, "'temperature'"),
+        (
+            {"teacher": torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))},
+            ValueError,
+            "'teacher'.*shape",
+        ),
+    ],
+)
+def test_bad_distillation_arguments(kwargs, error, match):
+    x, y = _problem(8)
+    with pytest.raises(error, match=match):
+        finetune(digits_vgg(width=0.25), x, y, steps=1, progress=False, **kwargs)

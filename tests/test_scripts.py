@@ -196,6 +196,23 @@ def test_reproduce_allocations_and_rows_recorded_before_them(reproduce, tmp_path
     ).read_text(encoding="utf-8")
 
 
+def test_reproduce_distillation_settings_key_the_rows(reproduce):
+    def settings(*argv):
+        parser = reproduce.build_parser()
+        args = parser.parse_args(list(argv))
+        reproduce._resolve(args, parser)
+        return reproduce._settings(args)
+
+    plain = settings()
+    assert "ft_distill" not in plain  # rows made before the option read as label-only
+    kd = settings("--ft-distill", "0.5")
+    assert (kd["ft_distill"], kd["ft_temperature"]) == (0.5, 4.0)
+    assert settings("--ft-distill", "0.5", "--no-finetune") == settings("--no-finetune")
+    row = {"model": "m", "target": 2.0, "method": "obs", "reconstruct": "lstsq"}
+    keys = {reproduce._key({**row, **s}) for s in (plain, kd, settings("--ft-distill", "1"))}
+    assert len(keys) == 3  # --resume re-runs a row fine-tuned another way
+
+
 def test_reproduce_scratch_rows(reproduce, tmp_path, monkeypatch):
     """--scratch: each kind starts from the weights it names and trains the steps it says
     (the training itself is recon.finetune's, tested on its own: recorded, not run)."""
@@ -254,6 +271,8 @@ def test_reproduce_scratch_rows(reproduce, tmp_path, monkeypatch):
         ["--allocations", "even"],
         ["--scratch", "scratch_c"],
         ["--scratch-scale", "0"],
+        ["--ft-distill", "1.5"],
+        ["--ft-temperature", "0"],
     ],
 )
 def test_reproduce_bad_options(reproduce, argv, tmp_path, capsys):
@@ -286,6 +305,7 @@ def test_single_layer_bad_layer(single_layer, tmp_path, capsys):
     assert "not units of vgg16_fmnist" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 20 s; recon under torch.distributed itself: tests/test_distributed.py
 def test_bench_distributed_quick(tmp_path, capsys):
     bench_distributed = _load("bench_distributed")
     out = tmp_path / "distributed.md"
