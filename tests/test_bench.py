@@ -136,6 +136,7 @@ def test_bench_scale224_on_cuda(script, tmp_path):
         assert r["flops_ratio"] == pytest.approx(2.0, rel=0.02)
 
 
+@pytest.mark.slow  # 11 s of process start-up; the comparison itself runs in test_..._all_...
 def test_bench_script_compare_in_child_processes(script, tmp_path):
     """The default path: each side in its own process, same channels, JSON written."""
     path = tmp_path / "out.json"
