@@ -3,9 +3,10 @@
 recon itself needs no labels; the reproduction runs fine-tune a pruned network for a
 few hundred SGD steps on labeled data to show how much of the remaining gap a short
 fine-tune closes. :func:`finetune` is that loop: SGD with momentum and weight decay,
-a cosine learning rate over all steps, seeded mini-batches and optional light
-augmentation (random shifts and horizontal flips). ``scripts/train.py`` trains the
-shipped baselines with the same function.
+a cosine learning rate over all steps, seeded mini-batches, optional light
+augmentation (random shifts and horizontal flips) and optional distillation from the
+original model (``teacher=``). ``scripts/train.py`` trains the shipped baselines with
+the same function.
 
 Launched in several processes (``torchrun``), :func:`finetune` trains under
 ``DistributedDataParallel``: every step's mini-batch is split between the processes.
@@ -164,14 +165,14 @@ def finetune(
         ``temperature``). It must return logits of the model's shape and live on the
         model's device; it is not changed (its training flags are restored).
         A pruned model recovers more of the original's accuracy in a few hundred steps
-        from its original than from the labels (README, "Fine-tuning").
+        from its original than from the labels (README, "Fine-tuning from the original").
     distill : float in [0, 1], default 0.5
         The distillation term's share of the loss with a ``teacher`` (1: the labels
         are not used; 0: plain training, exactly). Ignored without a teacher.
     temperature : float, default 4.0
         ``T`` above (> 0). Ignored without a teacher. The defaults were the best of
         ``(distill, T)`` = (1, 1), (1, 4), (0.5, 4) on the shipped models pruned 4×
-        (README, "Fine-tuning").
+        (README, "Fine-tuning from the original").
     seed : int, default 0
         Seeds the batch order and the augmentation.
     progress : bool, default True
