@@ -226,27 +226,19 @@ def finetune(
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"The '{name}' argument must be an int >= 1. Got {value!r} instead.")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
-        raise ValueError(f"The 'lr' argument must be a float > 0. Got {lr!r} instead.")
-    if (
-        isinstance(bn_l1, bool)
-        or not isinstance(bn_l1, int | float)
-        or not 0 <= bn_l1 < math.inf  # also rejects NaN
-    ):
-        raise ValueError(
-            f"The 'bn_l1' argument must be a finite float >= 0. Got {bn_l1!r} instead."
-        )
-    if teacher is not None and not isinstance(teacher, nn.Module):
-        raise TypeError(
-            f"The 'teacher' argument must be an nn.Module or None. Got "
-            f"{type(teacher).__name__} instead."
-        )
     for name, value, ok, want in (
+        ("lr", lr, lambda v: v > 0, "a float > 0"),
+        ("bn_l1", bn_l1, lambda v: 0 <= v < math.inf, "a finite float >= 0"),  # rejects NaN
         ("distill", distill, lambda v: 0 <= v <= 1, "a float in [0, 1]"),
         ("temperature", temperature, lambda v: 0 < v < math.inf, "a finite float > 0"),
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
             raise ValueError(f"The '{name}' argument must be {want}. Got {value!r} instead.")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(
+            f"The 'teacher' argument must be an nn.Module or None. Got "
+            f"{type(teacher).__name__} instead."
+        )
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(
             "The 'x' argument must be a float tensor of shape (N, C, H, W). Got "

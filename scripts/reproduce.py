@@ -32,7 +32,7 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,24 +86,23 @@ QUALITY_BARS = (
 # --------------------------------------------------------------------------- options
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a float > 0. Got {text!r} instead.")
-    return value
+def _float_in(ok: Callable[[float], bool], want: str) -> Callable[[str], float]:
+    """An argparse type: a float for which ``ok`` holds, else "must be <want>"."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {want}. Got {text!r} instead.")
+        return value
+
+    return parse
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a float in [0, 1]. Got {text!r} instead.")
-    return value
+_positive_float = _float_in(lambda v: math.isfinite(v) and v > 0, "a float > 0")
+_unit_float = _float_in(lambda v: 0 <= v <= 1, "a float in [0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
