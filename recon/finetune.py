@@ -170,9 +170,7 @@ def finetune(
         The distillation term's share of the loss with a ``teacher`` (1: the labels
         are not used; 0: plain training, exactly). Ignored without a teacher.
     temperature : float, default 4.0
-        ``T`` above (> 0). Ignored without a teacher. The defaults were the best of
-        ``(distill, T)`` = (1, 1), (1, 4), (0.5, 4) on the shipped models pruned 4×
-        (README, "Fine-tuning from the original").
+        ``T`` above (> 0). Ignored without a teacher.
     seed : int, default 0
         Seeds the batch order and the augmentation.
     progress : bool, default True
