@@ -55,7 +55,7 @@ from .gather import (  # noqa: F401  (_image_folds, _accumulate: used by tests)
 from .graph import Graph, Unit, find_units, trace
 from .passes import DEFAULT_CACHE_BYTES, Passes
 from .profile import profile_units
-from .ranking import global_channels
+from .ranking import MIN_KEEP, check_floor, global_channels
 from .refit import _prune_one
 from .report import AllocationReport, AllocationRow, LayerReport, Report
 from .scores import check_scores, global_scores
@@ -122,6 +122,7 @@ def prune(
     keep_ratio: float | Mapping[str, float] | None = None,
     channels: Mapping[str, int] | None = None,
     allocation: str | None = None,
+    min_keep: float = MIN_KEEP,
     samples_per_image: int | None = 10,
     max_images: int | None = None,
     input_key: str | None = None,
@@ -222,6 +223,13 @@ def prune(
         docs/allocation.md). It applies to ``speedup`` only: ``keep_ratio`` and
         ``channels`` are explicit, and ``allocation="auto"`` or ``"global"`` with
         them is an error.
+    min_keep : float in [0, 1), default 0.25
+        ``allocation="global"`` and ``"global_normalized"`` only: every unit keeps at
+        least this share of its channels (rounded up, and to ``round_to``) whatever
+        its scores; 0 lets the threshold take a layer down to one channel, as Network
+        Slimming does (README, "allocation='global'": without the floor the threshold
+        emptied the late layers of the shipped VGG-16s). A target the floor cannot
+        reach is an error naming it.
     samples_per_image : int or None, default 10
         Output positions sampled per image and layer; None for every position.
     max_images : int, optional
@@ -314,6 +322,7 @@ def prune(
         calib_sharded=calib_sharded,
         allocation=allocation,
         speedup=speedup,
+        min_keep=min_keep,
     )
     show = progress and (ctx is None or ctx.rank == 0)
     # In a distributed run, an error on one rank is passed on to the others (no hang).
@@ -343,6 +352,7 @@ def prune(
             ignored_layers=ignored_layers,
             round_to=round_to,
             allocation=allocation,
+            min_keep=min_keep,
             method=method,
             reconstruct=reconstruct,
             samples_per_image=samples_per_image,
@@ -380,6 +390,7 @@ def prune(
                 "sampler_layers": sampler_layers,
                 "block_target": block_target,
                 "allocation": allocation,
+                **({"min_keep": min_keep} if allocation in GLOBAL_ALLOCATIONS else {}),
             },
         }
         result = _finish(net, pruned, targets, done, alloc, timer, settings, t_start)
@@ -394,7 +405,7 @@ def prune(
 def _check_options(
     model, *, method, reconstruct, samples_per_image, max_images, seed, round_to,
     ignored_layers, inplace, sampler_layers, block_target, cache_bytes, device,
-    distributed, calib_sharded, allocation, speedup,
+    distributed, calib_sharded, allocation, speedup, min_keep,
 ) -> tuple[tuple[str, ...], torch.device, _dist.Context | None, str | None]:  # fmt: skip
     """Checks that need neither the graph nor the data: ignored layers (as a tuple),
     the device, the distributed context, and the allocation (None: no speedup)."""
@@ -424,6 +435,12 @@ def _check_options(
             f"units and needs a score method, one of {SCORE_METHODS}. Got "
             f"allocation={allocation!r} with method={method!r} instead."
         )
+    if (
+        isinstance(min_keep, bool)
+        or not isinstance(min_keep, (int, float))
+        or not 0 <= min_keep < 1
+    ):
+        raise _bad("min_keep", "a float in [0, 1)", min_keep)
     if speedup is not None and allocation is None:
         allocation = DEFAULT_ALLOCATION
     _check_model(model)
@@ -552,7 +569,8 @@ def _prepare(
 
 def _allocate_channels(
     net: _Network, timer, ctx, show, *, speedup, keep_ratio, channels, ignored_layers,
-    round_to, allocation, method, reconstruct, samples_per_image, seed, cache_bytes,
+    round_to, allocation, min_keep, method, reconstruct, samples_per_image, seed,
+    cache_bytes,
 ) -> tuple[dict[str, int], AllocationReport | None]:  # fmt: skip
     """Channels per unit: the target resolved uniformly, (``"auto"``) allocated from a
     profile of the original network, or (``"global"``) by one ranking of the channels'
@@ -574,6 +592,15 @@ def _allocate_channels(
         method, [u for u in free if speedup is not None or uniform[u.name] < u.width], net.original
     )
     if allocation in GLOBAL_ALLOCATIONS:
+        check_floor(  # before any score is computed
+            net.budget_units,
+            speedup=speedup,
+            module_flops=net.module_flops,
+            total_flops=net.flops_before,
+            ignored_layers=ignored,
+            round_to=round_to,
+            min_keep=min_keep,
+        )
         with timer("allocate"):
             scores = global_scores(method, free, net.original, net.batches, ctx)
             targets = global_channels(
@@ -585,6 +612,7 @@ def _allocate_channels(
                 ignored_layers=ignored,
                 round_to=round_to,
                 normalization=GLOBAL_ALLOCATIONS[allocation],
+                min_keep=min_keep,
             )
         return _agreed(targets, net, ctx), None
     if allocation != "auto" or all(uniform[u.name] >= u.width for u in free):

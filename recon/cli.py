@@ -159,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "methods l1, max_response, apoz, bn_gamma; global_normalized: each layer's scores "
         "divided by their mean first)",
     )
+    t.add_argument(
+        "--min-keep",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="with --allocation global or global_normalized: the share of its channels "
+        "every layer keeps whatever its scores (default 0.25; 0: none, as Network Slimming)",
+    )
 
     m = p.add_argument_group("method")
     m.add_argument(
@@ -571,6 +579,7 @@ def _prune_command(args: argparse.Namespace) -> int:
         cache_bytes=_cache_bytes(args),
         progress=not args.quiet,
         allocation=args.allocation,
+        min_keep=args.min_keep,
         **target,
     )
     print(result.report)

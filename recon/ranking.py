@@ -24,11 +24,17 @@ from torch import Tensor
 from . import budget as _budget
 from .scores import NORMALIZATIONS, normalize
 
-__all__ = ["RTOL", "global_channels"]
+__all__ = ["MIN_KEEP", "RTOL", "check_floor", "global_channels"]
 
 #: The speedup reached lies within this relative distance of the target whenever the
 #: ranking's steps are fine enough (one channel, or ``round_to`` channels, at a time).
 RTOL = 0.02
+
+#: The share of its channels that the ranking always leaves each unit. Scores are not
+#: comparable enough across layers for a threshold to empty one safely: without a floor
+#: the threshold left layers of the shipped VGG-16s with 1 of 128 channels (README,
+#: "allocation='global'").
+MIN_KEEP = 0.25
 
 
 def _removal_order(scores: Tensor) -> np.ndarray:
@@ -37,6 +43,46 @@ def _removal_order(scores: Tensor) -> np.ndarray:
     leaves what :func:`recon.select.by_score` keeps)."""
     s = scores.detach().double().cpu().numpy()
     return np.argsort(-s, kind="stable")[::-1].copy()
+
+
+def _floor(width: int, round_to: int, min_keep: float) -> int:
+    """The fewest channels the ranking leaves a unit of ``width``: an allowed count."""
+    low = max(_budget._min_count(width, round_to), math.ceil(min_keep * width - 1e-9))
+    return min(_budget._round_up(low, round_to), width)
+
+
+def check_floor(
+    units: Sequence[_budget.BudgetUnit],
+    *,
+    speedup: float,
+    module_flops: Mapping[str, int],
+    total_flops: int,
+    ignored_layers: Iterable[str] = (),
+    round_to: int = 1,
+    min_keep: float = MIN_KEEP,
+) -> dict[str, int]:
+    """The fewest channels :func:`global_channels` leaves each unit not ignored, after
+    checking that the target can be met with them (a ``ValueError`` naming
+    ``min_keep`` if not); no scores needed, so callers check before computing them."""
+    if (
+        isinstance(min_keep, bool)
+        or not isinstance(min_keep, (int, float))
+        or not 0 <= min_keep < 1
+    ):
+        raise ValueError(
+            f"The 'min_keep' argument must be a float in [0, 1). Got {min_keep!r} instead."
+        )
+    ignored = set(ignored_layers)
+    floor = {u.name: _floor(u.width, round_to, min_keep) for u in units if u.name not in ignored}
+    widths = {u.name: u.width for u in units}
+    most = _budget.achieved_speedup(units, {**widths, **floor}, module_flops, total_flops)
+    if most < speedup * (1 - RTOL):
+        raise ValueError(
+            f"The 'min_keep' argument leaves every unit at least {min_keep:g} of its "
+            f"channels (round_to={round_to}), which allows a speedup of at most {most:.4g}; "
+            f"the target is {speedup:g}. Got min_keep={min_keep!r}: lower it or the target."
+        )
+    return floor
 
 
 def global_channels(
@@ -49,6 +95,7 @@ def global_channels(
     ignored_layers: Iterable[str] = (),
     round_to: int = 1,
     normalization: str = "none",
+    min_keep: float = MIN_KEEP,
 ) -> dict[str, int]:
     """Channels per unit from one threshold on the scores of all units' channels.
 
@@ -71,6 +118,10 @@ def global_channels(
     normalization : {"none", "mean"}, default "none"
         How scores are made comparable across units (:func:`recon.scores.normalize`):
         as they are, or each unit's divided by its mean.
+    min_keep : float in [0, 1), default MIN_KEEP (0.25)
+        Every unit keeps at least ``ceil(min_keep * width)`` channels (rounded up to a
+        multiple of ``round_to``), whatever its scores; 0 lets the threshold take a
+        unit down to ``min(round_to, width)`` channels, as Network Slimming does.
 
     Returns
     -------
@@ -82,8 +133,9 @@ def global_channels(
     With the scores of every free unit's channels sorted increasingly (ties: the unit
     listed first, then within a unit as :func:`recon.select.by_score`), removing the
     first ``j`` leaves unit ``u`` with ``k_u(j) = width_u − r_u(j)`` channels, rounded
-    up to an allowed count; a unit stops losing channels at ``min(round_to, width)``,
-    so no layer is removed whole. The FLOPs ``F(k(j))`` decrease with ``j``; the
+    up to an allowed count; a unit stops losing channels at its floor,
+    ``max(min(round_to, width), ceil(min_keep · width))`` rounded up likewise, so no
+    layer is removed whole. The FLOPs ``F(k(j))`` decrease with ``j``; the
     smallest ``j`` with ``F(k(j)) ≤ F / speedup`` is found by bisection, and ``j`` or
     ``j − 1``, whichever speedup is nearer the target (in ratio), is returned. A
     threshold ``t`` on the scores is the same thing: ``j`` counts the scores below
@@ -96,7 +148,7 @@ def global_channels(
     >>> b = BudgetUnit("b", 4, out_modules=("c2",), in_modules=("c3",))
     >>> scores = {"a": torch.tensor([4.0, 3, 2, 1]), "b": torch.tensor([0.1, 0.2, 9, 9])}
     >>> global_channels([a, b], scores, speedup=1.42, module_flops={"c1": 40, "c2": 40,
-    ...     "c3": 20}, total_flops=100)
+    ...     "c3": 20}, total_flops=100, min_keep=0)
     {'a': 4, 'b': 2}
 
     ``b``'s two weakest channels go first (FLOPs 100 → 70), before any of ``a``.
@@ -131,6 +183,15 @@ def global_channels(
         module_flops=module_flops,
         total_flops=total_flops,
     )
+    floor = check_floor(
+        units,
+        speedup=speedup,
+        module_flops=module_flops,
+        total_flops=total_flops,
+        ignored_layers=ignored,
+        round_to=round_to,
+        min_keep=min_keep,
+    )
     result = dict(widths)
     if speedup == 1 or not free:
         return result
@@ -139,7 +200,7 @@ def global_channels(
     values, owner = [], []
     for i, name in enumerate(free):
         s = normalize(scores[name].detach().double().cpu(), normalization)
-        removable = widths[name] - _budget._min_count(widths[name], round_to)
+        removable = widths[name] - floor[name]
         order = _removal_order(s)[:removable]
         values.append(s.numpy()[order])
         owner.append(np.full(len(order), i))

@@ -3,6 +3,7 @@
 
     python scripts/global_norm.py                     # l1 and bn_gamma, 2x, 128 images
     python scripts/global_norm.py --methods l1,apoz --speedup 3 --calib 256
+    python scripts/global_norm.py --min-keep 0      # the global rankings without a floor
 
 Prunes without re-fitting (``reconstruct="none"``, so that only the channel counts
 differ) and prints the top-1 accuracy on a seeded subset of the test split and the
@@ -19,6 +20,7 @@ import torch
 import recon
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
 from recon.models import pretrained
+from recon.ranking import MIN_KEEP
 
 
 def main() -> None:
@@ -28,6 +30,12 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=128, help="calibration images (128)")
     p.add_argument("--n-test", type=int, default=1000, help="test images (1000)")
     p.add_argument("--reconstruct", default="none", help="re-fit (none)")
+    p.add_argument(
+        "--min-keep",
+        type=float,
+        default=MIN_KEEP,
+        help=f"the global rankings' floor, recon.prune's min_keep= ({MIN_KEEP:g})",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -42,7 +50,7 @@ def main() -> None:
     net = pretrained("vgg16_fmnist")
     print(
         f"vgg16_fmnist, {args.calib} calibration images, {args.n_test} test images, "
-        f"reconstruct={args.reconstruct}, target {args.speedup:g}x"
+        f"reconstruct={args.reconstruct}, target {args.speedup:g}x, min_keep={args.min_keep:g}"
     )
     print(f"unpruned: {100 * evaluate(net, x_test, y_test):.2f}%")
     print(f"{'method':<10} {'allocation':<18} {'speedup':>7} {'top-1':>7} {'s':>5}  channels")
@@ -52,7 +60,7 @@ def main() -> None:
             res = recon.prune(
                 net, calib.split(64), method=method, speedup=args.speedup,
                 allocation=allocation, reconstruct=args.reconstruct, seed=args.seed,
-                progress=False,
+                min_keep=args.min_keep, progress=False,
             )  # fmt: skip
             acc = evaluate(res.model, x_test, y_test)
             print(

@@ -48,11 +48,12 @@ import _args
 import _scratch
 
 import recon
-from recon.api import ALLOCATIONS
+from recon.api import ALLOCATIONS, GLOBAL_ALLOCATIONS
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
 from recon.distributed import join_torchrun, leave_torchrun
 from recon.finetune import finetune
 from recon.models import pretrained, pretrained_names
+from recon.ranking import MIN_KEEP
 from recon.select import METHODS
 from recon.solve import RECONSTRUCT
 
@@ -137,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=("uniform",),
         help="how each FLOPs target is split into channels per layer: uniform, auto "
         "(recon.prune's allocation=; comma-separated, e.g. uniform,auto) (uniform)",
+    )
+    parser.add_argument(
+        "--min-keep",
+        type=_float_in(lambda v: 0 <= v < 1, "a float in [0, 1)"),
+        default=MIN_KEEP,
+        help="the global allocations' floor: the share of its channels every layer keeps "
+        f"(recon.prune's min_keep=) ({MIN_KEEP:g})",
     )
     parser.add_argument(
         "--calib",
@@ -271,9 +279,16 @@ def _alloc(row: dict[str, Any]) -> str:
     return row.get("allocation", "uniform")
 
 
+def _min_keep(allocation: str, args: argparse.Namespace) -> dict[str, float]:
+    """A row's floor, for the global allocations only."""
+    return {"min_keep": args.min_keep} if allocation in GLOBAL_ALLOCATIONS else {}
+
+
 def _key(row: dict[str, Any]) -> tuple:
     settings = tuple(row[k] for k in ("calib", "n_test", "ft_steps", "ft_lr", "seed"))
     settings += (row.get("ft_distill"), row.get("ft_temperature"))
+    # global rows made before the floor had none
+    settings += (row.get("min_keep", 0.0) if _alloc(row) in GLOBAL_ALLOCATIONS else None,)
     what = (row["model"], float(row["target"]), row["method"], row["reconstruct"], _alloc(row))
     return (*what, *settings)
 
@@ -358,6 +373,7 @@ def _run(
             reconstruct=rec,
             speedup=target,
             allocation=allocation,
+            **_min_keep(allocation, args),
             # a residual block's input has no BatchNorm of its own: bn_gamma prunes the
             # blocks' inner channels only
             sampler_layers=method != "bn_gamma",
@@ -393,6 +409,7 @@ def _run(
         "method": method,
         "reconstruct": rec,
         "allocation": allocation,
+        **_min_keep(allocation, args),
         **_settings(args),
         "speedup": _finite(report.speedup),
         "params_ratio": _finite(report.params_ratio),
@@ -806,7 +823,7 @@ def _reproduce(
                 args.methods, args.reconstruct, args.allocations
             ):
                 what = {"model": model, "target": target, "method": method, "reconstruct": rec}
-                key = _key(what | {"allocation": alloc} | settings)
+                key = _key(what | {"allocation": alloc} | _min_keep(alloc, args) | settings)
                 if key in done:
                     rows.append(done[key])
                 else:

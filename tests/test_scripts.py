@@ -213,6 +213,20 @@ def test_reproduce_distillation_settings_key_the_rows(reproduce):
     assert len(keys) == 3  # --resume re-runs a row fine-tuned another way
 
 
+def test_reproduce_min_keep_keys_the_global_rows_only(reproduce):
+    args = reproduce.build_parser().parse_args(["--min-keep", "0.5"])
+    base = {"model": "m", "target": 2.0, "method": "l1", "reconstruct": "lstsq", "calib": 1000}
+    base |= {"n_test": None, "ft_steps": 300, "ft_lr": 0.01, "seed": 0}
+    glob = base | {"allocation": "global"}
+    assert reproduce._min_keep("global", args) == {"min_keep": 0.5}
+    assert reproduce._min_keep("uniform", args) == {}
+    # a global row from before the floor had none: min_keep 0, not the default
+    assert reproduce._key(glob) == reproduce._key(glob | {"min_keep": 0.0})
+    assert reproduce._key(glob) != reproduce._key(glob | {"min_keep": 0.25})
+    uniform = base | {"allocation": "uniform"}
+    assert reproduce._key(uniform) == reproduce._key(uniform | {"min_keep": 0.25})
+
+
 def test_reproduce_scratch_rows(reproduce, tmp_path, monkeypatch):
     """--scratch: each kind starts from the weights it names and trains the steps it says
     (the training itself is recon.finetune's, tested on its own: recorded, not run)."""
@@ -273,6 +287,7 @@ def test_reproduce_scratch_rows(reproduce, tmp_path, monkeypatch):
         ["--scratch-scale", "0"],
         ["--ft-distill", "1.5"],
         ["--ft-temperature", "0"],
+        ["--min-keep", "1"],
     ],
 )
 def test_reproduce_bad_options(reproduce, argv, tmp_path, capsys):

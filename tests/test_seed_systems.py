@@ -5,6 +5,7 @@ initialisation behind Rethinking's scratch baselines. Tiny models, known answers
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from recon.finetune import finetune
 from recon.gather import _accumulate
 from recon.graph import find_units, trace
 from recon.layers import SampledConv2d
-from recon.ranking import global_channels
+from recon.ranking import MIN_KEEP, global_channels
 from recon.scores import channel_scores, global_scores
 from recon.select import METHODS
 
@@ -171,7 +172,7 @@ def test_global_channels_is_one_threshold_within_two_percent(seed, round_to, spe
     scores = {u.name: torch.rand(u.width, generator=g) * (i + 1) for i, u in enumerate(units)}
     got = global_channels(
         units, scores, speedup=speedup, module_flops=FLOPS, total_flops=100_000,
-        round_to=round_to,
+        round_to=round_to, min_keep=0,
     )  # fmt: skip
     reached = achieved_speedup(units, got, FLOPS, 100_000)
     assert abs(reached / speedup - 1) <= 0.02
@@ -203,6 +204,57 @@ def test_global_channels_honours_ignored_layers_and_normalisation():
         global_channels(units, scores, normalization="max", **kw)
     with pytest.raises(ValueError, match=r"'scores' argument .* for 'c'"):
         global_channels(units, {"a": scores["a"], "b": scores["b"]}, **kw)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_global_channels_floor_keeps_a_share_of_every_unit(round_to):
+    units = _units()
+    g = torch.Generator().manual_seed(0)
+    scores = {u.name: 1 + torch.rand(u.width, generator=g) for u in units}
+    scores["b"] = 1e-3 * scores["b"]  # every channel of b ranks first
+    kw = {"speedup": 2.0, "module_flops": FLOPS, "total_flops": 100_000, "round_to": round_to}
+    floor = -(-math.ceil(0.6 * 128) // round_to) * round_to  # 77 channels, rounded up
+    bare = global_channels(units, scores, min_keep=0, **kw)
+    assert bare["b"] < floor and bare["a"] == 64 and bare["c"] == 96  # only b is cut
+    got = global_channels(units, scores, min_keep=0.6, **kw)
+    assert got["b"] == floor
+    assert got["a"] < 64 or got["c"] < 96  # the rest of the cut falls on the others
+    assert abs(achieved_speedup(units, got, FLOPS, 100_000) / 2.0 - 1) <= 0.02
+
+
+def test_global_channels_floor_that_cannot_reach_the_target_is_an_error():
+    units = _units()
+    scores = {u.name: torch.ones(u.width) for u in units}
+    kw = {"module_flops": FLOPS, "total_flops": 100_000}
+    with pytest.raises(ValueError, match=r"'min_keep' argument .* at most 1\.\d+.* target is 3"):
+        global_channels(units, scores, speedup=3.0, min_keep=0.8, **kw)
+    for bad in (-0.1, 1.0, "0.2", True, float("nan")):
+        with pytest.raises(ValueError, match="'min_keep' argument must be a float in"):
+            global_channels(units, scores, speedup=1.5, min_keep=bad, **kw)
+
+
+def test_prune_min_keep():
+    net = _bn_net(widths=(8, 8, 8), gammas=[[1.0] * 8, [0.01] * 8, [1.0] * 8])
+    x = torch.randn(8, 1, 8, 8)
+
+    def calib():  # a calibration set that must not be read
+        raise AssertionError("calibration read before the argument was checked")
+        yield
+
+    with pytest.raises(ValueError, match="'min_keep' argument must be a float in"):
+        recon.prune(net, calib(), method="l1", speedup=1.5, allocation="global",
+                    min_keep=-1, progress=False)  # fmt: skip
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=r"'min_keep' argument .* at most"):
+        recon.prune(net, x, method="bn_gamma", speedup=3.0, allocation="global",
+                    min_keep=0.9, progress=False)  # fmt: skip
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    kw = {"method": "bn_gamma", "speedup": 2.0, "allocation": "global", "progress": False}
+    bare = recon.prune(net, x, min_keep=0, reconstruct="none", **kw)
+    assert bare.channels == {"0": 8, "3": 3, "6": 8}  # the threshold cuts the tiny-γ layer only
+    res = recon.prune(net, x, min_keep=0.5, reconstruct="none", **kw)
+    assert res.channels["3"] == 4 and res.channels["0"] < 8  # it stops at half its width
+    assert res.plan["options"]["min_keep"] == 0.5
 
 
 def test_global_allocation_round_to_and_ignored_layers_in_prune():
@@ -238,6 +290,8 @@ def test_cli_offers_every_method_and_allocation():
     choices = {a.dest: a.choices for a in prune._actions if a.choices}
     assert tuple(choices["method"]) == METHODS
     assert set(choices["allocation"]) == set(ALLOCATIONS)
+    assert prune.parse_args([]).min_keep == MIN_KEEP
+    assert prune.parse_args(["--min-keep", "0"]).min_keep == 0.0
 
 
 # --------------------------------------------------------------------------- bn_l1
