@@ -697,6 +697,14 @@ def _write_markdown(
         ),
         f"- Seeds: {args.seed} (calibration draw, sampled positions, fine-tuning batches).",
         f"- Fine-tuning: {ft}.",
+        *(
+            [
+                f"- Global allocations: every layer keeps at least {args.min_keep:g} of its "
+                "channels (`recon.prune`'s `min_keep`)."
+            ]
+            if set(args.allocations) & set(GLOBAL_ALLOCATIONS)
+            else []
+        ),
         f"- Command: `{command}`.",
         f"- Run time: {seconds:.0f} s for this invocation; {run_seconds:.0f} s of pruning, "
         f"{'training from the start ' if scratch_rows else ''}and fine-tuning summed over the "
