@@ -65,6 +65,13 @@ __all__ = ["ALLOCATIONS", "DEFAULT_ALLOCATION", "MAX_PATCH_DIM", "PruneResult", 
 
 #: How ``speedup=`` is split into channels per unit (see :func:`prune`).
 ALLOCATIONS = ("auto", "uniform", "global", "global_normalized")
+#: The accepted ``block_dtype`` values and the dtype each names.
+BLOCK_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
 #: The allocations that rank the channels' scores of every unit together, and how
 #: each makes the scores of different units comparable (:func:`recon.scores.normalize`).
 GLOBAL_ALLOCATIONS = {"global": "none", "global_normalized": "mean"}
@@ -133,6 +140,7 @@ def prune(
     seed: int = 0,
     device: str | torch.device | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    block_dtype: str | torch.dtype = "float64",
     distributed: bool | None = None,
     calib_sharded: bool = False,
     inplace: bool = False,
@@ -260,6 +268,15 @@ def prune(
         the network from there instead of from the input. What does not fit is
         recomputed from the input (0: everything is). The pruned model is the same
         whatever the budget; only speed changes. See :mod:`recon.passes`.
+    block_dtype : {"float64", "float32"} or torch.dtype, default "float64"
+        The precision of each block's products in the statistics (``xᵀx`` and ``xᵀy``
+        over at most 4,096 sampled rows, :class:`recon.stats.PatchStats`); the sums are
+        float64 either way. ``"float32"`` takes single-precision BLAS, about a quarter
+        off the statistics phase on a CPU, and on the shipped models (10,000 samples per
+        layer) kept the same channels and accuracy as float64; but its rounding (~1e-6
+        of the Gram) exceeds the solvers' ridge where a layer has fewer samples than
+        patch entries, and the channels chosen there may then change with the batch
+        split (README, "Speed and memory"). Use it with ample calibration data.
     distributed : bool or None, default None
         Split the calibration work over the processes of ``torch.distributed`` (see
         :mod:`recon.distributed`). None: do so when its default process group is
@@ -323,7 +340,9 @@ def prune(
         allocation=allocation,
         speedup=speedup,
         min_keep=min_keep,
+        block_dtype=block_dtype,
     )
+    block_dtype = BLOCK_DTYPES[block_dtype]
     show = progress and (ctx is None or ctx.rank == 0)
     # In a distributed run, an error on one rank is passed on to the others (no hang).
     with ctx.guard("pruning") if ctx is not None else contextlib.nullcontext():
@@ -358,6 +377,7 @@ def prune(
             samples_per_image=samples_per_image,
             seed=seed,
             cache_bytes=cache_bytes,
+            block_dtype=block_dtype,
         )
 
         # Everything above validates (and only reads the model); only now is one changed.
@@ -376,6 +396,7 @@ def prune(
             seed=seed,
             cache_bytes=cache_bytes,
             block_target=block_target,
+            block_dtype=block_dtype,
         )
         settings = {
             "method": method,
@@ -390,6 +411,7 @@ def prune(
                 "sampler_layers": sampler_layers,
                 "block_target": block_target,
                 "allocation": allocation,
+                "block_dtype": str(block_dtype).removeprefix("torch."),
                 **({"min_keep": min_keep} if allocation in GLOBAL_ALLOCATIONS else {}),
             },
         }
@@ -405,7 +427,7 @@ def prune(
 def _check_options(
     model, *, method, reconstruct, samples_per_image, max_images, seed, round_to,
     ignored_layers, inplace, sampler_layers, block_target, cache_bytes, device,
-    distributed, calib_sharded, allocation, speedup, min_keep,
+    distributed, calib_sharded, allocation, speedup, min_keep, block_dtype,
 ) -> tuple[tuple[str, ...], torch.device, _dist.Context | None, str | None]:  # fmt: skip
     """Checks that need neither the graph nor the data: ignored layers (as a tuple),
     the device, the distributed context, and the allocation (None: no speedup)."""
@@ -443,6 +465,10 @@ def _check_options(
         raise _bad("min_keep", "a float in [0, 1)", min_keep)
     if speedup is not None and allocation is None:
         allocation = DEFAULT_ALLOCATION
+    if not isinstance(block_dtype, str | torch.dtype) or block_dtype not in BLOCK_DTYPES:
+        raise _bad(
+            "block_dtype", "'float32', 'float64', torch.float32 or torch.float64", block_dtype
+        )
     _check_model(model)
     for arg, value in (
         ("inplace", inplace),
@@ -570,7 +596,7 @@ def _prepare(
 def _allocate_channels(
     net: _Network, timer, ctx, show, *, speedup, keep_ratio, channels, ignored_layers,
     round_to, allocation, min_keep, method, reconstruct, samples_per_image, seed,
-    cache_bytes,
+    cache_bytes, block_dtype,
 ) -> tuple[dict[str, int], AllocationReport | None]:  # fmt: skip
     """Channels per unit: the target resolved uniformly, (``"auto"``) allocated from a
     profile of the original network, or (``"global"``) by one ranking of the channels'
@@ -631,6 +657,7 @@ def _allocate_channels(
             samples_per_image=samples_per_image,
             seed=seed,
             cache_bytes=cache_bytes,
+            block_dtype=block_dtype,
             ctx=ctx,
             show=show,
         )
@@ -699,7 +726,7 @@ class _Pruned:
 
 def _prune_units(
     net: _Network, pruned: nn.Module, targets: dict[str, int], timer, ctx, show, *,
-    method, reconstruct, samples_per_image, seed, cache_bytes, block_target,
+    method, reconstruct, samples_per_image, seed, cache_bytes, block_target, block_dtype,
 ) -> _Pruned:  # fmt: skip
     """Prune every unit that loses channels, in forward order (see :func:`prune`)."""
     graph, dev = net.graph, net.example.device
@@ -748,6 +775,7 @@ def _prune_units(
                 step=step,
                 timer=timer,
                 folds=CV_FOLDS if reconstruct == "lstsq" else 1,
+                block_dtype=block_dtype,
             )
             passes.drop_targets(step)
             if ctx is not None:  # sums over every rank's shard

@@ -223,6 +223,9 @@ class BenchResult:
     single_pass : bool
         Whether the run used the single pruned pass per unit (False: the older scheme
         that runs each producer twice, :class:`recon.passes.Passes`).
+    block_dtype : str
+        The precision of the statistics' block products (``recon.prune``'s
+        ``block_dtype``).
     """
 
     model: str
@@ -245,6 +248,7 @@ class BenchResult:
     stats_macs: int = 0
     machine: dict[str, Any] = field(default_factory=dict)
     single_pass: bool = True
+    block_dtype: str = "float64"
 
     @property
     def ratio(self) -> float:
@@ -264,7 +268,8 @@ class BenchResult:
             f"{self.samples_per_image or 'all'} positions per image, {self.method}, "
             f"{self.speedup:g}x target, on {self.device} "
             f"({self.machine.get('torch_threads', torch.get_num_threads())} threads)"
-            + ("" if self.single_pass else "; older double passes"),
+            + ("" if self.single_pass else "; older double passes")
+            + ("" if self.block_dtype == "float64" else f"; {self.block_dtype} block products"),
             f"  one plain forward pass of the calibration set   {self.forward_seconds:8.3f} s",
             f"  pruning, total                                   {self.prune_seconds:8.3f} s"
             f"   = {self.ratio:.1f} forward passes",
@@ -323,6 +328,7 @@ def run(
     repeats: int = 3,
     warmup: bool = True,
     single_pass: bool = True,
+    block_dtype: str = "float64",
 ) -> tuple[BenchResult, PruneResult]:
     """Benchmark one ``recon.prune`` run against one plain forward pass.
 
@@ -349,6 +355,8 @@ def run(
     single_pass : bool, default True
         False times the older calibration passes, which run each producer twice
         (:class:`recon.passes.Passes`), for comparison.
+    block_dtype : {"float64", "float32"}, default "float64"
+        As for :func:`recon.prune`; "float32" times float32 block products.
 
     Returns
     -------
@@ -375,6 +383,7 @@ def run(
         "samples_per_image": samples_per_image,
         "cache_bytes": cache_bytes,
         "seed": seed,
+        "block_dtype": block_dtype,
         "progress": False,
     }
     with _passes_scheme(single_pass):
@@ -404,6 +413,7 @@ def run(
         stats_macs=stats_macs,
         machine=machine(),
         single_pass=single_pass,
+        block_dtype=block_dtype,
     )
     return bench, result
 

@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--round-to", type=int, default=1, help="round channel counts to a multiple")
     m.add_argument("--seed", type=int, default=0, help="seed for position sampling (0)")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: where the model is)")
-    _add_cache_mb(m)
+    _add_stats_options(m)
 
     d = p.add_argument_group(
         "distributed (under torchrun)",
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cached consumer input; double is the older scheme that runs each producer twice, "
         "kept for comparison",
     )
-    _add_cache_mb(b)
+    _add_stats_options(b)
     b.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
     _add_image_args(b)
     _add_unsafe_pickle(b)
@@ -382,7 +382,14 @@ def _add_image_args(group: Any) -> None:
     )
 
 
-def _add_cache_mb(group: Any) -> None:
+def _add_stats_options(group: Any) -> None:
+    group.add_argument(
+        "--block-dtype",
+        choices=("float32", "float64"),
+        default="float64",
+        help="precision of each block of the statistics' products; the sums are float64 "
+        "either way (default float64; float32: faster, for ample calibration data)",
+    )
     group.add_argument(
         "--cache-mb",
         type=float,
@@ -483,6 +490,7 @@ def _run_default(args: argparse.Namespace) -> int:
             samples_per_image=args.samples_per_image,
             seed=args.seed,
             cache_bytes=_cache_bytes(args),
+            block_dtype=args.block_dtype,
             progress=not args.quiet,
         )
         print()
@@ -577,6 +585,7 @@ def _prune_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         cache_bytes=_cache_bytes(args),
+        block_dtype=args.block_dtype,
         progress=not args.quiet,
         allocation=args.allocation,
         min_keep=args.min_keep,
@@ -651,6 +660,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         samples_per_image=args.samples_per_image,
         batch_size=args.batch_size,
         cache_bytes=_cache_bytes(args),
+        block_dtype=args.block_dtype,
         device=args.device,
         repeats=args.repeats,
         single_pass=args.passes == "single",

@@ -29,7 +29,7 @@ __all__ = ["CV_FOLDS", "MAX_PATCH_DIM"]
 #: Consumers whose patch length ``c*k`` exceeds this use channel-level statistics
 #: (a ``c × c`` Gram) instead of a ``(c*k)²`` patch Gram; ``lstsq`` then becomes ``scale``.
 MAX_PATCH_DIM = 6144
-_ROWS_PER_UPDATE = 4096  # bound the float64 copy of a batch's patches
+_ROWS_PER_UPDATE = 4096  # rows per block product (and per float64 copy of the patches)
 #: Folds (by image) of the statistics behind the cross-validated re-fit.
 CV_FOLDS = 4
 _FOLD_KEY = 0xF01D  # mixed into the seed of each image's fold
@@ -131,6 +131,7 @@ def _accumulate(
     step: int = 0,
     timer: PhaseTimer | None = None,
     folds: int = 1,
+    block_dtype: torch.dtype = torch.float64,
 ) -> PatchStats | ChannelStats:
     """One pass over the calibration set: X from the pruned net, Y from the original.
 
@@ -138,7 +139,8 @@ def _accumulate(
     and runs the pruned network from its boundary cache, ``step`` being the unit's
     place in its list; without it, both networks run from the input for this unit.
     With ``folds > 1`` the patch statistics are kept per fold of images
-    (:func:`_image_folds`), for the cross-validated re-fit.
+    (:func:`_image_folds`), for the cross-validated re-fit; ``block_dtype`` is the
+    precision of each block's products (:class:`recon.stats.PatchStats`).
     """
     timer = timer or PhaseTimer()
     if passes is None:
@@ -163,7 +165,9 @@ def _accumulate(
     c, k = unit.width, unit.taps
     device = weight.device
     if c * k <= MAX_PATCH_DIM:
-        stats: PatchStats | ChannelStats = PatchStats(c, k, n, device=device, folds=folds)
+        stats: PatchStats | ChannelStats = PatchStats(
+            c, k, n, device=device, folds=folds, block_dtype=block_dtype
+        )
     else:
         w = weight.reshape(n, c, k)
         if target is not None:

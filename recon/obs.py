@@ -91,12 +91,20 @@ def removal_order(
         s64, t64 = s.double(), t.double()
         H -= torch.outer(s64, s64) / float(count)
         B -= torch.outer(s64, t64) / float(count)
-    eps = ridge * float(H.diagonal().sum()) / d + 1e-12
+    mean_diag = float(H.diagonal().sum()) / d
+    eps = ridge * mean_diag + 1e-12
     H.diagonal().add_(eps)
     L, info = torch.linalg.cholesky_ex(H)
-    if int(info):  # not positive definite beyond round-off: a larger ridge
-        H.diagonal().add_(1e-6 * float(H.diagonal().sum()) / d)
-        L = torch.linalg.cholesky(H)
+    for jitter in (1e-6, 1e-4, 1e-2):  # not positive definite beyond round-off (float32
+        if not int(info):  # block products, a singular Gram): a larger ridge
+            break
+        H.diagonal().add_(jitter * mean_diag)
+        L, info = torch.linalg.cholesky_ex(H)
+    if int(info):
+        raise ValueError(
+            "The 'G' argument is not positive semidefinite: no Cholesky factor with a "
+            "ridge of up to 1e-2 of its mean diagonal."
+        )
     Hinv = torch.cholesky_inverse(L)  # (d, d)
     W = Hinv @ B  # (d, n): the optimum with every channel
     names = torch.arange(c, device=H.device)  # the channel of each block of the problem

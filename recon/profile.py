@@ -236,6 +236,7 @@ def profile_units(
     samples_per_image: int | None,
     seed: int,
     cache_bytes: int,
+    block_dtype: torch.dtype = torch.float64,
     ctx: _dist.Context | None = None,
     show: bool = False,
 ) -> Profile:
@@ -267,7 +268,7 @@ def profile_units(
             stats = _accumulate(
                 unit, gm_o, gm_o, fit, target=None, samples_per_image=samples_per_image,
                 seed=seed, progress=False, passes=passes, step=step, timer=timer,
-                folds=CV_FOLDS if reconstruct == "lstsq" else 1,
+                folds=CV_FOLDS if reconstruct == "lstsq" else 1, block_dtype=block_dtype,
             )  # fmt: skip
             passes.drop_targets(step)
             passes.kept(step, None)  # the profiled network is never pruned

@@ -60,11 +60,13 @@ def side(config: dict[str, Any]) -> dict[str, Any]:
             repeats=config["repeats"],
             warmup=False,  # one-time costs are seconds against minutes here
             single_pass=config.get("single_pass", True),
+            block_dtype=config.get("block_dtype", "float64"),
             device=config.get("device", "cpu"),
         )
     out = result.to_dict()
     out["allocation"] = config["allocation"]
     out["passes"] = "single" if config.get("single_pass", True) else "double (older)"
+    out["block_dtype"] = config.get("block_dtype", "float64")
     out["units"] = len(pruned.report.layers)
     return out
 
@@ -166,16 +168,17 @@ def markdown(args: Any, runs: list[dict], lat: list[dict], seconds: float) -> st
         "",
         "## Pruning",
         "",
-        "| model | allocation | calibration passes | units pruned | forward pass (s) | "
-        "pruning (s) | forward passes | phases (forward passes) | peak RSS (MiB) | "
-        "FLOPs ratio |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|---:|",
+        "| model | allocation | calibration passes | block products | units pruned | "
+        "forward pass (s) | pruning (s) | forward passes | phases (forward passes) | "
+        "peak RSS (MiB) | FLOPs ratio |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in runs:
         fwd = r["forward_seconds"]
         phases = ", ".join(f"{k} {v / fwd:.2f}" for k, v in r["phases"].items())
         lines.append(
-            f"| `{r['model']}` | {r['allocation']} | {r['passes']} | {r['units']} | {fwd:.1f} | "
+            f"| `{r['model']}` | {r['allocation']} | {r['passes']} | "
+            f"{r.get('block_dtype', 'float64')} | {r['units']} | {fwd:.1f} | "
             f"{r['prune_seconds']:.1f} | {r['ratio']:.1f} | {phases} | "
             f"{r['peak_rss'] / MiB:,.0f} | {r['flops_ratio']:.2f} |"
         )

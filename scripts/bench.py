@@ -124,6 +124,7 @@ def _side(config: dict[str, Any]) -> dict[str, Any]:
             cache_bytes=int(config["cache_mb"] * MiB),
             seed=config["seed"],
             repeats=config["repeats"],
+            block_dtype=config.get("block_dtype", "float64"),
         )
         out = result.to_dict()
         out["kept"] = pruned.kept
@@ -198,6 +199,8 @@ def _config(args: argparse.Namespace, side: str, **over: Any) -> dict[str, Any]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """recon and the naive reference on the same model, data and positions."""
     r = _run_side(_config(args, "recon"), args.in_process)
+    # float32 block products (block_dtype="float32"), against the default float64
+    r32 = _run_side(_config(args, "recon", block_dtype="float32"), args.in_process)
     n = _run_side(_config(args, "naive"), args.in_process)
     units = list(n["kept"])
     rows = []
@@ -221,6 +224,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         )
     out = {
         "recon": r,
+        "recon32": r32,
+        "float32_same_units": sum(r["kept"][u] == r32["kept"][u] for u in r["kept"]),
+        "float32_error_diff": max(
+            abs(a["error_after"] - b["error_after"]) / max(b["error_after"], 1e-12)
+            for a, b in zip(r32["layers"], r["layers"], strict=True)
+        ),
         "naive": n,
         "rows": rows,
         "same_units": sum(row["same"] for row in rows),
@@ -248,6 +257,7 @@ def _compare_text(c: dict[str, Any]) -> str:
         f"  recon phases: {_phases(r['phases'])}",
         f"  naive phases: {_phases(n['phases'])}",
         f"  same channels kept: {c['same_units']} of {c['units']} units",
+        f"  float32 block products: {_float32_text(c)}",
     ]
     for row in c["rows"]:
         if not row["same"]:
@@ -262,6 +272,20 @@ def _compare_text(c: dict[str, Any]) -> str:
         f"{same_lambda} of {len(c['rows'])} units"
     )
     return "\n".join(lines)
+
+
+def _float32_text(c: dict[str, Any]) -> str:
+    """recon with float32 block products against the default float64 path."""
+    if "recon32" not in c:
+        return "not measured"
+    r, r32 = c["recon"], c["recon32"]
+    return (
+        f"{r32['prune_seconds']:.2f} s ({r32['ratio']:.1f} forward passes; statistics "
+        f"{r32['phases'].get('stats', 0):.2f} s) against float64's {r['prune_seconds']:.2f} s "
+        f"({r['ratio']:.1f}; statistics {r['phases'].get('stats', 0):.2f} s); the same "
+        f"channels in {c['float32_same_units']} of {len(r['kept'])} units, layer errors "
+        f"after the re-fit within {c['float32_error_diff']:.1e} (relative)"
+    )
 
 
 def _phases(phases: dict[str, float]) -> str:
@@ -351,11 +375,13 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 def scale224(args: argparse.Namespace) -> dict[str, Any]:
     """torchvision VGG-16 and ResNet-50 at 224 px: pruning in forward passes, latency."""
     runs = []
-    sides = [(a, True) for a in args.allocations.split(",")]
+    sides = [(a, True, "float64") for a in args.allocations.split(",")]
     if args.double_pass:  # the older passes, each producer twice, for comparison
-        sides.insert(1, (sides[0][0], False))
+        sides.insert(1, (sides[0][0], False, "float64"))
+    if args.float32:  # float32 block products in the statistics, for comparison
+        sides.insert(1, (sides[0][0], True, "float32"))
     for spec in args.scale_models.split(","):
-        for allocation, single in sides:
+        for allocation, single, block_dtype in sides:
             config = _config(
                 args,
                 "recon224",
@@ -364,13 +390,14 @@ def scale224(args: argparse.Namespace) -> dict[str, Any]:
                 size=args.size,
                 allocation=allocation,
                 single_pass=single,
+                block_dtype=block_dtype,
                 repeats=1,
                 device=args.device,
             )
             out = _run_side(config, args.in_process)
             runs.append(out)
             print(
-                f"{spec:<24} {allocation:<8} {'single' if single else 'double'} "
+                f"{spec:<24} {allocation:<8} {'single' if single else 'double'} {block_dtype} "
                 f"{out['prune_seconds']:8.1f} s = "
                 f"{out['ratio']:5.1f} forward passes of {out['forward_seconds']:.1f} s   "
                 f"peak RSS {out['peak_rss'] / MiB:6.0f} MiB   "
@@ -484,6 +511,10 @@ def markdown(args: argparse.Namespace, c: dict, runs: list, lat: list, seconds: 
         "",
         f"One plain forward pass of the calibration set: {r['forward_seconds']:.3f} s "
         f"(recon's process), {n['forward_seconds']:.3f} s (naive's process).",
+        "",
+        'With float32 block products (`block_dtype="float32"`: each block of sampled '
+        "rows multiplied in float32, the products summed in float64), same run: "
+        f"{_float32_text(c)}.",
         "",
         "Where the time goes:",
         "",
@@ -739,6 +770,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--double-pass",
         action="store_true",
         help="'scale224': also time the older calibration passes (each producer twice)",
+    )
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="'scale224': also time float32 block products in the statistics "
+        "(block_dtype='float32')",
     )
     parser.add_argument(
         "--latency-batches", default="1,32", help="'scale224' latency batch sizes (1,32)"

@@ -6,9 +6,10 @@
 # 1. the CUDA tests (the ones the CPU suite skips) and the CUDA paths of the API tests;
 # 2. the 224-px benchmark on the GPU: torchvision VGG-16 and ResNet-50, random weights,
 #    256 random images, LASSO 2x, uniform and auto: pruning time in forward passes per
-#    phase, peak memory, and the latency of the pruned models (batch 1 and 32, round_to
-#    1/8/16, contiguous and channels_last) -> OUT_DIR/benchmarks_gpu.md, which goes into
-#    docs/benchmarks_gpu.md with the machine named on the page.
+#    phase, peak memory (the uniform runs again with float32 block products in the
+#    statistics, --float32, TF32 off), and the latency of the pruned models (batch 1
+#    and 32, round_to 1/8/16, contiguous and channels_last) -> OUT_DIR/benchmarks_gpu.md,
+#    which goes into docs/benchmarks_gpu.md with the machine named on the page.
 # Each step is bounded by `timeout`, so one slow step cannot eat the others' time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ EOF
 status=0
 timeout 150 python -m pytest -q -x -k "cuda or device" tests/test_allocate.py tests/test_hostile.py \
     tests/test_api.py tests/test_bench.py 2>&1 | tail -n 30 | tee "$out/cuda_tests.log" || status=1
-timeout 400 python scripts/bench.py scale224 --device cuda --scale-images 256 \
+timeout 400 python scripts/bench.py scale224 --device cuda --scale-images 256 --float32 \
     --json "$out/benchmarks_gpu.json" --out "$out/benchmarks_gpu.md" 2>&1 \
     | tee "$out/bench.log" || status=1
 exit $status

@@ -458,6 +458,32 @@ def test_trained_model_accuracy_after_pruning(digits):
     assert acc["lstsq"] >= acc["none"], acc
 
 
+def test_block_dtype_float32_blocks_match_float64(digits, monkeypatch):
+    """float32 block products re-fit as the default float64 ones do, and the option
+    reaches every statistics pass: the profile's and the pruning's."""
+    from recon import gather
+
+    model, (x_train, _, x_test, _) = digits
+    seen = []
+
+    class Recording(gather.PatchStats):
+        def __post_init__(self):
+            seen.append(self.block_dtype)
+            super().__post_init__()
+
+    monkeypatch.setattr(gather, "PatchStats", Recording)
+    out = {}
+    for dtype in ("float64", "float32"):
+        seen.clear()
+        # l1 keeps the same channels whatever the statistics: only the re-fit differs
+        res = _quiet_prune(model, x_train[:256], speedup=2.0, method="l1", block_dtype=dtype)
+        assert seen and set(seen) == {getattr(torch, dtype)}  # profile and pruning passes
+        assert res.plan["options"]["block_dtype"] == dtype
+        out[dtype] = res
+    assert out["float32"].kept == out["float64"].kept
+    assert _rel_err(out["float64"].model, out["float32"].model, x_test) <= 1e-8  # measured 2e-12
+
+
 def test_ignored_layers_generator(small, calib):
     """ignored_layers may be any iterable, including a one-shot generator."""
     result = _quiet_prune(small, calib, keep_ratio=0.5, ignored_layers=(n for n in ["features.0"]))

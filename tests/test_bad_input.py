@@ -387,6 +387,11 @@ def test_samples_per_image_type(model, value):
         ("round_to", 0),
         ("round_to", 2.0),
         ("device", "no-such-device"),
+        ("block_dtype", "float16"),
+        ("block_dtype", torch.bfloat16),
+        ("block_dtype", ["float32"]),
+        ("min_keep", 1.0),
+        ("min_keep", "0.1"),
     ],
 )
 def test_other_bad_arguments(model, arg, value):

@@ -72,6 +72,11 @@ def test_bench_run_reports_phases_memory_and_ratio():
     text = result.to_text()
     assert "forward passes" in text and "peak memory" in text
     json.dumps(result.to_dict())  # JSON-safe
+    assert result.block_dtype == "float64" and "block products" not in text
+    r32, p32 = bench.run(digits_vgg().eval(), x, batch_size=16, repeats=1, warmup=False,
+                         block_dtype="float32")  # fmt: skip
+    assert r32.block_dtype == "float32" and "float32 block products" in r32.to_text()
+    assert p32.plan["options"]["block_dtype"] == "float32"
 
 
 def test_recon_bench_cli(tmp_path, capsys):
@@ -85,6 +90,9 @@ def test_recon_bench_cli(tmp_path, capsys):
     assert "profile" not in numbers["phases"]  # uniform unless asked
     assert cli.main([*argv, "--allocation", "auto", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["phases"]["profile"] > 0
+    assert cli.main([*argv, "--block-dtype", "float32", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["block_dtype"] == "float32"
+    assert "float32 block products" in capsys.readouterr().out
 
 
 def test_recon_prune_takes_cache_mb(tmp_path, capsys):
@@ -93,6 +101,11 @@ def test_recon_prune_takes_cache_mb(tmp_path, capsys):
     assert "recon pruning report" in capsys.readouterr().out
     assert cli.main([*argv, "--cache-mb", "-1"]) == 2
     assert "--cache-mb" in capsys.readouterr().err
+    assert cli.main([*argv, "--block-dtype", "float32"]) == 0
+    with pytest.raises(SystemExit) as exc:  # argparse's choices
+        cli.main([*argv, "--block-dtype", "float16"])
+    assert exc.value.code == 2
+    assert "--block-dtype" in capsys.readouterr().err
 
 
 def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
@@ -102,6 +115,10 @@ def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
     assert c["units"] == 5 and c["same_units"] == c["units"]  # same channels as the naive
     assert all(row["same_at_lambda"] for row in c["rows"])
     assert c["recon"]["kept"] == c["naive"]["kept"]
+    # float32 block products against the default float64 path, same run
+    assert c["recon"]["block_dtype"] == "float64" and c["recon32"]["block_dtype"] == "float32"
+    assert c["float32_same_units"] == len(c["recon"]["kept"])
+    assert c["float32_error_diff"] < 1e-3
     assert [r["label"] for r in out["scale"]] == ["base"] * 2 + ["images x4"] * 2 + ["width x2"] * 2
     assert out["scale"][2]["images"] == 4 * out["scale"][0]["images"]
     assert len(out["latency"]) == 2 * 2 * 2  # models x targets x batch sizes
@@ -109,6 +126,7 @@ def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
     for heading in ("## Machine", "## 1. recon against", "## 2. Scaling", "## 3. Inference"):
         assert heading in text
     assert "naive / recon" in text and "The bars of issue 5" in text
+    assert "With float32 block products" in text
     assert "python scripts/bench.py all --quick --in-process" in text
     # the 224-px part (tiny models here): one run per model and allocation, its own page
     runs, lat = out["scale224"]["runs"], out["scale224"]["latency"]

@@ -53,6 +53,46 @@ def test_update_in_batches_equals_sums_at_once(splits):
     assert st.count == 60
 
 
+@pytest.mark.parametrize("folds", [1, 3])
+def test_float32_blocks_sum_in_float64(folds):
+    X, Y = data(1, N=500, c=8, k=9, n=6)
+    fold = torch.arange(500) % folds
+    st64 = PatchStats(8, 9, 6, folds=folds)
+    st32 = PatchStats(8, 9, 6, folds=folds, block_dtype=torch.float32)
+    for st in (st64, st32):
+        for xb, yb, fb in zip(X.split(97), Y.split(97), fold.split(97), strict=True):
+            st.update(xb, yb, fb if folds > 1 else None)
+    ref = reference(X, Y)
+    for name in ("G", "C", "s", "t", "yy"):
+        got = getattr(st32, name)
+        assert got.dtype == torch.float64, name
+        # each block's product rounded to float32 (~6e-8 relative per term), summed exactly
+        scale = float(ref[name].abs().max())
+        assert float((got - ref[name]).abs().max()) <= 1e-6 * scale, name
+        if name in ("G", "C"):  # the products were really made in float32
+            assert not torch.equal(got, getattr(st64, name)), name
+    torch.testing.assert_close(st32.s, st64.s, rtol=1e-12, atol=1e-10)  # float64 sums either way
+    torch.testing.assert_close(st32.G, st32.G.T, rtol=0, atol=0)  # symmetric
+    for f in range(folds):
+        a, b = st32.fold(f).G, st64.fold(f).G
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+    with pytest.raises(ValueError, match="'block_dtype' argument must be"):
+        PatchStats(2, 1, 1, block_dtype=torch.float16)
+
+
+def test_ieee_fp32_context_restores_the_global_setting():
+    from recon import stats
+
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if stats._HAS_FP32_PRECISION else "allow_tf32"
+    before = getattr(matmul, name)
+    with stats._ieee_fp32(torch.device("cuda")):  # sets the flag only; runs no kernel
+        assert getattr(matmul, name) in ("ieee", False)
+    assert getattr(matmul, name) == before
+    with stats._ieee_fp32(torch.device("cpu")):
+        assert getattr(matmul, name) == before
+
+
 def test_fresh_accumulator_is_zero_and_shaped():
     st = PatchStats(3, 4, 2)
     assert st.G.shape == (12, 12) and st.C.shape == (12, 2)
