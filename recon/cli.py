@@ -1,4 +1,4 @@
-"""Command line: ``recon prune``, ``recon eval`` and ``recon bench`` (also ``python -m recon``)."""
+"""Command line: ``recon prune``, ``eval``, ``bench``, ``finetune`` (also ``python -m recon``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _finetune_cli
 from ._version import __version__
 from .distributed import (
     DistributedError,
@@ -47,6 +48,7 @@ examples:
               --speedup 2 --no-sampler-layers --out resnet50_small.pt
   recon prune --model pretrained:vgg16_fmnist --data fmnist --out vgg_small.pt
   recon eval --model pretrained:vgg16_fmnist --weights vgg_small.pt   # a recon file
+  recon finetune --model pretrained:vgg16_fmnist --weights vgg_small.pt --out tuned.pt
   torchrun --nproc_per_node=2 -m recon prune --model pretrained:vgg16_fmnist --data fmnist
                                                 # calibration split over 2 processes
   recon bench                                   # time and memory of the default 2x run
@@ -87,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recon",
         description="Reconstruction-based channel pruning: make a trained CNN thinner in one "
-        "shot from unlabeled calibration images (LASSO or ThiNet selection, least-squares "
-        "re-fitting).",
+        "shot from unlabeled calibration images (OBS, LASSO or ThiNet selection, "
+        "least-squares re-fitting), and fine-tune it.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -266,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="built-in set: fmnist (2,000 embedded Fashion-MNIST test images, default) or digits",
     )
     _add_unsafe_pickle(e)
+    _finetune_cli.add_parser(sub, _add_weights, _add_unsafe_pickle)
     b = sub.add_parser(
         "bench",
         help="time and peak memory of one pruning run, against one plain forward pass",
@@ -698,7 +701,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        commands = {"prune": _cmd_prune, "eval": _cmd_eval, "bench": _cmd_bench}
+        commands = {
+            "prune": _cmd_prune,
+            "eval": _cmd_eval,
+            "bench": _cmd_bench,
+            "finetune": lambda a: _finetune_cli.run(a, _check_out),
+        }
         return commands[args.command](args)
     except (ValueError, TypeError, RuntimeError, ImportError) as exc:
         if isinstance(exc, RuntimeError) and not isinstance(exc, _DIST_ERRORS):

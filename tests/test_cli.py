@@ -278,3 +278,71 @@ def test_bad_out_is_refused_before_pruning(tmp_path, out, match, capsys, monkeyp
     argv = ["prune", "--model", "tests.test_cli:make_vgg", "--data", "digits", "--out", out]
     assert main(argv) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+@pytest.mark.filterwarnings("ignore:re-fitting:UserWarning")
+def test_finetune_a_pruned_file_then_eval(tmp_path, capsys):
+    """prune -> finetune -> eval from the shell: the trained file keeps the plan, is read
+    back by eval with the same accuracy that finetune printed, and learned something."""
+    small, tuned, again = tmp_path / "small.pt", tmp_path / "tuned.pt", tmp_path / "again.pt"
+    spec = "recon.models:digits_vgg"
+    argv = ["prune", "--model", spec, "--data", "digits", "--method", "l1", "--quiet"]
+    assert main([*argv, "--keep-ratio", "0.5", "--reconstruct", "none", "--out", str(small)]) == 0
+    capsys.readouterr()
+    ft = ["finetune", "--model", spec, "--weights", str(small), "--data", "digits", "--quiet"]
+    assert main([*ft, "--steps", "60", "--lr", "0.05", "--out", str(tuned)]) == 0
+    out = capsys.readouterr().out
+    before, after = map(float, re.search(r"([\d.]+)% before, ([\d.]+)% after", out).groups())
+    assert after > before + 20  # an untrained digits_vgg, cut in half: near chance before
+    assert main(["eval", "--model", spec, "--weights", str(tuned), "--data", "digits"]) == 0
+    assert f"{after:.2f}%" in capsys.readouterr().out  # the same model, read back
+    model = recon.load(tuned, digits_vgg)
+    assert model.features[0].out_channels == 8  # still the pruned architecture
+    # the same command and seed give the same weights
+    assert main([*ft, "--steps", "60", "--lr", "0.05", "--out", str(again)]) == 0
+    a, b = torch.load(tuned, weights_only=True), torch.load(again, weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_finetune_reinit_bn_l1_teacher_and_a_plain_model(tmp_path, capsys):
+    spec = "recon.models:digits_vgg"
+    start, out = tmp_path / "start.pt", tmp_path / "out.pt"
+    torch.save(_randomized_digits_vgg().state_dict(), start)
+    ft = ["finetune", "--model", spec, "--weights", str(start), "--data", "digits", "--quiet"]
+    ft += ["--steps", "20", "--out", str(out)]
+
+    def gamma_l1() -> float:
+        trained = load_model(spec, str(out))  # an unpruned model: a state_dict, read back
+        bns = [m for m in trained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        return float(sum(m.weight.abs().sum() for m in bns))
+
+    teacher = ["--teacher", spec, "--teacher-weights", str(start)]
+    assert main([*ft, *teacher]) == 0
+    assert "features.0.weight" in torch.load(out, weights_only=True)  # a plain state_dict
+    plain = gamma_l1()
+    assert main([*ft, *teacher, "--bn-l1", "0.05"]) == 0
+    assert gamma_l1() < plain  # the penalty pulls the γ down
+    # --reinit: fresh weights, so the first layer no longer equals the start's
+    assert main([*ft, "--reinit", "0", "--steps", "1", "--lr", "1e-9"]) == 0
+    start_w = torch.load(start, weights_only=True)["features.0.weight"]
+    assert not torch.equal(torch.load(out, weights_only=True)["features.0.weight"], start_w)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "0"], "'--steps'"),
+        (["--reinit", "-1"], "'--reinit'"),
+        (["--teacher-weights", "x.pt"], "'--teacher-weights'"),
+        (["--lr", "-1"], "'lr'"),
+    ],
+)
+def test_finetune_bad_arguments(tmp_path, capsys, extra, message):
+    argv = ["finetune", "--model", "recon.models:digits_vgg", "--data", "digits", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "o.pt"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
