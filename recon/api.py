@@ -55,7 +55,7 @@ from .gather import (  # noqa: F401  (_image_folds, _accumulate: used by tests)
 from .graph import Graph, Unit, find_units, trace
 from .passes import DEFAULT_CACHE_BYTES, Passes
 from .profile import profile_units
-from .ranking import MIN_KEEP, check_floor, global_channels
+from .ranking import MIN_KEEP, check_floor, check_min_keep, global_channels
 from .refit import _prune_one
 from .report import AllocationReport, AllocationRow, LayerReport, Report
 from .scores import check_scores, global_scores
@@ -235,9 +235,9 @@ def prune(
         ``allocation="global"`` and ``"global_normalized"`` only: every unit keeps at
         least this share of its channels (rounded up, and to ``round_to``) whatever
         its scores; 0 lets the threshold take a layer down to one channel, as Network
-        Slimming does (README, "allocation='global'": without the floor the threshold
-        emptied the late layers of the shipped VGG-16s). A target the floor cannot
-        reach is an error naming it.
+        Slimming does (README, "The floor, min_keep": without it the threshold emptied
+        the late layers of the shipped VGG-16s). A target the floor cannot reach, or a
+        ``min_keep`` other than the default with another allocation, is an error.
     samples_per_image : int or None, default 10
         Output positions sampled per image and layer; None for every position.
     max_images : int, optional
@@ -457,14 +457,15 @@ def _check_options(
             f"units and needs a score method, one of {SCORE_METHODS}. Got "
             f"allocation={allocation!r} with method={method!r} instead."
         )
-    if (
-        isinstance(min_keep, bool)
-        or not isinstance(min_keep, (int, float))
-        or not 0 <= min_keep < 1
-    ):
-        raise _bad("min_keep", "a float in [0, 1)", min_keep)
+    check_min_keep(min_keep)
     if speedup is not None and allocation is None:
         allocation = DEFAULT_ALLOCATION
+    if min_keep != MIN_KEEP and allocation not in GLOBAL_ALLOCATIONS:
+        raise ValueError(
+            "The 'min_keep' argument is the floor of the global allocations "
+            f"({tuple(GLOBAL_ALLOCATIONS)}) only. Got min_keep={min_keep!r} with "
+            f"allocation={allocation!r}."
+        )
     if not isinstance(block_dtype, str | torch.dtype) or block_dtype not in BLOCK_DTYPES:
         raise _bad(
             "block_dtype", "'float32', 'float64', torch.float32 or torch.float64", block_dtype

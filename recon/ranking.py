@@ -24,7 +24,7 @@ from torch import Tensor
 from . import budget as _budget
 from .scores import NORMALIZATIONS, normalize
 
-__all__ = ["MIN_KEEP", "RTOL", "check_floor", "global_channels"]
+__all__ = ["MIN_KEEP", "RTOL", "check_floor", "check_min_keep", "global_channels"]
 
 #: The speedup reached lies within this relative distance of the target whenever the
 #: ranking's steps are fine enough (one channel, or ``round_to`` channels, at a time).
@@ -33,7 +33,7 @@ RTOL = 0.02
 #: The share of its channels that the ranking always leaves each unit. Scores are not
 #: comparable enough across layers for a threshold to empty one safely: without a floor
 #: the threshold left layers of the shipped VGG-16s with 1 of 128 channels (README,
-#: "allocation='global'").
+#: "The floor, min_keep").
 MIN_KEEP = 0.25
 
 
@@ -51,6 +51,15 @@ def _floor(width: int, round_to: int, min_keep: float) -> int:
     return min(_budget._round_up(low, round_to), width)
 
 
+def check_min_keep(min_keep: object) -> float:
+    """``min_keep`` if it is a float in [0, 1), else a ``ValueError`` naming it."""
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int | float) or not 0 <= min_keep < 1:
+        raise ValueError(
+            f"The 'min_keep' argument must be a float in [0, 1). Got {min_keep!r} instead."
+        )
+    return float(min_keep)
+
+
 def check_floor(
     units: Sequence[_budget.BudgetUnit],
     *,
@@ -64,14 +73,7 @@ def check_floor(
     """The fewest channels :func:`global_channels` leaves each unit not ignored, after
     checking that the target can be met with them (a ``ValueError`` naming
     ``min_keep`` if not); no scores needed, so callers check before computing them."""
-    if (
-        isinstance(min_keep, bool)
-        or not isinstance(min_keep, (int, float))
-        or not 0 <= min_keep < 1
-    ):
-        raise ValueError(
-            f"The 'min_keep' argument must be a float in [0, 1). Got {min_keep!r} instead."
-        )
+    check_min_keep(min_keep)
     ignored = set(ignored_layers)
     floor = {u.name: _floor(u.width, round_to, min_keep) for u in units if u.name not in ignored}
     widths = {u.name: u.width for u in units}

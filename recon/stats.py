@@ -63,9 +63,11 @@ class PatchStats:
         float32); every sum is kept in float64 whatever it is. float32 blocks (of at
         most a few thousand rows, :mod:`recon.gather`) take single-precision BLAS
         (``ssyrk``/``sgemm``), about twice as fast per multiply-add, with a rounding
-        error of order 1e-7 relative per block; the totals' error stays far below the
-        ridge every solve adds (1e-6 of the mean diagonal). The sums ``Σx``, ``Σy``,
-        ``Σy²`` are float64 products either way.
+        error of about 1e-6 of the Gram's scale: below what matters where the Gram is
+        well conditioned, but as large as the ridge the solvers add (1e-6 of the mean
+        diagonal), so where there are fewer samples than patch entries the solutions
+        change with the blocks (see ``recon.prune``'s ``block_dtype``). The sums ``Σx``,
+        ``Σy``, ``Σy²`` are float64 products either way.
     """
 
     channels: int

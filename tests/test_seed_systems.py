@@ -244,6 +244,10 @@ def test_prune_min_keep():
     with pytest.raises(ValueError, match="'min_keep' argument must be a float in"):
         recon.prune(net, calib(), method="l1", speedup=1.5, allocation="global",
                     min_keep=-1, progress=False)  # fmt: skip
+    for allocation in ("auto", "uniform"):  # the floor is the global allocations' only
+        with pytest.raises(ValueError, match="'min_keep' argument is the floor of the global"):
+            recon.prune(net, calib(), method="l1", speedup=1.5, allocation=allocation,
+                        min_keep=0.1, progress=False)  # fmt: skip
     before = copy.deepcopy(net.state_dict())
     with pytest.raises(ValueError, match=r"'min_keep' argument .* at most"):
         recon.prune(net, x, method="bn_gamma", speedup=3.0, allocation="global",
