@@ -436,6 +436,62 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
 
+#: Method pairs whose papers make a claim the main table can check: (method, against,
+#: what is compared).
+PAPER_PAIRS = (
+    ("apoz", "l1", "APoZ ≈ L1? (Hu et al. 2016's zeros against Li et al. 2017's weight norms)"),
+    (
+        "bn_gamma",
+        "l1",
+        "Network Slimming's |γ| against L1, both with the uniform split (Slimming's global "
+        "threshold and sparsity training: docs/slimming/results.md)",
+    ),
+)
+NOISE = 0.5  # points: one seed, a difference under half a point is within noise
+
+
+def _paper_findings(model: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Whether each :data:`PAPER_PAIRS` claim holds on ``model``, from its uniform rows:
+    the accuracy differences, one-shot (with the re-fit only: without it both are near
+    chance) and after fine-tuning."""
+    by = {(r["method"], r["reconstruct"], r["target"]): r for r in rows if _alloc(r) == "uniform"}
+    out = []
+    for method, other, what in PAPER_PAIRS:
+        parts, diffs = [], []
+        for rec, keys in (("lstsq", ("acc", "acc_ft")), ("none", ("acc_ft",))):
+            targets = sorted(
+                t for m, r, t in by if m == method and r == rec and (other, r, t) in by
+            )
+            for key in keys:
+                pairs = [(by[(method, rec, t)][key], by[(other, rec, t)][key]) for t in targets]
+                if not targets or any(a is None or b is None for a, b in pairs):
+                    continue  # not fine-tuned
+                d = [a - b for a, b in pairs]
+                diffs += [100 * v for v in d]
+                when = "one-shot" if key == "acc" else "after fine-tuning"
+                parts.append(
+                    f"{'with' if rec == 'lstsq' else 'without'} the re-fit, {when}: "
+                    + " / ".join(f"{100 * v:+.2f}" for v in d)
+                    + " at "
+                    + " / ".join(f"{t:g}×" for t in targets)
+                )
+        if not diffs:
+            continue
+        near = sum(abs(v) <= NOISE for v in diffs)
+        better = sum(v > NOISE for v in diffs)
+        worse = sum(v < -NOISE for v in diffs)
+        verdict = (
+            "holds here: every difference is within noise"
+            if near == len(diffs)
+            else f"{method} is ahead by more than {NOISE} point in {better}, behind in "
+            f"{worse}, within noise in {near} of {len(diffs)} cells"
+        )
+        out.append(f"- {what}: {method} − {other}, points, " + "; ".join(parts) + f". {verdict}.")
+    if not out:
+        return []
+    return [f"#### {model}: what the papers found, checked here", "", *out, ""]
+
+
 def _model_table(
     model: str, rows: list[dict[str, Any]], base: float, args: argparse.Namespace
 ) -> list[str]:
@@ -729,6 +785,7 @@ def _write_markdown(
     lines += _quality_bars(rows, bases, path.parent)
     for model in models:
         lines += _model_table(model, [r for r in rows if r["model"] == model], bases[model], args)
+        lines += _paper_findings(model, [r for r in rows if r["model"] == model])
         if (path.parent / f"results_{model}.png").exists():
             lines += [f"![{model}](results_{model}.png)", ""]
         planned = tuple(itertools.product(args.scratch_speedups, args.allocations))

@@ -213,6 +213,32 @@ def test_reproduce_distillation_settings_key_the_rows(reproduce):
     assert len(keys) == 3  # --resume re-runs a row fine-tuned another way
 
 
+def test_reproduce_paper_findings(reproduce):
+    def row(method, rec, target, acc, acc_ft):
+        return {"method": method, "reconstruct": rec, "target": target, "acc": acc,
+                "acc_ft": acc_ft, "allocation": "uniform"}  # fmt: skip
+
+    rows = [
+        row("l1", "lstsq", 2.0, 0.90, 0.92), row("apoz", "lstsq", 2.0, 0.902, 0.918),
+        row("l1", "lstsq", 4.0, 0.85, 0.90), row("apoz", "lstsq", 4.0, 0.80, 0.899),
+        row("l1", "none", 2.0, 0.10, 0.91), row("apoz", "none", 2.0, 0.10, 0.912),
+        row("bn_gamma", "lstsq", 2.0, 0.95, None),  # not fine-tuned
+    ]  # fmt: skip
+    lines = reproduce._paper_findings("m", rows)
+    assert lines[0] == "#### m: what the papers found, checked here"
+    apoz = next(line for line in lines if line.startswith("- APoZ"))
+    assert "one-shot: +0.20 / -5.00 at 2× / 4×" in apoz
+    assert "after fine-tuning: -0.20 / -0.10 at 2× / 4×" in apoz
+    assert "without the re-fit, after fine-tuning: +0.20 at 2×" in apoz
+    assert "ahead by more than 0.5 point in 0, behind in 1, within noise in 4 of 5" in apoz
+    gamma = next(line for line in lines if line.startswith("- Network Slimming"))
+    assert "one-shot: +5.00 at 2×" in gamma and "after fine-tuning" not in gamma  # no FT
+    assert reproduce._paper_findings("m", rows[:2])[2].endswith(
+        "holds here: every difference is within noise."
+    )
+    assert reproduce._paper_findings("m", [rows[0]]) == []  # nothing to compare
+
+
 def test_reproduce_min_keep_keys_the_global_rows_only(reproduce):
     args = reproduce.build_parser().parse_args(["--min-keep", "0.5"])
     base = {"model": "m", "target": 2.0, "method": "l1", "reconstruct": "lstsq", "calib": 1000}
