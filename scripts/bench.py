@@ -772,6 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="'scale224': also time the older calibration passes (each producer twice)",
     )
     parser.add_argument(
+        "--skip-224",
+        action="store_true",
+        help="'all': leave out the 224-px part (docs/benchmarks_224.md stays as it is)",
+    )
+    parser.add_argument(
         "--float32",
         action="store_true",
         help="'scale224': also time float32 block products in the statistics "
@@ -819,7 +824,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["scale"] = scale(args)
     if args.command in ("latency", "all"):
         out["latency"] = latency(args)
-    if args.command in ("scale224", "all"):
+    if args.command == "scale224" or (args.command == "all" and not args.skip_224):
         t224 = time.perf_counter()
         out["scale224"] = scale224(args)
         page = args.out

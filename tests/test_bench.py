@@ -144,6 +144,17 @@ def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
     assert "Run on `cpu`." in page
 
 
+def test_bench_script_all_can_skip_the_224px_part(script, tmp_path, monkeypatch):
+    called = []
+    for name in ("compare", "scale", "latency", "scale224"):
+        monkeypatch.setattr(script, name, lambda args, name=name: called.append(name) or {})
+    monkeypatch.setattr(script, "markdown", lambda *a: "page")
+    out = tmp_path / "benchmarks.md"
+    script.main(["all", "--skip-224", "--out", str(out)])
+    assert called == ["compare", "scale", "latency"] and out.read_text() == "page"
+    assert not (tmp_path / "benchmarks_224.md").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_run.sh)")
 def test_bench_scale224_on_cuda(script, tmp_path):
     out = script.main(["scale224", "--quick", "--in-process", "--device", "cuda"])
