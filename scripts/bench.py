@@ -673,9 +673,8 @@ def _bars(c: dict, runs: list, lat: list) -> list[str]:
         f"- Pruning time ≤ 3 forward passes: {r['ratio']:.1f} — {ok[r['ratio'] <= 3]}. "
         f"The float64 statistics alone take {share:.1f} forward passes (their multiply-adds "
         f"are {r['stats_macs'] / r['forward_macs']:.1f}x the forward's, in float64), and the "
-        f"network passes {fwd:.1f} (the original once, and each layer of the pruned network "
-        "twice: at full width for its statistics, then pruned, so that cached and "
-        "recomputed runs agree bit for bit)."
+        f"network passes {fwd:.1f} (the original once, for every unit's targets, and the "
+        "pruned network once per unit, from the activations cached at the unit's input)."
     )
     out.append(
         f"- ≥ 10x faster than the naive reference: {c['speed_ratio']:.1f}x — "
