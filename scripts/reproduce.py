@@ -740,7 +740,8 @@ def _write_markdown(
         "# Reproduction: Fashion-MNIST models pruned by every method",
         "",
         f"- Machine: {platform.platform()}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads{processes}, device {args.device}, "
+        f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)}{processes}, "
+        f"device {args.device}, "
         f"torch {torch.__version__}, "
         f"Python {platform.python_version()}, recon {recon.__version__}.",
         f"- Data: Fashion-MNIST (`recon.data.load_fashion_mnist`, `to_tensor32`); "
