@@ -14,11 +14,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """One intra-op thread for the tests (unless OMP_NUM_THREADS says otherwise), in this
     process and the ones it starts (gloo ranks, torchrun, the CLI, notebook kernels).
 
-    The tests' tensors are tiny: thread start-up and synchronisation cost more than the
-    threads save, and on a 2-core machine two ranks with two threads each oversubscribe
-    it. Measured on the 2-core CI machine: the default run took 476 s with one thread
-    (and a training job on the other core) against 634 s with two (idle machine). The
-    tests assert what holds at any thread count.
+    The tests' tensors are tiny, and on a 2-core machine two ranks with two threads each
+    would oversubscribe it. Measured on the 2-core CI machine: 476 s for the default run
+    with one thread in one run (a training job on the other core), 635 s in the final
+    CI-like run (quiet), against 634 s with two threads (quiet, 23 fewer tests): no
+    clear gain in total time. The tests assert what holds at any thread count.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
