@@ -126,13 +126,13 @@ def run(args: argparse.Namespace, check_out) -> int:
     from .scratch import reinit
 
     check_out(args.out)
-    for name, value, ok in (
-        ("--steps", args.steps, args.steps >= 1),
-        ("--batch-size", args.batch_size, args.batch_size >= 1),
-        ("--reinit", args.reinit, args.reinit is None or args.reinit >= 0),
+    for name, value, low in (
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--reinit", args.reinit, 0),
     ):
-        if not ok:
-            raise ValueError(f"The '{name}' must be an int >= 1 (>= 0 for --reinit). Got {value}.")
+        if value is not None and value < low:
+            raise ValueError(f"The '{name}' must be an int >= {low}. Got {value} instead.")
     if args.teacher_weights and not args.teacher:
         raise ValueError("The '--teacher-weights' need a '--teacher' model to apply to.")
     model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
