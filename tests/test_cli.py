@@ -288,21 +288,27 @@ def test_finetune_a_pruned_file_then_eval(tmp_path, capsys):
     """prune -> finetune -> eval from the shell: the trained file keeps the plan, is read
     back by eval with the same accuracy that finetune printed, and learned something."""
     small, tuned, again = tmp_path / "small.pt", tmp_path / "tuned.pt", tmp_path / "again.pt"
+    start = tmp_path / "start.pt"
+    torch.manual_seed(0)  # the untrained start, seeded (the builder draws from torch's RNG)
+    torch.save(digits_vgg().state_dict(), start)
     spec = "recon.models:digits_vgg"
-    argv = ["prune", "--model", spec, "--data", "digits", "--method", "l1", "--quiet"]
-    assert main([*argv, "--keep-ratio", "0.5", "--reconstruct", "none", "--out", str(small)]) == 0
+    argv = ["prune", "--model", spec, "--weights", str(start), "--data", "digits", "--quiet"]
+    argv += ["--method", "l1", "--keep-ratio", "0.5", "--reconstruct", "none"]
+    assert main([*argv, "--out", str(small)]) == 0
     capsys.readouterr()
     ft = ["finetune", "--model", spec, "--weights", str(small), "--data", "digits", "--quiet"]
-    assert main([*ft, "--steps", "60", "--lr", "0.05", "--out", str(tuned)]) == 0
+    ft += ["--steps", "100", "--lr", "0.1", "--batch-size", "64"]
+    assert main([*ft, "--out", str(tuned)]) == 0
     out = capsys.readouterr().out
     before, after = map(float, re.search(r"([\d.]+)% before, ([\d.]+)% after", out).groups())
-    assert after > before + 20  # an untrained digits_vgg, cut in half: near chance before
+    # measured 9.63 % -> 55.00 %; from the untrained start (near chance) it learns
+    assert after > before + 20
     assert main(["eval", "--model", spec, "--weights", str(tuned), "--data", "digits"]) == 0
     assert f"{after:.2f}%" in capsys.readouterr().out  # the same model, read back
     model = recon.load(tuned, digits_vgg)
     assert model.features[0].out_channels == 8  # still the pruned architecture
     # the same command and seed give the same weights
-    assert main([*ft, "--steps", "60", "--lr", "0.05", "--out", str(again)]) == 0
+    assert main([*ft, "--out", str(again)]) == 0
     a, b = torch.load(tuned, weights_only=True), torch.load(again, weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
