@@ -11,11 +11,10 @@ writes the result.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = ["add_parser", "run"]
 
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace, check_out) -> int:
     from ._plan import plan_of
     from .data import evaluate
     from .finetune import finetune
-    from .io import save
+    from .io import _write_atomic, save
     from .loading import load_model
     from .scratch import reinit
 
@@ -160,22 +159,10 @@ def run(args: argparse.Namespace, check_out) -> int:
     after = evaluate(model, x_eval, y_eval)
     where = "embedded Fashion-MNIST evaluation images" if args.data == "fmnist" else "digits test"
     print(f"top-1 on the {where}: {100 * before:.2f}% before, {100 * after:.2f}% after")
-    _write(model, args.out, pruned=bool(plan_of(model)), save=save)
+    if plan_of(model):
+        save(model, args.out)  # a recon file: plan + weights
+    else:
+        _write_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out)
     again = f"--model {args.model} --weights {args.out}"
     print(f"trained model written to {args.out} (read it back with {again})")
     return 0
-
-
-def _write(model: nn.Module, path: str, *, pruned: bool, save) -> None:
-    """A recon file for a model with a plan, else its state_dict (atomically)."""
-    if pruned:
-        save(model, path)
-        return
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -8,12 +8,10 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import _finetune_cli
 from ._version import __version__
@@ -451,22 +449,6 @@ def _check_out(path: str | None) -> None:
         raise ValueError(f"The '--out' folder '{folder}' does not exist.")
 
 
-def _save_module(model: nn.Module, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(model, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -616,7 +598,9 @@ def _prune_command(args: argparse.Namespace) -> int:
 
 def _write_out(result: Any, args: argparse.Namespace) -> None:
     if args.out_format == "module":
-        _save_module(result.model, args.out)
+        from .io import _write_atomic
+
+        _write_atomic(result.model, args.out)  # the whole pickled module
         print(
             f"pruned model written to {args.out} (a whole pickled module: torch.load(path, "
             "weights_only=False) or --model PATH --unsafe-pickle read it; only trust it "

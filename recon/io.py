@@ -109,12 +109,19 @@ def save(result: PruneResult | nn.Module, path: str | os.PathLike) -> None:
         "plan": plan,
         "state_dict": state,
     }
+    _write_atomic(payload, path)
+
+
+def _write_atomic(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)``, atomically: written to a temporary file in the same
+    folder (permissions as a new file's: 0666 less the umask), synced, then renamed over
+    ``path``, so a reader never sees a half file and a failure leaves ``path`` as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -315,23 +315,19 @@ def add_gram_(G: Tensor, x: Tensor, *, mirror: bool = True) -> Tensor:
     it (``mirror=False`` leaves that to the caller: only the lower triangle is then up
     to date). Elsewhere (CUDA) it is a general product, ``x``'s dtype, summed into ``G``.
     """
-    if x.dtype != G.dtype and (G.device.type != "cpu" or not G.is_contiguous()):
-        return G.add_(x.T @ x)
     if G.device.type != "cpu" or G.dtype != torch.float64 or not G.is_contiguous():
-        return G.addmm_(x.T, x)
+        return G.addmm_(x.T, x) if x.dtype == G.dtype else G.add_(x.T @ x)
     if x.shape[0] == 0:
         return G
     if x.dtype == torch.float32:
         # ssyrk's F-order upper triangle is the C-order lower one (see below)
         low = scipy.linalg.blas.ssyrk(1.0, x.detach().numpy().T, trans=0, lower=0)
         G.add_(torch.from_numpy(low.T))  # its other triangle is zeros (unused)
-        if mirror:
-            G.copy_(G.tril() + G.tril(-1).T)
-        return G
-    # G's memory read column-major (a Fortran-order view) is Gᵀ = G. dsyrk adds xᵀx to
-    # that view's upper triangle, i.e. to G's lower one, which is then mirrored.
-    g = G.numpy().T  # (d, d), Fortran order: a view, updated in place
-    scipy.linalg.blas.dsyrk(1.0, x.detach().numpy().T, beta=1.0, c=g, trans=0, overwrite_c=1)
+    else:
+        # G's memory read column-major (a Fortran-order view) is Gᵀ = G. dsyrk adds xᵀx
+        # to that view's upper triangle, i.e. to G's lower one, which is then mirrored.
+        g = G.numpy().T  # (d, d), Fortran order: a view, updated in place
+        scipy.linalg.blas.dsyrk(1.0, x.detach().numpy().T, beta=1.0, c=g, trans=0, overwrite_c=1)
     if mirror:
         G.copy_(G.tril() + G.tril(-1).T)
     return G
