@@ -519,7 +519,7 @@ def _budget_unit(unit: Unit, model: nn.Module) -> _budget.BudgetUnit:
     scale on their output side, the consumer on its input side."""
     depthwise = [n for n in unit.channelwise if isinstance(model.get_submodule(n), nn.Conv2d)]
     out = (unit.producer, *depthwise) if unit.producer else ()
-    return _budget.BudgetUnit(unit.name, unit.width, out, (unit.consumer,))
+    return _budget.BudgetUnit(unit.name, unit.width, out, (unit.consumer,), step=unit.step)
 
 
 def _prepare(

@@ -54,12 +54,21 @@ class BudgetUnit:
     in_modules : tuple of str
         Qualified names of modules whose FLOPs scale with ``kept / width`` on their
         input side (the consumer convolution or linear layer).
+    step : int, default 1
+        Kept counts must be multiples of this (or the width): the groups of a grouped
+        producer or consumer. It combines with ``round_to`` as their least common
+        multiple.
     """
 
     name: str
     width: int
     out_modules: tuple[str, ...]
     in_modules: tuple[str, ...]
+    step: int = 1
+
+    def round_to(self, round_to: int) -> int:
+        """The step of this unit's counts under the global ``round_to``."""
+        return math.lcm(round_to, self.step)
 
 
 # --------------------------------------------------------------------------- counting
@@ -290,6 +299,16 @@ def _check_units(units: Sequence[BudgetUnit]) -> list[BudgetUnit]:
             raise ValueError(
                 f"The width of unit {unit.name!r} must be an int >= 1. Got {unit.width!r} instead."
             )
+        step = unit.step
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+            raise ValueError(
+                f"The step of unit {unit.name!r} must be an int >= 1. Got {step!r} instead."
+            )
+        if unit.width % step:
+            raise ValueError(
+                f"The step of unit {unit.name!r} must divide its width {unit.width}. "
+                f"Got {step!r} instead."
+            )
         if unit.name in seen:
             raise ValueError(
                 f"The 'units' argument must have unique names. Got {unit.name!r} twice."
@@ -479,11 +498,19 @@ def resolve_channels(
     result = dict(widths)
     if channels is not None:
         _check_target_mapping("channels", channels, widths, ignored)
+        steps = {u.name: u.step for u in units}
         for name, count in channels.items():
             result[name] = _check_count(f"'channels[{name!r}]'", count, widths[name])
+            if result[name] % steps[name] and result[name] != widths[name]:
+                raise ValueError(
+                    f"The 'channels[{name!r}]' argument must be a multiple of {steps[name]} "
+                    f"(the groups of its grouped convolution) or {widths[name]}. Got "
+                    f"{result[name]} instead."
+                )
         return result
 
     if keep_ratio is not None:
+        steps = {u.name: u.round_to(round_to) for u in units}
         if isinstance(keep_ratio, Mapping):
             _check_target_mapping("keep_ratio", keep_ratio, widths, ignored)
             ratios = {n: _check_ratio(f"'keep_ratio[{n!r}]'", r) for n, r in keep_ratio.items()}
@@ -502,7 +529,7 @@ def resolve_channels(
                     f"layer '{name}'; it must keep at least one (ratio >= {0.5 / width:.3g}). "
                     "Use ignored_layers or a larger ratio."
                 )
-            result[name] = min(width, _round_up(max(count, 1), round_to))
+            result[name] = min(width, _round_up(max(count, 1), steps[name]))
         return result
 
     return _resolve_speedup(units, speedup, ignored, round_to, module_flops, total_flops)
@@ -575,7 +602,8 @@ def _resolve_speedup(
     def distance(s: float) -> float:
         return abs(math.log(s / target))
 
-    smallest = {n: _min_count(widths[n], round_to) for n in free}
+    steps = {u.name: u.round_to(round_to) for u in units}
+    smallest = {n: _min_count(widths[n], steps[n]) for n in free}
     best_possible = speedup_of({**result, **smallest})
     if best_possible < target * (1 - 1e-12):
         raise ValueError(
@@ -596,17 +624,17 @@ def _resolve_speedup(
             lo = mid
     r = 0.5 * (lo + hi)
     for name in free:
-        result[name] = _nearest_count(r * widths[name], widths[name], round_to)
+        result[name] = _nearest_count(r * widths[name], widths[name], steps[name])
 
     # Greedy single-unit moves, then pairs of moves, until within tolerance.
     current = distance(speedup_of(result))
     for _ in range(_MAX_GREEDY_STEPS):
         if current <= math.log1p(SPEEDUP_RTOL) * (1 - 1e-9):
             break
-        moves = _single_moves(result, widths, free, round_to)
+        moves = _single_moves(result, widths, free, steps)
         best = min(moves, key=lambda m: distance(speedup_of(m)), default=None)
         if best is None or distance(speedup_of(best)) >= current:
-            pairs = _pair_moves(result, widths, free, round_to)
+            pairs = _pair_moves(result, widths, free, steps)
             best = min(pairs, key=lambda m: distance(speedup_of(m)), default=None)
             if best is None or distance(speedup_of(best)) >= current:
                 break
@@ -616,27 +644,27 @@ def _resolve_speedup(
 
 
 def _single_moves(
-    counts: dict[str, int], widths: Mapping[str, int], free: list[str], round_to: int
+    counts: dict[str, int], widths: Mapping[str, int], free: list[str], steps: Mapping[str, int]
 ) -> list[dict[str, int]]:
     moves = []
     for name in free:
         for step in (_step_down, _step_up):
-            new = step(counts[name], widths[name], round_to)
+            new = step(counts[name], widths[name], steps[name])
             if new is not None:
                 moves.append({**counts, name: new})
     return moves
 
 
 def _pair_moves(
-    counts: dict[str, int], widths: Mapping[str, int], free: list[str], round_to: int
+    counts: dict[str, int], widths: Mapping[str, int], free: list[str], steps: Mapping[str, int]
 ) -> list[dict[str, int]]:
     moves = []
     for down in free:
-        smaller = _step_down(counts[down], widths[down], round_to)
+        smaller = _step_down(counts[down], widths[down], steps[down])
         if smaller is None:
             continue
         for up in free:
-            larger = _step_up(counts[up], widths[up], round_to) if up != down else None
+            larger = _step_up(counts[up], widths[up], steps[up]) if up != down else None
             if larger is not None:
                 moves.append({**counts, down: smaller, up: larger})
     return moves

@@ -19,10 +19,11 @@ from torch import Tensor, fx, nn
 from ._progress import progress_bar
 from ._timing import PhaseTimer
 from .graph import Unit, _node_of
+from .groups import group_slices
 from .layers import SampledConv2d
 from .passes import Passes
 from .sampling import _mix, gather_patches, gather_targets
-from .stats import ChannelStats, PatchStats
+from .stats import ChannelStats, GroupedStats, PatchStats
 
 __all__ = ["CV_FOLDS", "MAX_PATCH_DIM"]
 
@@ -70,10 +71,11 @@ class _Rows:
     the grouping depends only on the batch sizes, so it is the same on every path.
     """
 
-    def __init__(self, stats: PatchStats | ChannelStats) -> None:
+    def __init__(self, stats: PatchStats | ChannelStats | GroupedStats) -> None:
         self.stats = stats
         # ChannelStats expand each row to (c, n) contributions: never join those.
-        self.rows = _ROWS_PER_UPDATE if isinstance(stats, PatchStats) else 0
+        parts = stats.parts if isinstance(stats, GroupedStats) else [stats]
+        self.rows = _ROWS_PER_UPDATE if isinstance(parts[0], PatchStats) else 0
         self.xs: list[Tensor] = []
         self.ys: list[Tensor] = []
         self.fs: list[Tensor] = []
@@ -115,6 +117,19 @@ def _image_folds(first: int, count: int, folds: int, seed: int) -> Tensor:
     return torch.tensor(
         [_mix(seed, _FOLD_KEY, first + i) % folds for i in range(count)], dtype=torch.int64
     )
+
+
+def _new_stats(
+    weight: Tensor, target: _Target | None, outs: slice, folds: int, block_dtype: torch.dtype
+) -> PatchStats | ChannelStats:
+    """Empty statistics for a consumer (or one group of it) of ``weight`` (n, c, k):
+    patch statistics when the patch is short enough, else channel-level ones."""
+    n, c, k = weight.shape
+    if c * k <= MAX_PATCH_DIM:
+        return PatchStats(c, k, n, device=weight.device, folds=folds, block_dtype=block_dtype)
+    if target is not None:
+        weight = weight * target.scale[outs].to(weight.device, weight.dtype)[:, None, None]
+    return ChannelStats(weight, device=weight.device)
 
 
 def _accumulate(
@@ -163,16 +178,19 @@ def _accumulate(
     weight = consumer.weight.detach()
     n = weight.shape[0]
     c, k = unit.width, unit.taps
-    device = weight.device
-    if c * k <= MAX_PATCH_DIM:
-        stats: PatchStats | ChannelStats = PatchStats(
-            c, k, n, device=device, folds=folds, block_dtype=block_dtype
+    G = unit.groups
+    if G > 1:  # one accumulator per group, on its own channels and outputs
+        stats: PatchStats | ChannelStats | GroupedStats = GroupedStats(
+            [
+                _new_stats(
+                    weight[outs].reshape(n // G, c // G, k), target, outs, folds, block_dtype
+                )
+                for _, outs in group_slices(c, n, G)
+            ],
+            k,
         )
     else:
-        w = weight.reshape(n, c, k)
-        if target is not None:
-            w = w * target.scale.to(device, w.dtype)[:, None, None]
-        stats = ChannelStats(w, device=device)
+        stats = _new_stats(weight.reshape(n, c, k), target, slice(None), folds, block_dtype)
     in_node = _node_of(gm_p, unit.consumer).args[0].name
     rows = _Rows(stats)
     bar = progress_bar(

@@ -6,6 +6,13 @@ inputs that read them::
     producer conv -> [BN | ReLU | pooling | dropout | identity | depthwise conv]* -> consumer conv
     producer conv -> [...]* -> flatten -> [ReLU | dropout]* -> consumer linear
 
+A grouped conv (``1 < groups``, not depthwise; ResNeXt, RegNet) may be either end: as a
+consumer its ``G`` groups read disjoint slices of the channels, so the unit's problem
+splits into ``G`` independent ones (:mod:`recon.groups`), each keeping the same share;
+as a producer each group keeps the same number of its outputs. Either way the unit's
+kept count is a multiple of ``G`` (:attr:`Unit.step`). A grouped producer feeding a
+grouped consumer is not a unit.
+
 A depthwise conv (``groups == in_channels == out_channels``) maps channel ``i`` to
 channel ``i``, like a BatchNorm: in an inverted residual (1×1 expand -> BN -> ReLU6 ->
 depthwise -> BN -> ReLU6 -> 1×1 project) the expand conv is the producer, the project
@@ -30,6 +37,7 @@ Each such ``add`` is described by a :class:`Block`. This module sees modules onl
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
@@ -139,6 +147,11 @@ class Unit:
         Consumer input features per channel: ``kh*kw`` for a conv, ``H*W`` for a linear
         after flatten.
     kind : {"plain", "sampler"}
+    groups : int
+        The consumer's groups (1 unless it is a grouped conv): group ``g`` reads channels
+        ``g*width/groups ..`` and writes outputs ``g*n/groups ..``.
+    producer_groups : int
+        The producer's groups: each group's outputs are kept in equal numbers.
     """
 
     name: str
@@ -150,6 +163,13 @@ class Unit:
     channelwise: tuple[str, ...] = ()
     consumer_bn: str | None = None
     kind: str = "plain"
+    groups: int = 1
+    producer_groups: int = 1
+
+    @property
+    def step(self) -> int:
+        """Kept counts are multiples of this: the groups of the producer or consumer."""
+        return math.lcm(self.groups, self.producer_groups)
 
 
 @dataclass(frozen=True)
@@ -303,8 +323,6 @@ def _supported_conv(m: nn.Module) -> str | None:
             "itself: recon cuts it only as a channel-wise op between a producer and its "
             "consumer"
         )
-    if m.groups != 1:
-        return f"it is {_grouped(m)}, not supported"
     if m.padding_mode != "zeros":
         return f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
     return None
@@ -323,6 +341,21 @@ def _grouped(m: nn.Conv2d) -> str:
             f"(groups={m.groups}, {m.in_channels} -> {m.out_channels} channels)"
         )
     return f"a grouped convolution (groups={m.groups})"
+
+
+def _grouped_consumer(m: nn.Conv2d, producer_groups: int) -> str | None:
+    """None when grouped conv ``m`` can be a unit's consumer, else the reason."""
+    if m.in_channels // m.groups == 1:
+        return (
+            f"it is {_grouped(m)} that reads one channel per group: none can be removed "
+            "without removing its group"
+        )
+    if producer_groups > 1:
+        return (
+            f"it is a grouped convolution (groups={m.groups}) reading the outputs of a "
+            f"grouped one (groups={producer_groups}): not supported"
+        )
+    return None
 
 
 def _cuttable_depthwise(m: nn.Conv2d, width: int) -> str | None:
@@ -376,17 +409,12 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
         if isinstance(m, nn.Conv2d) and name not in calls and name not in skipped:
             skipped[name] = _supported_conv(m) or "forward() does not call it as a module"
     _note_depthwise(units, skipped, modules)
-    unsupported = {
-        name: f"it is {_grouped(m)}; recon cuts grouped/depthwise convolutions only when "
-        "depthwise (groups = in = out channels) and between a producer and its consumer"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and m.groups != 1 and not _depthwise(m)
-    }
+    unsupported: dict[str, str] = {}
     blocks = _find_blocks(gm, modules, calls, unsupported)
     for block in blocks:
-        if not block.sampler:
-            continue
         conv = modules[block.first]  # a SampledConv2d reads conv.in_channels of its input
+        if not block.sampler or conv.groups != 1:  # a sampler is a groups=1 conv
+            continue
         units.append(
             Unit(
                 name=f"{block.first}.sampler",
@@ -611,6 +639,23 @@ def _block_name(convs: list[str], fallback: str) -> str:
     return ".".join(prefix) if prefix and len(convs) > 1 else fallback
 
 
+def _branch_side(chains: list[tuple[list[fx.Node], fx.Node | None]]) -> int | None:
+    """Which of two operands' conv chains of equal length is the branch, or None.
+
+    The shortcut is the side that forks from the block's input; the branch forks later,
+    from a value computed from that input (RegNet-Y: its last conv reads a squeeze-and-
+    excitation product, so its chain is one conv long, like the 1×1 shortcut's).
+    """
+    forks = [fork for _, fork in chains]
+    if forks[0] is None or forks[1] is None or forks[0] is forks[1]:
+        return None
+    if _reads(forks[1], forks[0]):
+        return 1
+    if _reads(forks[0], forks[1]):
+        return 0
+    return None
+
+
 def _find_blocks(
     gm: fx.GraphModule,
     modules: dict[str, nn.Module],
@@ -630,7 +675,10 @@ def _find_blocks(
         lengths = [len(c[0]) for c in chains]
         if max(lengths) == 0:
             continue  # no conv on either side: not a residual block recon can act on
+        i = 0 if lengths[0] > lengths[1] else 1
         if lengths[0] == lengths[1]:
+            i = _branch_side(chains)
+        if i is None:
             convs = ", ".join(f"'{c[0][-1].target}'" for c in chains)
             unsupported[str(node.name)] = (
                 f"the residual add at node '{node.name}' sums two branches of "
@@ -638,7 +686,6 @@ def _find_blocks(
                 "conv branch and one shortcut (identity, or a single conv + BN)"
             )
             continue
-        i = 0 if lengths[0] > lengths[1] else 1
         (_, bn, linear), (convs, fork) = tails[i], chains[i]
         names = [str(c.target) for c in convs]
         if any(calls[n] > 1 for n in names) or not all(
@@ -712,6 +759,8 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                 continue
             if isinstance(mod, nn.Conv2d) and not flattened:
                 why = _supported_conv(mod)
+                if why is None and mod.groups > 1:
+                    why = _grouped_consumer(mod, producer.groups)
                 if why is not None:
                     return f"its consumer '{nxt.target}' cannot be pruned: {why}"
                 if mod.in_channels != width:
@@ -727,6 +776,8 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     taps=mod.kernel_size[0] * mod.kernel_size[1],
                     channelwise=tuple(channelwise),
                     consumer_bn=_bn_after(nxt, modules),
+                    groups=mod.groups,
+                    producer_groups=producer.groups,
                 )
             if isinstance(mod, nn.Linear) and flattened:
                 if mod.in_features % width:
@@ -743,6 +794,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     taps=mod.in_features // width,
                     channelwise=tuple(channelwise),
                     consumer_bn=_bn_after(nxt, modules),
+                    producer_groups=producer.groups,
                 )
             allowed = _ELEMENTWISE_MODULES if flattened else _CHANNELWISE_MODULES
             if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:

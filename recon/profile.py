@@ -30,6 +30,7 @@ changes neither (the probes prune copies).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,13 +43,14 @@ from ._timing import PhaseTimer
 from .allocate import count_grid, lstsq_error_curve, scale_error_curve
 from .gather import CV_FOLDS, _accumulate
 from .graph import Unit
+from .groups import group_slices, quota_order
 from .passes import Passes
 from .sampling import _mix, layer_key
 from .scores import channel_scores
 from .select import SCORE_METHODS, channel_order
 from .solve import LSTSQ_MODES, cv_lstsq, lstsq, scale
-from .stats import ChannelStats, PatchStats
-from .surgery import prune_unit
+from .stats import ChannelStats, GroupedStats, PatchStats
+from .surgery import consumer_weight, prune_unit
 
 __all__ = ["HELDOUT_IMAGES", "Profile", "UnitProfile", "profile_units"]
 
@@ -125,15 +127,14 @@ def _split(batches: list[Tensor], offsets: list[int], first_held: int):
     return fit, fit_offsets, torch.cat(tail) if tail else None
 
 
-def _order(unit: Unit, A: Tensor, b: Tensor, stats, original: nn.Module, method, seed, mode):
-    scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
+def _order(A: Tensor, b: Tensor, stats, scores, method, seed, mode, key: str) -> Tensor:
     return channel_order(
         method,
         A=A,
         b=b,
         scores=scores,
-        width=unit.width,
-        seed=_mix(seed, layer_key(unit.name)),
+        width=A.shape[0],
+        seed=_mix(seed, layer_key(key)),
         stats=stats if mode in LSTSQ_MODES else None,  # obs: its re-fit's error
     ).to(A.device)
 
@@ -285,7 +286,7 @@ def profile_units(
 
 def _profile_one(
     unit: Unit,
-    stats: PatchStats | ChannelStats,
+    stats: PatchStats | ChannelStats | GroupedStats,
     original: nn.Module,
     x_held: Tensor | None,
     ref: Tensor | None,
@@ -298,19 +299,42 @@ def _profile_one(
     ctx: _dist.Context | None,
 ) -> UnitProfile:
     consumer = original.get_submodule(unit.consumer)
-    n = consumer.weight.shape[0]
-    w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
-    A, b = stats.channel_problem(w_cons)
-    order = _order(unit, A, b, stats, original, method, seed, reconstruct)
-    counts = count_grid(unit.width, round_to)
-    err = _curve(stats, A, b, order, counts, reconstruct).cpu()
+    w_cons = consumer_weight(consumer, unit)  # (n, c, k), block diagonal when grouped
+    counts = count_grid(unit.width, math.lcm(round_to, unit.step))
+    scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
+    G = unit.groups
+    parts = []  # (stats, A, b, order, weight) of each group, or of the whole unit
+    for g, (chans, outs) in enumerate(group_slices(unit.width, w_cons.shape[0], G)):
+        sub = stats.subset(chans, outs) if G > 1 else stats
+        A, b = sub.channel_problem(w_cons[outs, chans])
+        key = f"{unit.name}/{g}" if G > 1 else unit.name
+        s = None if scores is None else scores[chans]
+        order = _order(A, b, sub, s, method, seed, reconstruct, key)
+        parts.append(
+            (sub, A, b, quota_order(order, unit.width, unit.producer_groups), w_cons[outs, chans])
+        )
+    errs = [_curve(p[0], p[1], p[2], p[3], counts // G, reconstruct).cpu() for p in parts]
+    yy = torch.tensor([float(p[0].yy) for p in parts], dtype=torch.float64)
+    err = (
+        errs[0] if G == 1 else (torch.stack(errs) * yy[:, None]).sum(0) / yy.sum().clamp_min(1e-300)
+    )
     probe = _probe_count(counts, err, uniform)
     sums = [0.0, 0.0]
     if probe < unit.width and ref is not None:
-        keep = order[:probe].sort().values
-        weight, bias_delta = _probe_fit(stats, A, b, keep, w_cons, reconstruct)
+        fits = []
+        for sub, A, b, order, w in parts:
+            keep = order[: probe // G].sort().values
+            fits.append((keep, *_probe_fit(sub, A, b, keep, w, reconstruct)))
+        cpg = unit.width // G
+        keep = torch.cat([f[0].cpu() + g * cpg for g, f in enumerate(fits)])
+        weight = (
+            None
+            if fits[0][1] is None
+            else torch.cat([f[1].reshape(f[1].shape[0], -1) for f in fits])
+        )
+        bias_delta = None if fits[0][2] is None else torch.cat([f[2] for f in fits])
         net = copy.deepcopy(original)
-        prune_unit(net, unit, keep.cpu(), weight=weight, bias_delta=bias_delta)
+        prune_unit(net, unit, keep, weight=weight, bias_delta=bias_delta)
         sums = _output_error(net, x_held, ref)
         del net
     if ctx is not None:

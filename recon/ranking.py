@@ -75,7 +75,11 @@ def check_floor(
     ``min_keep`` if not); no scores needed, so callers check before computing them."""
     check_min_keep(min_keep)
     ignored = set(ignored_layers)
-    floor = {u.name: _floor(u.width, round_to, min_keep) for u in units if u.name not in ignored}
+    floor = {
+        u.name: _floor(u.width, u.round_to(round_to), min_keep)
+        for u in units
+        if u.name not in ignored
+    }
     widths = {u.name: u.width for u in units}
     most = _budget.achieved_speedup(units, {**widths, **floor}, module_flops, total_flops)
     if most < speedup * (1 - RTOL):
@@ -212,13 +216,15 @@ def global_channels(
     # removed[j, u]: channels of unit u among the first j removals, as a running count
     steps = len(ranked)
     width_arr = np.array([widths[n] for n in free])
+    unit_steps = {u.name: u.round_to(round_to) for u in units}
 
     def counts(j: int) -> dict[str, int]:
         removed = np.bincount(ranked[:j], minlength=len(free))
         out = dict(result)
         for name, w, r in zip(free, width_arr, removed, strict=True):
             k = int(w - r)
-            out[name] = int(w) if k == w else min(_budget._round_up(k, round_to), int(w))
+            step = unit_steps[name]
+            out[name] = int(w) if k == w else min(_budget._round_up(k, step), int(w))
         return out
 
     def speedup_of(j: int) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -16,19 +17,34 @@ from . import distributed as _dist
 from ._checks import _finite
 from ._timing import PhaseTimer
 from .graph import Unit
+from .groups import group_slices, quota_order
 from .report import LayerReport
 from .sampling import _mix, layer_key
 from .scores import channel_scores
-from .select import SCORE_METHODS, select_channels
+from .select import SCORE_METHODS, channel_order, select_channels
 from .solve import LSTSQ_MODES, channel_error, cv_lstsq, lstsq, patch_error, scale
-from .stats import ChannelStats, PatchStats
-from .surgery import prune_unit
+from .stats import ChannelStats, GroupedStats, PatchStats
+from .surgery import consumer_weight, prune_unit
+
+
+class _Part(NamedTuple):
+    """One group's (or the whole unit's) selection and re-fit."""
+
+    keep: Tensor  # (m,) channels of the part, local indices
+    weight: Tensor | None  # (n_part, m*k) re-fitted consumer weight, or None
+    bias_delta: Tensor | None
+    err_before: float  # relative errors
+    err_after: float
+    yy: float  # ‖Y‖² of the part's outputs: the errors' weight in the unit's
+    ridge: float
+    heldout: float
+    note: str
 
 
 def _prune_one(
     unit: Unit,
     target: int,
-    stats: PatchStats | ChannelStats,
+    stats: PatchStats | ChannelStats | GroupedStats,
     pruned: nn.Module,
     *,
     method: str,
@@ -44,17 +60,105 @@ def _prune_one(
     sum: the consumer's output rows are scaled by it for selection and re-fitting, and
     the re-fitted rows scaled back. ``timer`` gets the select, solve and surgery times.
     In a distributed run (``ctx``), rank 0's channels and re-fitted weights are used
-    by every rank.
+    by every rank. A grouped consumer is one problem per group (:mod:`recon.groups`),
+    each keeping ``target / groups`` channels.
     """
     t0 = time.perf_counter()
     timer = timer or PhaseTimer()
     timer.push("select")
     consumer = pruned.get_submodule(unit.consumer)
-    n = consumer.weight.shape[0]
-    w_cons = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
-    a = None
-    if row_scale is not None:
-        a = row_scale.to(w_cons.device)
+    w_cons = consumer_weight(consumer, unit)  # (n, c, k), block diagonal when grouped
+    n = w_cons.shape[0]
+    a = None if row_scale is None else row_scale.to(w_cons.device)
+    scores = channel_scores(method, unit, pruned, stats) if method in SCORE_METHODS else None
+    parts = []
+    for g, (chans, outs) in enumerate(group_slices(unit.width, n, unit.groups)):
+        grouped = unit.groups > 1
+        parts.append(
+            _fit_part(
+                unit,
+                target // unit.groups,
+                stats.subset(chans, outs) if grouped else stats,
+                w_cons[outs, chans],
+                None if a is None else a[outs],
+                None if scores is None else scores[chans],
+                method=method,
+                reconstruct=reconstruct,
+                seed=_mix(seed, layer_key(f"{unit.name}/{g}" if grouped else unit.name)),
+                label=f"{unit.name} group {g}" if grouped else unit.name,
+                warn=g == 0,
+                timer=timer,
+                ctx=ctx,
+            )
+        )
+    cpg = unit.width // unit.groups
+    keep = torch.cat([p.keep.cpu() + g * cpg for g, p in enumerate(parts)])
+    weight = bias_delta = None
+    if parts[0].weight is not None:
+        weight = torch.cat([p.weight.reshape(p.weight.shape[0], -1) for p in parts])
+        if ctx is not None:
+            weight = ctx.broadcast_(weight, f"weights of {unit.consumer}")
+    if parts[0].bias_delta is not None:
+        bias_delta = torch.cat([p.bias_delta for p in parts])
+        if ctx is not None:
+            bias_delta = ctx.broadcast_(bias_delta, f"bias of {unit.consumer}")
+    if weight is not None and not _finite(weight):
+        raise FloatingPointError(f"re-fitting '{unit.consumer}' produced non-finite weights")
+    timer.swap("surgery")
+    prune_unit(pruned, unit, keep, weight=weight, bias_delta=bias_delta)
+    timer.pop()
+    yy = sum(p.yy for p in parts)
+
+    def mean(values: list[float]) -> float:  # over the parts, weighted by ‖Y‖²
+        if len(values) == 1:
+            return values[0]
+        return sum(v * p.yy for v, p in zip(values, parts, strict=True)) / yy if yy > 0 else 0.0
+
+    note = parts[0].note
+    if unit.groups > 1:
+        note = _join(f"{unit.groups} groups", note)
+    report = LayerReport(
+        name=unit.name,
+        kind="sampler" if unit.kind == "sampler" else "conv",
+        channels_before=unit.width,
+        channels_after=int(keep.numel()),
+        method=method,
+        reconstruct=reconstruct,
+        error_before=mean([p.err_before for p in parts]),
+        error_after=mean([p.err_after for p in parts]),
+        seconds=time.perf_counter() - t0,
+        note=note,
+        ridge=float(torch.tensor([p.ridge for p in parts]).median()),
+        heldout_error=mean([p.heldout for p in parts]),
+    )
+    return keep, report
+
+
+def _fit_part(
+    unit: Unit,
+    target: int,
+    stats: PatchStats | ChannelStats,
+    w_cons: Tensor,
+    a: Tensor | None,
+    scores: Tensor | None,
+    *,
+    method: str,
+    reconstruct: str,
+    seed: int,
+    label: str,
+    warn: bool,
+    timer: PhaseTimer,
+    ctx: _dist.Context | None,
+) -> _Part:
+    """Select ``target`` of the channels of ``stats`` and re-fit ``w_cons`` (n, c, k) on them.
+
+    ``label`` names the part in messages. The re-fitted weight is in the consumer's own
+    units (``a`` undone).
+    """
+    timer.swap("select")
+    n = w_cons.shape[0]
+    width = w_cons.shape[1]
+    if a is not None:
         A, b = stats.channel_problem(w_cons.double() * a[:, None, None])
     else:
         A, b = stats.channel_problem(w_cons)
@@ -63,20 +167,19 @@ def _prune_one(
             f"the statistics of '{unit.consumer}' are not finite (NaN or inf): the "
             f"activations around it overflow {w_cons.dtype} on some calibration image"
         )
-    scores = channel_scores(method, unit, pruned, stats) if method in SCORE_METHODS else None
     note = "block target" if a is not None else ""
-    keep = select_channels(
-        method,
-        target,
-        A=A,
-        b=b,
-        scores=scores,
-        width=unit.width,
-        seed=_mix(seed, layer_key(unit.name)),
-        stats=stats if reconstruct in LSTSQ_MODES else None,  # obs: its re-fit
-    ).to(A.device)
+    obs_stats = stats if reconstruct in LSTSQ_MODES else None  # obs: its re-fit
+    if unit.producer_groups > 1:  # each group of the producer keeps as many
+        order = channel_order(
+            method, A=A, b=b, scores=scores, width=width, seed=seed, stats=obs_stats
+        )
+        keep = quota_order(order.to(A.device), width, unit.producer_groups)[:target].sort().values
+    else:
+        keep = select_channels(
+            method, target, A=A, b=b, scores=scores, width=width, seed=seed, stats=obs_stats
+        ).to(A.device)
     if ctx is not None:
-        keep = ctx.broadcast_(keep, f"channels of {unit.name}")
+        keep = ctx.broadcast_(keep, f"channels of {label}")
     err_before = channel_error(A, b, stats.yy, keep)
     timer.swap("solve")
     weight = bias_delta = None
@@ -103,12 +206,12 @@ def _prune_one(
         else:
             weight, bias_delta = lstsq(stats, keep, fit_bias=True)
             done = "plain least squares may not generalise; reconstruct='lstsq' guards against this"
-        if stats.count < unknowns:
+        if warn and stats.count < unknowns:
             warnings.warn(
                 f"re-fitting '{unit.consumer}' from {stats.count} samples for {unknowns} "
                 f"unknowns per output is under-determined: {done}. More calibration images "
                 "or samples_per_image give a better fit",
-                stacklevel=4,  # _prune_one <- _prune_units <- prune <- caller
+                stacklevel=5,  # _fit_part <- _prune_one <- _prune_units <- prune <- caller
             )
         err_after = patch_error(stats, keep, weight, bias_delta)
         if a is not None:  # back from units of the block's sum to the conv's output
@@ -123,30 +226,9 @@ def _prune_one(
         weight = w_cons[:, keep.to(w_cons.device)].double() * s.to(w_cons.device)[None, :, None]
     else:
         err_after = err_before
-    if ctx is not None and weight is not None:
-        weight = ctx.broadcast_(weight, f"weights of {unit.consumer}")
-        if bias_delta is not None:
-            bias_delta = ctx.broadcast_(bias_delta, f"bias of {unit.consumer}")
-    if weight is not None and not _finite(weight):
-        raise FloatingPointError(f"re-fitting '{unit.consumer}' produced non-finite weights")
-    timer.swap("surgery")
-    prune_unit(pruned, unit, keep.cpu(), weight=weight, bias_delta=bias_delta)
-    timer.pop()
-    report = LayerReport(
-        name=unit.name,
-        kind="sampler" if unit.kind == "sampler" else "conv",
-        channels_before=unit.width,
-        channels_after=int(keep.numel()),
-        method=method,
-        reconstruct=reconstruct,
-        error_before=err_before,
-        error_after=err_after,
-        seconds=time.perf_counter() - t0,
-        note=note,
-        ridge=ridge,
-        heldout_error=heldout,
+    return _Part(
+        keep, weight, bias_delta, err_before, err_after, float(stats.yy), ridge, heldout, note
     )
-    return keep.cpu(), report
 
 
 def _join(note: str, more: str) -> str:

@@ -33,6 +33,7 @@ from . import distributed as _dist
 from .graph import Unit
 from .select import SCORE_METHODS
 from .stats import ChannelStats, PatchStats, zero_counts
+from .surgery import consumer_weight
 
 __all__ = ["NORMALIZATIONS", "channel_scores", "check_scores", "global_scores", "normalize"]
 
@@ -123,9 +124,7 @@ def channel_scores(
         producer = model.get_submodule(unit.producer)
         # summed in the weights' dtype, as recon always has (the same ties, bit for bit)
         return producer.weight.detach().abs().reshape(unit.width, -1).sum(1).double()
-    consumer = model.get_submodule(unit.consumer)
-    n = consumer.weight.shape[0]
-    w = consumer.weight.detach().reshape(n, unit.width, unit.taps)  # (n, c, k)
+    w = consumer_weight(model.get_submodule(unit.consumer), unit)  # (n, c, k)
     return w.abs().sum(dim=(0, 2), dtype=torch.float64)
 
 

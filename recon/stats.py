@@ -441,6 +441,86 @@ class ChannelStats:
         return self.A, self.b
 
 
+class GroupedStats:
+    """The statistics of a grouped consumer: one accumulator per group.
+
+    Group ``g`` of a conv with ``groups`` groups reads only channels ``g·c/G ..`` and
+    writes only outputs ``g·n/G ..`` (:mod:`recon.groups`), so its problem needs only
+    those channels' patches and those outputs: ``G`` Grams of ``(c·k/G)²`` instead of
+    one of ``(c·k)²``. ``parts[g]`` is group ``g``'s :class:`PatchStats` (or
+    :class:`ChannelStats` when even one group's patch is too long);
+    :meth:`subset` hands it out.
+    """
+
+    def __init__(self, parts: list[PatchStats | ChannelStats], taps: int) -> None:
+        self.parts = parts
+        self.taps = taps
+        self.folds = getattr(parts[0], "folds", 1)
+        self._cpg = _channels_of(parts[0])
+        self._npg = _outputs_of(parts[0])
+
+    @property
+    def channels(self) -> int:
+        return self._cpg * len(self.parts)
+
+    @property
+    def count(self) -> int:
+        return self.parts[0].count
+
+    @property
+    def yy(self) -> Tensor:
+        return sum(p.yy for p in self.parts)
+
+    @property
+    def apoz(self) -> Tensor:
+        return torch.cat([p.apoz for p in self.parts])
+
+    def count_zeros(self, activation: Tensor) -> None:
+        """As :meth:`PatchStats.count_zeros`, each group's channels to its part."""
+        z, e = zero_counts(activation, self.channels)
+        for g, part in enumerate(self.parts):
+            part.zeros += z[g * self._cpg : (g + 1) * self._cpg].to(part.zeros.device)
+            part.entries += e
+
+    def update(self, x: Tensor, y: Tensor, fold: Tensor | int | None = None) -> None:
+        """Add samples: ``x`` (N, c*k) channel-major patches, ``y`` (N, n) targets."""
+        d = self._cpg * self.taps
+        for g, part in enumerate(self.parts):
+            xg, yg = x[:, g * d : (g + 1) * d], y[:, g * self._npg : (g + 1) * self._npg]
+            part.update(xg, yg) if fold is None else part.update(xg, yg, fold)
+
+    def tensors(self) -> list[Tensor]:
+        """Every part's summed tensors, in order (for in-place all-reduce)."""
+        return [t for p in self.parts for t in p.tensors()]
+
+    def merge_(self, other: GroupedStats) -> GroupedStats:
+        for mine, theirs in zip(self.parts, other.parts, strict=True):
+            mine.merge_(theirs)
+        return self
+
+    def subset(self, channels: slice, outputs: slice) -> PatchStats | ChannelStats:
+        """Group ``g``'s statistics (not a copy), for its channel and output slices."""
+        g = channels.start // self._cpg
+        want = (
+            slice(g * self._cpg, (g + 1) * self._cpg),
+            slice(g * self._npg, (g + 1) * self._npg),
+        )
+        if (channels, outputs) != want:
+            raise ValueError(
+                f"The 'channels' and 'outputs' arguments must be one group's slices {want}. "
+                f"Got {(channels, outputs)} instead."
+            )
+        return self.parts[g]
+
+
+def _channels_of(stats: PatchStats | ChannelStats) -> int:
+    return stats.channels if isinstance(stats, PatchStats) else stats.weight.shape[1]
+
+
+def _outputs_of(stats: PatchStats | ChannelStats) -> int:
+    return stats.outputs if isinstance(stats, PatchStats) else stats.weight.shape[0]
+
+
 def zero_counts(activation: Tensor, channels: int) -> tuple[Tensor, float]:
     """Exact zeros per channel of an activation, and the values per channel counted.
 

@@ -11,10 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from .graph import Unit
+from .groups import dense_weight
 from .layers import SampledConv2d
 
 __all__ = [
     "apply_bias_delta",
+    "consumer_weight",
     "insert_sampler",
     "prune_unit",
     "slice_bn",
@@ -28,9 +30,35 @@ def _param(t: Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.detach().to(like.dtype).clone(), requires_grad=like.requires_grad)
 
 
+def consumer_weight(module: nn.Conv2d | nn.Linear, unit: Unit) -> Tensor:
+    """The consumer's weight as ``(n, width, taps)``: dense (block diagonal) if grouped."""
+    n = module.weight.shape[0]
+    w = module.weight.detach().reshape(n, -1, unit.taps)
+    return dense_weight(w, module.groups) if isinstance(module, nn.Conv2d) else w
+
+
+def _group_counts(keep: Tensor, width: int, groups: int) -> Tensor:
+    """How many of ``keep`` each of ``groups`` equal groups of ``width`` channels holds;
+    a ``ValueError`` unless the counts are equal."""
+    counts = torch.bincount(
+        torch.div(keep, width // groups, rounding_mode="floor"), minlength=groups
+    )
+    if bool((counts != counts[0]).any()):
+        raise ValueError(
+            f"The 'keep' argument must keep as many channels of each of the {groups} groups. "
+            f"Got {counts.tolist()} instead."
+        )
+    return counts
+
+
 def slice_outputs(module: nn.Conv2d | nn.Linear, keep: Tensor) -> None:
-    """Keep only output channels ``keep`` of a conv or linear layer, in place."""
+    """Keep only output channels ``keep`` of a conv or linear layer, in place.
+
+    A grouped conv must keep as many outputs of each group (and ``keep`` sorted).
+    """
     keep = keep.to(module.weight.device)
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        _group_counts(keep, module.out_channels, module.groups)
     module.weight = _param(module.weight[keep], module.weight)
     if module.bias is not None:
         module.bias = _param(module.bias[keep], module.bias)
@@ -81,12 +109,30 @@ def slice_inputs(
     """Keep only input channels ``keep`` of a consumer, in place.
 
     For a linear layer after a flatten, channel ``i`` owns input features
-    ``i*taps .. i*taps+taps-1``. ``weight``, if given, replaces the sliced weight: shape
-    (n, m*taps) or the module's sliced weight shape.
+    ``i*taps .. i*taps+taps-1``. A grouped conv must keep as many channels of each group;
+    its group ``g``'s outputs keep their weights of the channels of ``keep`` in group ``g``.
+    ``weight``, if given, replaces the sliced weight: shape (n, m*taps / groups) or the
+    module's sliced weight shape.
     """
     dev = module.weight.device
     keep = keep.to(dev)
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        G, cpg = module.groups, module.in_channels // module.groups
+        m = int(_group_counts(keep, module.in_channels, G)[0])
+        local = (keep % cpg).reshape(G, m)  # (G, m) each group's kept channels
+        npg = module.out_channels // G
+        w = module.weight.reshape(G, npg, cpg, *module.kernel_size)
+        new = w[
+            torch.arange(G, device=dev)[:, None, None],
+            torch.arange(npg, device=dev)[None, :, None],
+            local[:, None, :],
+        ]
+        new = new.reshape(module.out_channels, m, *module.kernel_size)
+        if weight is not None:
+            new = weight.reshape(new.shape)
+        module.weight = _param(new, module.weight)
+        module.in_channels = len(keep)
+    elif isinstance(module, nn.Conv2d):
         new = module.weight[:, keep]
         if weight is not None:
             new = weight.reshape(new.shape)

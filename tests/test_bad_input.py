@@ -356,11 +356,11 @@ def test_model_without_prunable_layers():
     assert "Sequential" in str(err) and "'0'" in str(err)  # names the layer and why
 
 
-def test_grouped_conv_is_refused():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3, groups=2))
-    err = _check(net, X, ValueError, "grouped/depthwise")
-    assert "'2'" in str(err) and "groups=2" in str(err)  # names the module and pattern
+def test_a_grouped_conv_recon_cannot_refit_is_named():
+    torch.manual_seed(0)  # 1 channel per group: nothing can be removed from a group
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=4))
+    err = _check(net, X, ValueError, "no prunable layers")
+    assert "'2'" in str(err) and "one channel per group" in str(err)  # names module, why
 
 
 # --------------------------------------------------------------------------- other arguments

@@ -161,20 +161,25 @@ def test_a_depthwise_conv_recon_cannot_slice_keeps_its_producer_whole():
 
 
 @pytest.mark.parametrize(
-    ("conv", "what"),
+    ("conv", "why"),
     [
         (nn.Conv2d(8, 16, 3, padding=1, groups=8), "depth multiplier 2 (groups=8, 8 -> 16"),
-        (nn.Conv2d(8, 16, 3, padding=1, groups=4), "grouped convolution (groups=4)"),
+        (nn.Conv2d(8, 16, 3, padding=1, groups=4), None),
     ],
     ids=["depth-multiplier", "grouped"],
 )
-def test_grouped_and_depth_multiplier_convs_are_refused(conv, what):
+def test_grouped_and_depth_multiplier_convs_are_producers(conv, why):
+    # see test_grouped.py; a depth multiplier conv reads one channel per group, so its
+    # producer is left whole
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(16, 4, 1))
     graph = find_units(net)
-    assert what in graph.skipped["0"] and what in graph.unsupported["2"]
-    with pytest.raises(ValueError, match=r"cannot prune this Sequential: at '2'") as exc:
-        _prune(net, X, keep_ratio=0.5)
-    assert what in str(exc.value)
+    assert graph.unit("2").producer_groups == conv.groups and not graph.unsupported
+    if why is None:
+        assert graph.unit("0").groups == conv.groups
+    else:
+        assert why in graph.skipped["0"] and "one channel per group" in graph.skipped["0"]
+    res = _prune(net, X, keep_ratio=0.5)
+    assert res.model[2].out_channels == 8 and res.model[2].groups == conv.groups
 
 
 class SqueezeExcite(nn.Module):

@@ -264,13 +264,13 @@ def test_torchvision_resnet_blocks():
 
 
 @pytest.mark.parametrize(
-    ("groups", "out", "what"),
-    [(2, 8, "grouped convolution"), (8, 16, "depth multiplier 2")],
+    ("groups", "out", "why"),
+    [(2, 8, None), (8, 16, "depth multiplier 2")],
     ids=["grouped", "depth-multiplier"],
 )
-def test_grouped_conv_consumer_is_skipped(groups, out, what):
+def test_grouped_conv_consumer(groups, out, why):
     # A depthwise conv (groups = in = out) is cut along with its producer instead: see
-    # test_depthwise.py.
+    # test_depthwise.py; grouped convs in test_grouped.py.
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
@@ -281,11 +281,13 @@ def test_grouped_conv_consumer_is_skipped(groups, out, what):
         nn.Linear(4 * 6 * 6, 2),
     )
     graph = find_units(model)
-    assert graph.names == ["4"]
-    assert "'2'" in graph.skipped["0"]
-    assert what in graph.skipped["0"]
-    assert f"groups={groups}" in graph.skipped["2"]
-    assert what in graph.unsupported["2"]
+    assert not graph.unsupported
+    if why is None:
+        assert graph.names == ["0", "2", "4"]
+        assert (graph.unit("0").groups, graph.unit("2").producer_groups) == (groups, groups)
+    else:
+        assert graph.names == ["2", "4"]
+        assert "'2'" in graph.skipped["0"] and why in graph.skipped["0"]
 
 
 def test_other_unsupported_patterns_are_skipped_with_reasons():

@@ -306,20 +306,8 @@ def _untouched_calib():
 
 @pytest.mark.parametrize(
     ("build", "match"),
-    [
-        (_TwoBranches, r"'add'.*two branches"),
-        (
-            lambda: torchvision.models.resnext50_32x4d(weights=None),
-            r"'layer1\.0\.conv2'.*groups=32",
-        ),
-        (  # a depthwise conv with a depth multiplier (MobileNetV2 is pruned: test_depthwise)
-            lambda: nn.Sequential(
-                nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, groups=8), nn.Conv2d(16, 4, 1)
-            ),
-            r"'2'.*depth multiplier 2",
-        ),
-    ],
-    ids=["two-branches", "resnext", "depth-multiplier"],
+    [(_TwoBranches, r"'add'.*two branches")],
+    ids=["two-branches"],  # grouped convs are pruned now: test_grouped.py
 )
 def test_unsupported_pattern_is_refused_before_calibration(build, match):
     torch.manual_seed(0)
