@@ -33,6 +33,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -125,6 +126,16 @@ def _split(batches: list[Tensor], offsets: list[int], first_held: int):
         if n < b.shape[0]:
             tail.append(b[n:])
     return fit, fit_offsets, torch.cat(tail) if tail else None
+
+
+class _Group(NamedTuple):
+    """One group's problem in a grouped consumer's profile (or the whole unit's)."""
+
+    stats: PatchStats | ChannelStats
+    A: Tensor
+    b: Tensor
+    order: Tensor  # the method's nested order of its channels
+    weight: Tensor  # (n_group, c_group, k) consumer weight
 
 
 def _order(A: Tensor, b: Tensor, stats, scores, method, seed, mode, key: str) -> Tensor:
@@ -303,36 +314,35 @@ def _profile_one(
     counts = count_grid(unit.width, math.lcm(round_to, unit.step))
     scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
     G = unit.groups
-    parts = []  # (stats, A, b, order, weight) of each group, or of the whole unit
+    parts = []  # each group's problem, or the whole unit's
     for g, (chans, outs) in enumerate(group_slices(unit.width, w_cons.shape[0], G)):
         sub = stats.subset(chans, outs) if G > 1 else stats
         A, b = sub.channel_problem(w_cons[outs, chans])
         key = f"{unit.name}/{g}" if G > 1 else unit.name
         s = None if scores is None else scores[chans]
         order = _order(A, b, sub, s, method, seed, reconstruct, key)
-        parts.append(
-            (sub, A, b, quota_order(order, unit.width, unit.producer_groups), w_cons[outs, chans])
-        )
-    errs = [_curve(p[0], p[1], p[2], p[3], counts // G, reconstruct).cpu() for p in parts]
-    yy = torch.tensor([float(p[0].yy) for p in parts], dtype=torch.float64)
-    err = (
-        errs[0] if G == 1 else (torch.stack(errs) * yy[:, None]).sum(0) / yy.sum().clamp_min(1e-300)
+        order = quota_order(order, unit.width, unit.producer_groups)
+        parts.append(_Group(sub, A, b, order, w_cons[outs, chans]))
+    errs = torch.stack(
+        [_curve(p.stats, p.A, p.b, p.order, counts // G, reconstruct).cpu() for p in parts]
     )
+    yy = torch.tensor([float(p.stats.yy) for p in parts], dtype=torch.float64)
+    err = errs[0] if G == 1 else (errs * yy[:, None]).sum(0) / yy.sum().clamp_min(1e-300)
     probe = _probe_count(counts, err, uniform)
     sums = [0.0, 0.0]
     if probe < unit.width and ref is not None:
-        fits = []
-        for sub, A, b, order, w in parts:
-            keep = order[: probe // G].sort().values
-            fits.append((keep, *_probe_fit(sub, A, b, keep, w, reconstruct)))
+        keeps = [p.order[: probe // G].sort().values for p in parts]
+        fits = [
+            _probe_fit(p.stats, p.A, p.b, k, p.weight, reconstruct)
+            for p, k in zip(parts, keeps, strict=True)
+        ]
         cpg = unit.width // G
-        keep = torch.cat([f[0].cpu() + g * cpg for g, f in enumerate(fits)])
-        weight = (
-            None
-            if fits[0][1] is None
-            else torch.cat([f[1].reshape(f[1].shape[0], -1) for f in fits])
-        )
-        bias_delta = None if fits[0][2] is None else torch.cat([f[2] for f in fits])
+        keep = torch.cat([k.cpu() + g * cpg for g, k in enumerate(keeps)])
+        weight = bias_delta = None
+        if fits[0][0] is not None:
+            weight = torch.cat([w.reshape(w.shape[0], -1) for w, _ in fits])
+        if fits[0][1] is not None:
+            bias_delta = torch.cat([d for _, d in fits])
         net = copy.deepcopy(original)
         prune_unit(net, unit, keep, weight=weight, bias_delta=bias_delta)
         sums = _output_error(net, x_held, ref)
