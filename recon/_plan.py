@@ -94,6 +94,7 @@ def _unit_entry(unit: Unit, kept: list[int]) -> dict[str, Any]:
         "width": int(unit.width),
         "taps": int(unit.taps),
         "kept": [int(i) for i in kept],
+        **({"gate": list(unit.gate)} if unit.gate is not None else {}),
     }
 
 
@@ -261,6 +262,7 @@ def _unit(name: str, e: dict[str, Any]) -> Unit:
         channelwise=tuple(e.get("channelwise", ())),
         consumer_bn=e.get("consumer_bn"),
         kind=e["kind"],
+        gate=tuple(e["gate"]) if e.get("gate") else None,
     )
 
 
@@ -293,6 +295,13 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
                     out.append(f"'{cw_name}' is not a depthwise convolution (groups={m.groups})")
                 elif isinstance(m, nn.Conv2d) and m.in_channels != width:
                     out.append(f"'{cw_name}' has {m.in_channels} channels, not {width}")
+        if e.get("gate"):
+            fc1 = get(e["gate"][0], (nn.Conv2d,), "Conv2d")
+            fc2 = get(e["gate"][1], (nn.Conv2d,), "Conv2d")
+            if fc1 is not None and fc1.in_channels != width:
+                out.append(f"'{e['gate'][0]}' reads {fc1.in_channels} channels, not {width}")
+            if fc2 is not None and fc2.out_channels != width:
+                out.append(f"'{e['gate'][1]}' writes {fc2.out_channels} channels, not {width}")
         if e["consumer_kind"] == "conv":
             c = get(e["consumer"], (nn.Conv2d,), "Conv2d")
             if c is not None and (c.in_channels, c.kernel_size[0] * c.kernel_size[1]) != (

@@ -51,6 +51,7 @@ from .gather import (  # noqa: F401  (_image_folds, _accumulate: used by tests)
     _bn_scale,
     _image_folds,
     _Target,
+    stats_tensors,
 )
 from .graph import Graph, Unit, find_units, trace
 from .passes import DEFAULT_CACHE_BYTES, Passes
@@ -519,7 +520,10 @@ def _budget_unit(unit: Unit, model: nn.Module) -> _budget.BudgetUnit:
     scale on their output side, the consumer on its input side."""
     depthwise = [n for n in unit.channelwise if isinstance(model.get_submodule(n), nn.Conv2d)]
     out = (unit.producer, *depthwise) if unit.producer else ()
-    return _budget.BudgetUnit(unit.name, unit.width, out, (unit.consumer,), step=unit.step)
+    fc1, fc2 = unit.gate or ((), ())
+    ins = (unit.consumer, fc1) if unit.gate else (unit.consumer,)
+    out = (*out, fc2) if unit.gate else out
+    return _budget.BudgetUnit(unit.name, unit.width, out, ins, step=unit.step)
 
 
 def _prepare(
@@ -781,7 +785,7 @@ def _prune_units(
             passes.drop_targets(step)
             if ctx is not None:  # sums over every rank's shard
                 with timer("communication"):
-                    ctx.all_reduce_(stats.tensors(), f"statistics of {unit.name}")
+                    ctx.all_reduce_(stats_tensors(stats), f"statistics of {unit.name}")
             t_stats = time.perf_counter() - t0
             keep, row = _prune_one(
                 unit,

@@ -192,6 +192,13 @@ def _accumulate(
     else:
         stats = _new_stats(weight.reshape(n, c, k), target, slice(None), folds, block_dtype)
     in_node = _node_of(gm_p, unit.consumer).args[0].name
+    gate = gate_node = None
+    if unit.gate is not None:  # fc1's input and output, for its re-fit on kept channels
+        fc1 = gm_p.get_submodule(unit.gate[0])
+        w_fc1 = fc1.weight.detach().reshape(fc1.out_channels, -1).double()
+        gate_node = _node_of(gm_p, unit.gate[0]).args[0].name
+        gate = PatchStats(c, 1, fc1.out_channels, device=weight.device, folds=folds)
+        stats.gate = gate
     rows = _Rows(stats)
     bar = progress_bar(
         batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch", log="none"
@@ -223,9 +230,14 @@ def _accumulate(
             with timer("stats"):
                 got["sc"] = gather_targets(v.detach(), orig.positions)
 
+        def on_gate(v: Tensor, got=got) -> None:  # the pooled (B, c, 1, 1) gate input
+            got["gate"] = v.detach().reshape(v.shape[0], -1).double()
+
         watch = [(in_node, on_input)]
         if target is not None:
             watch.append((target.shortcut, on_shortcut))
+        if gate is not None:
+            watch.append((gate_node, on_gate))
         passes.pruned(step, b, watch)
         with timer("stats"):
             y = orig.y
@@ -234,6 +246,15 @@ def _accumulate(
             images = batches[b].shape[0]
             fold = _image_folds(passes.offsets[b], images, folds, seed) if folds > 1 else None
             rows.add(got["x"], y, fold, got["x"].shape[0] // images)
+            if gate is not None:  # fc1's own output on its input, before the cut
+                p = got["gate"]
+                gate.update(p, p @ w_fc1.T, 0 if fold is None else fold)
     with timer("stats"):
         rows.flush()
     return stats
+
+
+def stats_tensors(stats: PatchStats | ChannelStats | GroupedStats) -> list[Tensor]:
+    """A unit's summed tensors for all-reduce: its statistics' and its gate's, if any."""
+    gate = getattr(stats, "gate", None)
+    return stats.tensors() + ([] if gate is None else gate.tensors())

@@ -13,6 +13,10 @@ as a producer each group keeps the same number of its outputs. Either way the un
 kept count is a multiple of ``G`` (:attr:`Unit.step`). A grouped producer feeding a
 grouped consumer is not a unit.
 
+A squeeze-and-excitation gate between them, ``x * σ(fc2(act(fc1(pool(x)))))`` with 1×1
+convs ``fc1`` (from the unit's channels) and ``fc2`` (back to them), is cut too
+(:attr:`Unit.gate`): fc2's outputs and fc1's inputs, fc1 re-fitted on what is kept.
+
 A depthwise conv (``groups == in_channels == out_channels``) maps channel ``i`` to
 channel ``i``, like a BatchNorm: in an inverted residual (1×1 expand -> BN -> ReLU6 ->
 depthwise -> BN -> ReLU6 -> 1×1 project) the expand conv is the producer, the project
@@ -152,6 +156,10 @@ class Unit:
         ``g*width/groups ..`` and writes outputs ``g*n/groups ..``.
     producer_groups : int
         The producer's groups: each group's outputs are kept in equal numbers.
+    gate : (str, str) or None
+        A squeeze-and-excitation gate between producer and consumer, ``x * σ(fc2(act(
+        fc1(pool(x)))))``: its 1×1 convs ``(fc1, fc2)``. fc2's outputs are cut with the
+        producer, fc1's inputs too, and fc1 is re-fitted on the kept channels.
     """
 
     name: str
@@ -165,6 +173,7 @@ class Unit:
     kind: str = "plain"
     groups: int = 1
     producer_groups: int = 1
+    gate: tuple[str, str] | None = None
 
     @property
     def step(self) -> int:
@@ -391,9 +400,8 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
             continue
         unit_or_reason = _follow(node, m, modules)
         if isinstance(unit_or_reason, Unit):
-            shared = [
-                n for n in (unit_or_reason.consumer, *unit_or_reason.channelwise) if calls[n] > 1
-            ]
+            u = unit_or_reason
+            shared = [n for n in (u.consumer, *u.channelwise, *(u.gate or ())) if calls[n] > 1]
             if shared:
                 unit_or_reason = (
                     f"its output flows into '{shared[0]}', which forward() calls "
@@ -715,6 +723,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
     width = producer.out_channels
     name = node.target
     channelwise: list[str] = []  # BatchNorms and depthwise convs, sliced with the producer
+    se_gate: tuple[str, str] | None = None  # a squeeze-and-excitation gate's (fc1, fc2)
     flattened = False
     cur = node
     while True:
@@ -729,12 +738,16 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
             continue
         gate = _gate(cur, users)
         if gate is not None:
-            return (
-                f"its output (through {_describe(cur, modules)}) is multiplied at node "
-                f"'{gate.name}' by a gate computed from all its channels (squeeze-and-"
-                "excitation): its channels are coupled with the gate's layers, the unit is "
-                "left whole"
-            )
+            se = _se_gate(cur, gate, modules, width) if se_gate is None else "a second gate"
+            if isinstance(se, str):
+                return (
+                    f"its output (through {_describe(cur, modules)}) is multiplied at node "
+                    f"'{gate.name}' by a gate computed from all its channels (squeeze-and-"
+                    f"excitation) that recon cannot cut along ({se}): its channels are "
+                    "coupled with the gate's layers, the unit is left whole"
+                )
+            se_gate, cur = se, gate
+            continue
         if len(users) != 1:
             what = ", ".join(_describe(u, modules) for u in users) or "nothing"
             return (
@@ -778,6 +791,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     consumer_bn=_bn_after(nxt, modules),
                     groups=mod.groups,
                     producer_groups=producer.groups,
+                    gate=se_gate,
                 )
             if isinstance(mod, nn.Linear) and flattened:
                 if mod.in_features % width:
@@ -795,6 +809,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     channelwise=tuple(channelwise),
                     consumer_bn=_bn_after(nxt, modules),
                     producer_groups=producer.groups,
+                    gate=se_gate,
                 )
             allowed = _ELEMENTWISE_MODULES if flattened else _CHANNELWISE_MODULES
             if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
@@ -827,6 +842,51 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
         else:
             return _opaque(nxt, modules)
         cur = nxt
+
+
+def _se_gate(
+    value: fx.Node, mul: fx.Node, modules: dict[str, nn.Module], width: int
+) -> tuple[str, str] | str:
+    """The ``(fc1, fc2)`` of a squeeze-and-excitation gate ``value * gate(value)``, or why
+    recon cannot cut it: ``value`` pooled to 1×1, a 1×1 conv from ``width`` channels,
+    element-wise ops, a 1×1 conv back to ``width``, element-wise ops, into ``mul``."""
+    pools = [u for u in _users(value) if u is not mul]
+    if len(pools) != 1:
+        return f"{len(pools)} other readers"
+    cur = pools[0]
+    if cur.op == "call_module":
+        m = modules[cur.target]
+        pooled = isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
+        pooled = pooled and m.output_size in (1, (1, 1))
+    elif cur.op == "call_function" and cur.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        size = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("output_size")
+        pooled = size in (1, (1, 1))
+    else:
+        pooled = _spatial_reduce(cur) == "keep"
+    if not pooled:
+        return f"it does not start with a global pooling: {_describe(cur, modules)}"
+    convs: list[str] = []
+    while True:
+        users = _users(cur)
+        if len(users) != 1:
+            return f"{_describe(cur, modules)} has {len(users)} readers"
+        cur = users[0]
+        if cur is mul:
+            break
+        if cur.op == "call_module" and isinstance(modules[cur.target], nn.Conv2d):
+            conv = modules[cur.target]
+            ok = _supported_conv(conv) is None and conv.groups == 1
+            if not ok or conv.kernel_size != (1, 1) or len(convs) == 2:
+                return f"'{cur.target}' is not a 1×1 squeeze or excitation conv"
+            convs.append(str(cur.target))
+        elif not (_channelwise(cur, modules) and len(cur.all_input_nodes) == 1):
+            return f"{_describe(cur, modules)} is not element-wise"
+    if len(convs) != 2:
+        return f"{len(convs)} convolution(s), not a squeeze and an excitation"
+    fc1, fc2 = (modules[c] for c in convs)
+    if fc1.in_channels != width or fc2.out_channels != width:
+        return f"'{convs[0]}' reads {fc1.in_channels}, '{convs[1]}' writes {fc2.out_channels}"
+    return convs[0], convs[1]
 
 
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}

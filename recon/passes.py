@@ -320,7 +320,7 @@ class Passes:
         first = self.rp.module_nodes()
         starts = []
         for u in self.units:
-            names = [u.producer, *u.channelwise, u.consumer, u.consumer_bn]
+            names = [u.producer, *u.channelwise, *(u.gate or ()), u.consumer, u.consumer_bn]
             starts.append(min(first[n] for n in names if n is not None and n in first))
         safe = list(starts)
         for i in range(len(safe) - 2, -1, -1):
@@ -351,6 +351,8 @@ class Passes:
         network computes there.
         """
         if unit.kind != "plain" or unit.producer is None or unit.consumer not in first:
+            return None
+        if unit.gate is not None:  # the gate's input is watched, before the consumer
             return None
         cut = first[unit.consumer]
         if cut > later:

@@ -42,10 +42,11 @@ from . import distributed as _dist
 from ._progress import progress_bar
 from ._timing import PhaseTimer
 from .allocate import count_grid, lstsq_error_curve, scale_error_curve
-from .gather import CV_FOLDS, _accumulate
+from .gather import CV_FOLDS, _accumulate, stats_tensors
 from .graph import Unit
 from .groups import group_slices, quota_order
 from .passes import Passes
+from .refit import gate_fit
 from .sampling import _mix, layer_key
 from .scores import channel_scores
 from .select import SCORE_METHODS, channel_order
@@ -285,7 +286,7 @@ def profile_units(
             passes.drop_targets(step)
             passes.kept(step, None)  # the profiled network is never pruned
             if ctx is not None:
-                ctx.all_reduce_(stats.tensors(), f"profile of {unit.name}")
+                ctx.all_reduce_(stats_tensors(stats), f"profile of {unit.name}")
             out[unit.name] = _profile_one(
                 unit, stats, original, x_held, ref, uniform[unit.name],
                 method=method, reconstruct=reconstruct, round_to=round_to, seed=seed, ctx=ctx,
@@ -343,8 +344,9 @@ def _profile_one(
             weight = torch.cat([w.reshape(w.shape[0], -1) for w, _ in fits])
         if fits[0][1] is not None:
             bias_delta = torch.cat([d for _, d in fits])
+        gate = gate_fit(unit, stats, keep, original, reconstruct)
         net = copy.deepcopy(original)
-        prune_unit(net, unit, keep, weight=weight, bias_delta=bias_delta)
+        prune_unit(net, unit, keep, weight=weight, bias_delta=bias_delta, gate=gate)
         sums = _output_error(net, x_held, ref)
         del net
     if ctx is not None:

@@ -104,8 +104,11 @@ def _prune_one(
             bias_delta = ctx.broadcast_(bias_delta, f"bias of {unit.consumer}")
     if weight is not None and not _finite(weight):
         raise FloatingPointError(f"re-fitting '{unit.consumer}' produced non-finite weights")
+    gate = gate_fit(unit, stats, keep, pruned, reconstruct)
+    if ctx is not None and gate is not None:
+        gate = tuple(ctx.broadcast_(t, f"gate of {unit.name}") for t in gate)
     timer.swap("surgery")
-    prune_unit(pruned, unit, keep, weight=weight, bias_delta=bias_delta)
+    prune_unit(pruned, unit, keep, weight=weight, bias_delta=bias_delta, gate=gate)
     timer.pop()
     yy = sum(p.yy for p in parts)
 
@@ -132,6 +135,29 @@ def _prune_one(
         heldout_error=mean([p.heldout for p in parts]),
     )
     return keep, report
+
+
+def gate_fit(
+    unit: Unit, stats: object, keep: Tensor, model: nn.Module, reconstruct: str
+) -> tuple[Tensor, Tensor] | None:
+    """The re-fitted squeeze conv (fc1) of ``unit``'s gate on the kept channels, and the
+    change of its bias; None without a gate or a least-squares re-fit.
+
+    fc1 reads the pooled channels ``p`` (one sample per image); with channels ``S``
+    kept, ``min ‖W₁p − W₁'p_S − δ‖²`` over the calibration images keeps its output —
+    and so the gate on the kept channels — as near as ``S`` allows (cross-validated as
+    the consumer's re-fit is, for ``reconstruct="lstsq"``).
+    """
+    gate = getattr(stats, "gate", None)
+    if unit.gate is None or gate is None or reconstruct not in LSTSQ_MODES:
+        return None
+    fc1 = model.get_submodule(unit.gate[0])
+    w = fc1.weight.detach().reshape(fc1.out_channels, unit.width, 1).double()
+    keep = keep.to(gate.G.device)
+    if reconstruct == "lstsq":
+        fit = cv_lstsq(gate, keep, w)
+        return fit.weight, fit.bias_delta
+    return lstsq(gate, keep, fit_bias=True)
 
 
 def _fit_part(

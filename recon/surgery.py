@@ -161,6 +161,16 @@ def insert_sampler(
     return new
 
 
+def _add_bias(module: nn.Conv2d | nn.Linear, delta: Tensor) -> None:
+    """``module``'s bias += ``delta`` (a bias is created if it has none)."""
+    dtype, dev = module.weight.dtype, module.weight.device
+    delta = delta.to(dev, torch.float64)
+    if module.bias is not None:
+        module.bias = _param(module.bias.double() + delta, module.bias)
+    else:
+        module.bias = nn.Parameter(delta.to(dtype), requires_grad=module.weight.requires_grad)
+
+
 def apply_bias_delta(model: nn.Module, unit: Unit, delta: Tensor) -> None:
     """Add ``delta`` (n,) to the consumer's output, keeping the architecture.
 
@@ -188,12 +198,15 @@ def prune_unit(
     *,
     weight: Tensor | None = None,
     bias_delta: Tensor | None = None,
+    gate: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """Remove every channel of ``unit`` not in ``keep``, in place.
 
-    Slices the producer's outputs, the BatchNorms and depthwise convs between, and the
+    Slices the producer's outputs, the BatchNorms and depthwise convs between, a
+    squeeze-and-excitation gate's squeeze inputs and excitation outputs, and the
     consumer's inputs; for a sampler unit, puts a sampler in front of the consumer
-    instead. Installs a re-fitted consumer ``weight`` and adds ``bias_delta`` when given.
+    instead. Installs a re-fitted consumer ``weight`` and adds ``bias_delta`` when
+    given, and the gate's re-fitted squeeze weight and bias change ``gate``.
     """
     keep = torch.as_tensor(keep, dtype=torch.long)
     if unit.kind == "sampler":
@@ -202,6 +215,12 @@ def prune_unit(
         slice_outputs(model.get_submodule(unit.producer), keep)
         for name in unit.channelwise:
             slice_channelwise(model.get_submodule(name), keep)
+        if unit.gate is not None:
+            fc1, fc2 = (model.get_submodule(n) for n in unit.gate)
+            slice_inputs(fc1, keep, 1, None if gate is None else gate[0])
+            slice_outputs(fc2, keep)
+            if gate is not None:
+                _add_bias(fc1, gate[1])
         slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
     if bias_delta is not None:
         apply_bias_delta(model, unit, bias_delta)

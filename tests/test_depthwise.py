@@ -85,7 +85,7 @@ def _prune(model: nn.Module, calib: torch.Tensor = X, **kwargs) -> recon.PruneRe
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float(((a - b) ** 2).sum() / (b**2).sum())
 
 
@@ -198,15 +198,48 @@ class SqueezeExcite(nn.Module):
         return self.project(x * gate)
 
 
-def test_squeeze_and_excitation_leaves_the_block_whole():
+def test_squeeze_and_excitation_is_cut_along_with_its_producer():
     graph = find_units(SqueezeExcite())
-    assert graph.names == ["fc1"]  # the gate's own squeeze is an ordinary unit
-    why = graph.skipped["expand"]
-    assert "multiplied at node 'mul' by a gate" in why and "squeeze-and-excitation" in why
-    assert "no unit reaches it" in graph.skipped["dw"]
-    assert not graph.unsupported
-    result = _prune(randomize_bn(SqueezeExcite()).eval(), X, keep_ratio=0.5)
-    assert result.model.expand.out_channels == 8 and result.model.dw.groups == 8
+    assert graph.names == ["fc1", "expand"]  # the gate's own squeeze is a unit too
+    unit = graph.unit("expand")
+    assert unit.gate == ("fc1", "fc2") and unit.consumer == "project"
+    assert unit.channelwise == ("bn1", "dw", "bn2") and not graph.unsupported
+    net = randomize_bn(SqueezeExcite()).eval()
+    torch.testing.assert_close(_prune(net, X, keep_ratio=1.0).model(X), net(X))
+    m = _prune(net, X, channels={"expand": 4}).model
+    assert (m.expand.out_channels, m.dw.groups, m.fc1.in_channels, m.fc2.out_channels) == (4,) * 4
+    assert m.project.in_channels == 4 and m(X).shape == net(X).shape
+
+
+def _gate(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The squeeze-and-excitation gate of SqueezeExcite, (B, c)."""
+    with torch.no_grad():
+        y = F.relu(net.bn2(net.dw(F.relu(net.bn1(net.expand(x))))))
+        return torch.sigmoid(net.fc2(F.relu(net.fc1(F.adaptive_avg_pool2d(y, 1))))).flatten(1)
+
+
+def test_the_squeeze_is_refitted_so_the_gate_stays_as_it_was():
+    # Duplicated channel pairs: one of each pair carries everything, so re-fitting the
+    # squeeze (fc1) on the kept ones keeps the gate of the kept channels exactly;
+    # slicing it alone (no re-fit) does not.
+    torch.manual_seed(0)
+    net = randomize_bn(SqueezeExcite()).eval()
+    with torch.no_grad():
+        for mod in (net.expand, net.dw, net.bn1, net.bn2):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(mod, name, None)
+                if t is not None:
+                    t[1::2] = t[0::2]
+    fitted = _prune(net, X, channels={"expand": 4}, method="obs")
+    kept = fitted.kept["expand"]
+    assert len({i // 2 for i in kept}) == 4  # one of each pair
+    torch.testing.assert_close(_gate(fitted.model, X), _gate(net, X)[:, kept])
+    with torch.no_grad():  # the same channels, fc1 only sliced
+        y = F.relu(net.bn2(net.dw(F.relu(net.bn1(net.expand(X))))))[:, kept]
+        z = F.relu(F.conv2d(F.adaptive_avg_pool2d(y, 1), net.fc1.weight[:, kept], net.fc1.bias))
+        sliced = torch.sigmoid(F.conv2d(z, net.fc2.weight[kept], net.fc2.bias[kept])).flatten(1)
+    assert (sliced - _gate(net, X)[:, kept]).abs().max() > 1e-3
+    assert _rel(fitted.model(X), net(X)) < 1e-5
 
 
 # --------------------------------------------------------------------------- pruning
@@ -346,3 +379,47 @@ def test_mobilenet_v2_small():
 def test_mobilenet_v2():
     x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     _check_mobilenet(_mobilenet_v2(), x)
+
+
+def test_a_squeeze_and_excitation_model_saves_and_loads(tmp_path):
+    net = randomize_bn(SqueezeExcite()).eval()
+    result = _prune(net, X, channels={"expand": 4})
+    recon.save(result, tmp_path / "se.pt")
+    back = recon.load(tmp_path / "se.pt", lambda: SqueezeExcite().eval())
+    torch.testing.assert_close(back(X), result.model(X))
+    assert result.plan["units"]["expand"]["gate"] == ["fc1", "fc2"]
+
+
+@pytest.mark.filterwarnings(_CD)
+def test_mobilenet_v3_small_reaches_2x_with_its_gates_cut():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = randomize_bn(tv.models.mobilenet_v3_small(weights=None)).eval()
+    assert sum(u.gate is not None for u in find_units(net).units) == 9  # every SE block
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = _prune(net, x, speedup=2.0, allocation="uniform")  # was at most 1.47x
+    assert result.report.speedup == pytest.approx(2.0, rel=0.02)
+    fc1 = result.model.features[4].block[2].fc1
+    assert fc1.in_channels == result.channels["features.4.block.0.0"]
+
+
+def _se_net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(SqueezeExcite()).eval()
+
+
+def _rank_se(rank: int, world: int) -> dict:
+    res = _prune(_se_net(), X.split(6), channels={"expand": 4})
+    return {"kept": res.kept, "out": res.model(X).detach()}
+
+
+@pytest.mark.slow  # process start-up; the gate's sums join the all-reduce (gather.stats_tensors)
+def test_two_ranks_give_the_one_process_gated_model():
+    from _compare import assert_same_outputs
+    from _dist import run_ranks, values
+
+    ranks = values(run_ranks(_rank_se, timeout=240))
+    single = _prune(_se_net(), X.split(8), channels={"expand": 4})
+    assert ranks[0]["kept"] == ranks[1]["kept"] == single.kept
+    assert torch.equal(ranks[0]["out"], ranks[1]["out"])
+    assert_same_outputs(ranks[0]["out"], single.model(X).detach())
