@@ -3,9 +3,13 @@
 For a unit, the consumer's input patches ``x`` at the sampled positions (from the
 network given as "pruned") and its output ``y`` (from the original) are summed into
 float64 statistics (:mod:`recon.stats`): patch Grams when the patch is short enough,
-channel-level Grams otherwise, kept per fold of images for the cross-validated re-fit.
-The same pass counts the exact zeros of each channel of the activation the consumer
-reads (at every position, not only the sampled ones), for APoZ.
+channel-level Grams otherwise, kept per fold of images for the cross-validated re-fit;
+one accumulator per group for a grouped consumer (:class:`recon.stats.GroupedStats`).
+A unit with a squeeze-and-excitation gate also gets ``stats.gate``: its squeeze conv's
+pooled input and own output, one sample per image, for the squeeze's re-fit
+(:func:`recon.refit.gate_fit`). The same pass counts the exact zeros of each channel
+of the activation the consumer reads (at every position, not only the sampled ones),
+for APoZ.
 This module sees traced graphs, modules and tensors; it knows nothing of selection.
 """
 
