@@ -113,6 +113,7 @@ def run_model(
                         net,
                         calib.split(16),
                         speedup=target,
+                        method="lasso",  # as the page says (not the default, obs)
                         allocation="uniform",
                         reconstruct=mode,
                         progress=False,
