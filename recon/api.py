@@ -520,9 +520,9 @@ def _budget_unit(unit: Unit, model: nn.Module) -> _budget.BudgetUnit:
     scale on their output side, the consumer on its input side."""
     depthwise = [n for n in unit.channelwise if isinstance(model.get_submodule(n), nn.Conv2d)]
     out = (unit.producer, *depthwise) if unit.producer else ()
-    fc1, fc2 = unit.gate or ((), ())
-    ins = (unit.consumer, fc1) if unit.gate else (unit.consumer,)
-    out = (*out, fc2) if unit.gate else out
+    ins = (unit.consumer,)
+    if unit.gate is not None:  # the squeeze reads the channels, the excitation writes them
+        ins, out = (*ins, unit.gate[0]), (*out, unit.gate[1])
     return _budget.BudgetUnit(unit.name, unit.width, out, ins, step=unit.step)
 
 

@@ -178,17 +178,13 @@ def apply_bias_delta(model: nn.Module, unit: Unit, delta: Tensor) -> None:
     it (``running_mean -= delta``); else a bias parameter is created.
     """
     consumer = model.get_submodule(unit.consumer)
-    dtype, dev = consumer.weight.dtype, consumer.weight.device
-    delta = delta.to(dev, torch.float64)
-    if consumer.bias is not None:
-        consumer.bias = _param(consumer.bias.double() + delta, consumer.bias)
-        return
-    if unit.consumer_bn is not None:
+    if consumer.bias is None and unit.consumer_bn is not None:
         bn = model.get_submodule(unit.consumer_bn)
         if bn.running_mean is not None:
+            delta = delta.to(bn.running_mean.device, torch.float64)
             bn.running_mean.copy_((bn.running_mean.double() - delta).to(bn.running_mean.dtype))
             return
-    consumer.bias = nn.Parameter(delta.to(dtype), requires_grad=consumer.weight.requires_grad)
+    _add_bias(consumer, delta)
 
 
 def prune_unit(
