@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dense_weight", "group_slices", "merge_orders", "quota_order"]
+__all__ = ["dense_weight", "group_slices", "quota_order"]
 
 
 def dense_weight(weight: Tensor, groups: int) -> Tensor:
@@ -82,13 +82,3 @@ def quota_order(order: Tensor, width: int, groups: int) -> Tensor:
     level = (onehot.cumsum(0) * onehot).sum(1) - 1  # its rank within its group
     rank = torch.arange(len(order), device=order.device)
     return order[torch.argsort(level * len(order) + rank)]
-
-
-def merge_orders(orders: list[Tensor], cpg: int) -> Tensor:
-    """One nested order of all channels from each group's own order (local indices).
-
-    Level ``j`` holds every group's ``j``-th channel, in group order; so the first
-    ``j·G`` entries keep ``j`` channels of each group.
-    """
-    glob = torch.stack([o + g * cpg for g, o in enumerate(orders)])  # (G, cpg)
-    return glob.T.reshape(-1)

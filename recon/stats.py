@@ -493,11 +493,6 @@ class GroupedStats:
         """Every part's summed tensors, in order (for in-place all-reduce)."""
         return [t for p in self.parts for t in p.tensors()]
 
-    def merge_(self, other: GroupedStats) -> GroupedStats:
-        for mine, theirs in zip(self.parts, other.parts, strict=True):
-            mine.merge_(theirs)
-        return self
-
     def subset(self, channels: slice, outputs: slice) -> PatchStats | ChannelStats:
         """Group ``g``'s statistics (not a copy), for its channel and output slices."""
         g = channels.start // self._cpg

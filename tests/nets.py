@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+import recon
+
+
+def quiet_prune(model: nn.Module, calib, **kwargs) -> recon.PruneResult:
+    """``recon.prune`` without a progress bar or the 'under-determined' warning of tiny
+    calibration sets."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="re-fitting", category=UserWarning)
+        return recon.prune(model, calib, progress=False, **kwargs)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖² / ‖b‖²`` in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float(((a - b) ** 2).sum() / (b**2).sum())
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

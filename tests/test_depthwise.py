@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
-from nets import randomize_bn
+from nets import quiet_prune, randomize_bn
+from nets import rel_error as _rel
 from torch import nn
 
 import recon
@@ -79,14 +78,7 @@ def _net() -> nn.Module:
 
 
 def _prune(model: nn.Module, calib: torch.Tensor = X, **kwargs) -> recon.PruneResult:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="re-fitting", category=UserWarning)
-        return recon.prune(model, calib, progress=False, **kwargs)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float(((a - b) ** 2).sum() / (b**2).sum())
+    return quiet_prune(model, calib, **kwargs)
 
 
 def _block(i: int) -> tuple[str, str]:

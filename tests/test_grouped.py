@@ -3,20 +3,19 @@ keeping as many outputs of every group."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from _compare import assert_same_outputs
 from _dist import run_ranks, values
-from nets import randomize_bn
+from nets import quiet_prune, randomize_bn
+from nets import rel_error as _rel
 from torch import nn
 
 import recon
 from recon.budget import BudgetUnit, resolve_channels
 from recon.graph import find_units
-from recon.groups import dense_weight, merge_orders, quota_order
+from recon.groups import dense_weight, quota_order
 from recon.select import METHODS
 from recon.stats import GroupedStats, PatchStats
 from recon.surgery import slice_inputs, slice_outputs
@@ -50,14 +49,7 @@ def _net() -> nn.Module:
 
 
 def _prune(model: nn.Module, calib: torch.Tensor = X, **kwargs) -> recon.PruneResult:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="re-fitting", category=UserWarning)
-        return recon.prune(model, calib, progress=False, **kwargs)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float(((a - b) ** 2).sum() / (b**2).sum())
+    return quiet_prune(model, calib, **kwargs)
 
 
 def _per_group(idx: list[int], width: int, groups: int) -> list[int]:
@@ -88,11 +80,6 @@ def test_quota_order_every_level_holds_one_channel_of_each_group():
         assert [int(i) for i in q if i // 4 == g] == mine
     assert quota_order(torch.tensor([0, 1, 3, 2]), 4, 2).tolist() == [0, 3, 1, 2]
     assert quota_order(order, 12, 1) is order
-
-
-def test_merge_orders_takes_each_groups_next_channel_in_turn():
-    merged = merge_orders([torch.tensor([1, 0]), torch.tensor([0, 1])], 2)
-    assert merged.tolist() == [1, 2, 0, 3]
 
 
 def test_grouped_stats_are_each_groups_own_statistics():

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import pickletools
-import warnings
 import zipfile
 
 import pytest
 import torch
+from nets import quiet_prune as _prune
 from nets import randomize_bn
 from torch import nn
 
@@ -24,12 +24,6 @@ from recon.layers import SampledConv2d
 X8 = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 X16 = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 X32 = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-
-
-def _prune(model: nn.Module, calib: torch.Tensor, **kwargs) -> recon.PruneResult:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="re-fitting", category=UserWarning)
-        return recon.prune(model, calib, progress=False, **kwargs)
 
 
 def _vgg() -> nn.Module:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from nets import randomize_bn
+from nets import rel_error as _rel
 from torch import nn
 
 import recon
@@ -22,11 +23,6 @@ from recon.layers import SampledConv2d
 from recon.models import BasicBlock, cifar_resnet20, digits_resnet20
 
 torchvision = pytest.importorskip("torchvision")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float(((a - b) ** 2).sum() / (b**2).sum())
 
 
 def _block_outputs(model: nn.Module, x: torch.Tensor, kinds: tuple[type, ...]) -> list:
