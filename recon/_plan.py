@@ -95,6 +95,7 @@ def _unit_entry(unit: Unit, kept: list[int]) -> dict[str, Any]:
         "taps": int(unit.taps),
         "kept": [int(i) for i in kept],
         **({"gate": list(unit.gate)} if unit.gate is not None else {}),
+        **({"cat_lead": list(unit.cat_lead)} if unit.cat_lead is not None else {}),
     }
 
 
@@ -263,6 +264,7 @@ def _unit(name: str, e: dict[str, Any]) -> Unit:
         consumer_bn=e.get("consumer_bn"),
         kind=e["kind"],
         gate=tuple(e["gate"]) if e.get("gate") else None,
+        cat_lead=tuple(e["cat_lead"]) if "cat_lead" in e else None,
     )
 
 
@@ -304,7 +306,14 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
                 out.append(f"'{e['gate'][1]}' writes {fc2.out_channels} channels, not {width}")
         if e["consumer_kind"] == "conv":
             c = get(e["consumer"], (nn.Conv2d,), "Conv2d")
-            if c is not None and (c.in_channels, c.kernel_size[0] * c.kernel_size[1]) != (
+            if c is not None and "cat_lead" in e:  # the unit's slice of a concatenation
+                if c.in_channels <= width or c.kernel_size[0] * c.kernel_size[1] != taps:
+                    out.append(
+                        f"'{e['consumer']}' reads {c.in_channels} channels with "
+                        f"{c.kernel_size[0] * c.kernel_size[1]} taps, not more than {width} "
+                        f"with {taps}"
+                    )
+            elif c is not None and (c.in_channels, c.kernel_size[0] * c.kernel_size[1]) != (
                 width,
                 taps,
             ):

@@ -485,26 +485,45 @@ class _FlopsModel:
 
     ``F(x) = F_0 + Σ_terms F_m Π_{(u, e)} r_u[x_u]^e``: one term per module touched by a
     free unit, ``e`` the number of the unit's module lists (out, in) naming it, as in
-    the budget's ``_module_scales``; ignored units keep ratio 1.
+    the budget's ``_module_scales``; ignored units keep ratio 1. A module read in part
+    by several units (``in_shares``, a concatenation) is one term per unit's share and
+    one for the rest.
     """
 
     def __init__(self, units, free, ratios, module_flops, total_flops) -> None:
         index = {name: i for i, name in enumerate(free)}
         touch: dict[str, dict[int, int]] = {}
+        parts: dict[str, dict[int, float]] = {}  # modules read in part: unit -> share
         for unit in units:
-            for modules in (set(unit.out_modules), set(unit.in_modules)):
-                for m in modules:
-                    powers = touch.setdefault(m, {})
-                    if unit.name in index:
-                        powers[index[unit.name]] = powers.get(index[unit.name], 0) + 1
+            i = index.get(unit.name)
+            for m in set(unit.out_modules):
+                powers = touch.setdefault(m, {})
+                if i is not None:
+                    powers[i] = powers.get(i, 0) + 1
+            for m, share in unit.shares().items():
+                powers = touch.setdefault(m, {})
+                if share < 1.0:  # F_m (1 - Σ s_u + Σ s_u r_u): one term per share
+                    shares = parts.setdefault(m, {})
+                    if i is not None:
+                        shares[i] = shares.get(i, 0.0) + share
+                elif i is not None:
+                    powers[i] = powers.get(i, 0) + 1
         self.ratios = ratios  # per free unit, (m_u,) float64
         self.const = float(total_flops)
         self.terms: list[tuple[float, tuple[tuple[int, int], ...]]] = []
         for m, powers in touch.items():
             f = float(module_flops.get(m, 0))
-            if powers and f:
-                self.const -= f
-                self.terms.append((f, tuple(sorted(powers.items()))))
+            shares = parts.get(m, {})
+            if not f or not (powers or shares):
+                continue
+            self.const -= f
+            rest = f * (1.0 - sum(shares.values()))
+            if powers:
+                self.terms.append((rest, tuple(sorted(powers.items()))))
+            else:
+                self.const += rest
+            for u, share in shares.items():
+                self.terms.append((f * share, tuple(sorted({**powers, u: 1}.items()))))
         self.of_unit: list[list[int]] = [[] for _ in free]
         for t, (_, powers) in enumerate(self.terms):
             for u, _ in powers:

@@ -521,9 +521,14 @@ def _budget_unit(unit: Unit, model: nn.Module) -> _budget.BudgetUnit:
     depthwise = [n for n in unit.channelwise if isinstance(model.get_submodule(n), nn.Conv2d)]
     out = (unit.producer, *depthwise) if unit.producer else ()
     ins = (unit.consumer,)
+    shares = [1.0]
+    if unit.cat_lead is not None:  # the unit's slice of a concatenation
+        shares = [unit.width / model.get_submodule(unit.consumer).in_channels]
     if unit.gate is not None:  # the squeeze reads the channels, the excitation writes them
-        ins, out = (*ins, unit.gate[0]), (*out, unit.gate[1])
-    return _budget.BudgetUnit(unit.name, unit.width, out, ins, step=unit.step)
+        ins, out, shares = (*ins, unit.gate[0]), (*out, unit.gate[1]), [*shares, 1.0]
+    return _budget.BudgetUnit(
+        unit.name, unit.width, out, ins, step=unit.step, in_shares=tuple(shares)
+    )
 
 
 def _prepare(
@@ -739,7 +744,10 @@ def _prune_units(
     layers: list[LayerReport] = []
     kept: dict[str, list[int]] = {}
     todo = [u for u in graph.units if targets[u.name] < u.width]
-    blocks = {u.name: graph.block_of(u.consumer) if block_target else None for u in todo}
+    blocks = {
+        u.name: graph.block_of(u.consumer) if block_target and u.cat_lead is None else None
+        for u in todo
+    }
     shortcuts = {
         n: b.shortcut if b is not None and b.linear_tail else None for n, b in blocks.items()
     }

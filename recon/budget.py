@@ -58,6 +58,10 @@ class BudgetUnit:
         Kept counts must be multiples of this (or the width): the groups of a grouped
         producer or consumer. It combines with ``round_to`` as their least common
         multiple.
+    in_shares : tuple of float, default ()
+        For each of ``in_modules``, the fraction of its input channels the unit holds
+        (all 1 when empty). A module read in part (a concatenation of several units)
+        scales by ``1 - Σ_u share_u (1 - r_u)`` on its input side: the units add up.
     """
 
     name: str
@@ -65,6 +69,12 @@ class BudgetUnit:
     out_modules: tuple[str, ...]
     in_modules: tuple[str, ...]
     step: int = 1
+    in_shares: tuple[float, ...] = ()
+
+    def shares(self) -> dict[str, float]:
+        """The share of each input-side module (1 unless ``in_shares`` says less)."""
+        shares = self.in_shares or (1.0,) * len(self.in_modules)
+        return dict(zip(self.in_modules, shares, strict=True))
 
     def round_to(self, round_to: int) -> int:
         """The step of this unit's counts under the global ``round_to``."""
@@ -175,12 +185,18 @@ def count_params(model: nn.Module) -> int:
 def _module_scales(units: Sequence[BudgetUnit], ratios: Mapping[str, float]) -> dict[str, float]:
     """FLOPs scale factor of every module touched by a unit, for keep ratios per unit."""
     scales: dict[str, float] = {}
+    parts: dict[str, float] = {}  # modules read in part: Σ share * (1 - r) so far
     for unit in units:
         r = ratios.get(unit.name, 1.0)
         for module in set(unit.out_modules):
             scales[module] = scales.get(module, 1.0) * r
-        for module in set(unit.in_modules):
-            scales[module] = scales.get(module, 1.0) * r
+        for module, share in unit.shares().items():
+            if share < 1.0:
+                parts[module] = parts.get(module, 0.0) + share * (1.0 - r)
+            else:
+                scales[module] = scales.get(module, 1.0) * r
+    for module, lost in parts.items():
+        scales[module] = scales.get(module, 1.0) * (1.0 - lost)
     return scales
 
 
@@ -308,6 +324,14 @@ def _check_units(units: Sequence[BudgetUnit]) -> list[BudgetUnit]:
             raise ValueError(
                 f"The step of unit {unit.name!r} must divide its width {unit.width}. "
                 f"Got {step!r} instead."
+            )
+        if unit.in_shares and (
+            len(unit.in_shares) != len(unit.in_modules)
+            or not all(_is_real(v) and 0 < v <= 1 for v in unit.in_shares)
+        ):
+            raise ValueError(
+                f"The in_shares of unit {unit.name!r} must be one number in (0, 1] per "
+                f"input module ({len(unit.in_modules)}). Got {unit.in_shares!r} instead."
             )
         if unit.name in seen:
             raise ValueError(

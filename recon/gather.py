@@ -5,6 +5,10 @@ network given as "pruned") and its output ``y`` (from the original) are summed i
 float64 statistics (:mod:`recon.stats`): patch Grams when the patch is short enough,
 channel-level Grams otherwise, kept per fold of images for the cross-validated re-fit;
 one accumulator per group for a grouped consumer (:class:`recon.stats.GroupedStats`).
+A concatenated unit (:attr:`recon.graph.Unit.cat_lead`) owns a slice of the consumer's
+input: its statistics are those of the slice's patches, with the target less what the
+other channels give through the consumer's current weights, ``y - W_F x_F`` (the
+weights on the slice are re-fitted, the others stay).
 A unit with a squeeze-and-excitation gate also gets ``stats.gate``: its squeeze conv's
 pooled input and own output, one sample per image, for the squeeze's re-fit
 (:func:`recon.refit.gate_fit`). The same pass counts the exact zeros of each channel
@@ -28,6 +32,7 @@ from .layers import SampledConv2d
 from .passes import Passes
 from .sampling import _mix, gather_patches, gather_targets
 from .stats import ChannelStats, GroupedStats, PatchStats
+from .surgery import channel_offset, consumer_weight
 
 __all__ = ["CV_FOLDS", "MAX_PATCH_DIM"]
 
@@ -194,7 +199,14 @@ def _accumulate(
             k,
         )
     else:
-        stats = _new_stats(weight.reshape(n, c, k), target, slice(None), folds, block_dtype)
+        off = channel_offset(gm_p, unit)
+        stats = _new_stats(
+            consumer_weight(consumer, unit, off), target, slice(None), folds, block_dtype
+        )
+    if unit.cat_lead is not None:  # the consumer's weights on the other channels, (n, d_F)
+        w_rest = weight.reshape(n, -1, k).double()
+        w_rest = torch.cat([w_rest[:, :off], w_rest[:, off + c :]], 1).reshape(n, -1)
+        shift = _bias_shift(gm_o, gm_p, unit)
     in_node = _node_of(gm_p, unit.consumer).args[0].name
     gate = gate_node = None
     if unit.gate is not None:  # fc1's input and output, for its re-fit on kept channels
@@ -216,7 +228,8 @@ def _accumulate(
                 x = x.detach()
                 if isinstance(consumer, SampledConv2d):
                     x = consumer.sampler(x)
-                stats.count_zeros(x)  # APoZ: every position, not only the sampled ones
+                own = x if unit.cat_lead is None else x[:, off : off + c]
+                stats.count_zeros(own)  # APoZ: every position, not only the sampled ones
                 if unit.consumer_kind == "conv":
                     got["x"] = gather_patches(
                         x,
@@ -247,6 +260,11 @@ def _accumulate(
             y = orig.y
             if target is not None:
                 y = y * target.scale.to(y.device, y.dtype) + (orig.shortcut - got["sc"])
+            if unit.cat_lead is not None:  # the slice's target: less the other channels'
+                x = got["x"]
+                got["x"] = x[:, off * k : (off + c) * k]
+                rest = torch.cat([x[:, : off * k], x[:, (off + c) * k :]], 1)
+                y = y.double() - rest.double() @ w_rest.T - shift
             images = batches[b].shape[0]
             fold = _image_folds(passes.offsets[b], images, folds, seed) if folds > 1 else None
             rows.add(got["x"], y, fold, got["x"].shape[0] // images)
@@ -256,6 +274,27 @@ def _accumulate(
     with timer("stats"):
         rows.flush()
     return stats
+
+
+def _bias_shift(gm_o: nn.Module, gm_p: nn.Module, unit: Unit) -> Tensor:
+    """What earlier re-fits of the consumer added to its output, (n,) float64: the
+    change of its bias, or of the running mean of the BatchNorm after it
+    (:func:`recon.surgery.apply_bias_delta`). Zero unless the consumer is shared
+    (concatenated units)."""
+    mods = [gm.get_submodule(unit.consumer) for gm in (gm_o, gm_p)]
+    orig, cur = (
+        torch.zeros(m.weight.shape[0], dtype=torch.float64, device=m.weight.device)
+        if m.bias is None
+        else m.bias.detach().double()
+        for m in mods
+    )
+    shift = cur - orig.to(cur.device)
+    if unit.consumer_bn is not None:
+        bn_o, bn_p = (gm.get_submodule(unit.consumer_bn) for gm in (gm_o, gm_p))
+        if bn_p.running_mean is not None:
+            rm_o = bn_o.running_mean.double().to(shift.device)
+            shift = shift + rm_o - bn_p.running_mean.double().to(shift.device)
+    return shift
 
 
 def stats_tensors(stats: PatchStats | ChannelStats | GroupedStats) -> list[Tensor]:

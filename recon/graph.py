@@ -5,6 +5,13 @@ inputs that read them::
 
     producer conv -> [BN | ReLU | pooling | dropout | identity | depthwise conv]* -> consumer conv
     producer conv -> [...]* -> flatten -> [ReLU | dropout]* -> consumer linear
+    producer conv -> [...]* -> cat([..., ·, ...], dim=1) -> [ReLU | pooling]* -> consumer conv
+
+A concatenation (SqueezeNet's fire modules) with one reader: the producer's channels
+are a slice of the consumer's input, after those of the operands before it
+(:attr:`Unit.cat_lead`); only that slice is cut and re-fitted, the consumer's weights
+on the other channels stay. A concatenation read by several layers (DenseNet,
+GoogLeNet) couples its channels with all of them and ends the search.
 
 A grouped conv (``1 < groups``, not depthwise; ResNeXt, RegNet) may be either end: as a
 consumer its ``G`` groups read disjoint slices of the channels, so the unit's problem
@@ -160,6 +167,12 @@ class Unit:
         A squeeze-and-excitation gate between producer and consumer, ``x * σ(fc2(act(
         fc1(pool(x)))))``: its 1×1 convs ``(fc1, fc2)``. fc2's outputs are cut with the
         producer, fc1's inputs too, and fc1 is re-fitted on the kept channels.
+    cat_lead : tuple of str or None
+        None unless the producer's output reaches the consumer through a concatenation
+        along channels; then the convs whose outputs come before it there (empty for
+        the first operand): the slice of the consumer's input the unit owns starts at
+        the sum of their output channels at the time (:func:`recon.surgery.
+        channel_offset`), and the consumer reads more channels than ``width``.
     """
 
     name: str
@@ -174,6 +187,7 @@ class Unit:
     groups: int = 1
     producer_groups: int = 1
     gate: tuple[str, str] | None = None
+    cat_lead: tuple[str, ...] | None = None
 
     @property
     def step(self) -> int:
@@ -724,6 +738,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
     name = node.target
     channelwise: list[str] = []  # BatchNorms and depthwise convs, sliced with the producer
     se_gate: tuple[str, str] | None = None  # a squeeze-and-excitation gate's (fc1, fc2)
+    cat_lead: tuple[str, ...] | None = None  # convs before it in a concatenation
     flattened = False
     cur = node
     while True:
@@ -736,7 +751,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     return f"'{n.target}' (BatchNorm2d) inside an element-wise expression"
             cur = end
             continue
-        gate = _gate(cur, users)
+        gate = _gate(cur, users) if cat_lead is None else None
         if gate is not None:
             se = _se_gate(cur, gate, modules, width) if se_gate is None else "a second gate"
             if isinstance(se, str):
@@ -755,6 +770,18 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                 f"nodes ({what}): its channels are coupled with other layers"
             )
         nxt = users[0]
+        if _is_cat(nxt):
+            lead = _cat_lead(nxt, cur, modules) if cat_lead is None and not flattened else None
+            if not isinstance(lead, tuple):
+                why = lead or (
+                    "a second concatenation" if cat_lead is not None else "it is flattened"
+                )
+                return (
+                    f"its output flows into the concatenation at node '{nxt.name}', which "
+                    f"recon cannot cut along ({why}): its channels are coupled"
+                )
+            cat_lead, cur = lead, nxt
+            continue
         if any(isinstance(a, fx.Node) and a is not cur for a in nxt.all_input_nodes):
             if not (nxt.op == "call_method" and nxt.target in ("view", "reshape")):
                 return (
@@ -763,6 +790,35 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                 )
         if nxt.op == "call_module":
             mod = modules[nxt.target]
+            if cat_lead is not None and isinstance(mod, nn.BatchNorm2d | nn.Conv2d | nn.Linear):
+                kind = type(mod).__name__
+                if isinstance(mod, nn.Conv2d) and not _depthwise(mod) and mod.groups == 1:
+                    why = _supported_conv(mod)
+                    if why is not None:
+                        return f"its consumer '{nxt.target}' cannot be pruned: {why}"
+                    if mod.in_channels <= width:
+                        return (
+                            f"its consumer '{nxt.target}' reads {mod.in_channels} channels, "
+                            f"not more than the {width} it concatenates"
+                        )
+                    return Unit(
+                        name=name,
+                        producer=name,
+                        consumer=nxt.target,
+                        consumer_kind="conv",
+                        width=width,
+                        taps=mod.kernel_size[0] * mod.kernel_size[1],
+                        channelwise=tuple(channelwise),
+                        consumer_bn=_bn_after(nxt, modules),
+                        producer_groups=producer.groups,
+                        gate=se_gate,
+                        cat_lead=cat_lead,
+                    )
+                return (
+                    f"its output is concatenated, then read by '{nxt.target}' ({kind}): recon "
+                    "cuts a concatenation only into a plain convolution, through parameter-"
+                    "free channel-wise ops"
+                )
             if _depthwise(mod) and not flattened:
                 why = _cuttable_depthwise(mod, width)
                 if why is not None:
@@ -834,6 +890,11 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
         elif not flattened and _spatial_reduce(nxt) == "keep":
             pass
         elif not flattened and (_flatten_kind(nxt, modules) or _spatial_reduce(nxt) == "flat"):
+            if cat_lead is not None:
+                return (
+                    f"its output is concatenated, then flattened at {_describe(nxt, modules)}: "
+                    "recon cuts a concatenation only into a convolution"
+                )
             flattened = True
         elif flattened and _flatten_kind(nxt, modules):
             pass  # flattening (B, features) again changes nothing
@@ -842,6 +903,36 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
         else:
             return _opaque(nxt, modules)
         cur = nxt
+
+
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _is_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CAT_FUNCTIONS
+
+
+def _cat_lead(cat: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, ...] | str:
+    """The convs whose outputs come before ``value`` in the concatenation ``cat``, or why
+    recon cannot cut along it: along dim 1, ``value`` once, each operand before it
+    channel-wise ops of one conv's output (so its width is that conv's)."""
+    tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if not isinstance(tensors, list | tuple) or dim not in (1, -3):
+        return f"not along channels (dim={dim!r})"
+    if sum(t is value for t in tensors) != 1:
+        return "it concatenates the same value twice"
+    lead = []
+    for t in tensors[: next(i for i, t in enumerate(tensors) if t is value)]:
+        cur = t
+        while isinstance(cur, fx.Node) and not _is_conv(cur, modules):
+            if not (_channelwise(cur, modules) and len(cur.all_input_nodes) == 1):
+                break
+            cur = cur.all_input_nodes[0]
+        if not _is_conv(cur, modules):
+            return f"recon cannot tell the width of its operand '{t}': not a conv's output"
+        lead.append(str(cur.target))
+    return tuple(lead)
 
 
 def _se_gate(

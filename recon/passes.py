@@ -352,6 +352,8 @@ class Passes:
         """
         if unit.kind != "plain" or unit.producer is None or unit.consumer not in first:
             return None
+        if unit.cat_lead is not None:  # the consumer reads other channels too
+            return None
         if unit.gate is not None:  # the gate's input is watched, before the consumer
             return None
         cut = first[unit.consumer]

@@ -52,7 +52,7 @@ from .scores import channel_scores
 from .select import SCORE_METHODS, channel_order
 from .solve import LSTSQ_MODES, cv_lstsq, lstsq, scale
 from .stats import ChannelStats, GroupedStats, PatchStats
-from .surgery import consumer_weight, prune_unit
+from .surgery import channel_offset, consumer_weight, prune_unit
 
 __all__ = ["HELDOUT_IMAGES", "Profile", "UnitProfile", "profile_units"]
 
@@ -311,7 +311,8 @@ def _profile_one(
     ctx: _dist.Context | None,
 ) -> UnitProfile:
     consumer = original.get_submodule(unit.consumer)
-    w_cons = consumer_weight(consumer, unit)  # (n, c, k), block diagonal when grouped
+    # (n, c, k): block diagonal when grouped, the unit's slice when concatenated
+    w_cons = consumer_weight(consumer, unit, channel_offset(original, unit))
     counts = count_grid(unit.width, math.lcm(round_to, unit.step))
     scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
     G = unit.groups

@@ -24,7 +24,7 @@ from .scores import channel_scores
 from .select import SCORE_METHODS, channel_order, select_channels
 from .solve import LSTSQ_MODES, channel_error, cv_lstsq, lstsq, patch_error, scale
 from .stats import ChannelStats, GroupedStats, PatchStats
-from .surgery import consumer_weight, prune_unit
+from .surgery import channel_offset, consumer_weight, prune_unit
 
 
 class _Part(NamedTuple):
@@ -67,7 +67,8 @@ def _prune_one(
     timer = timer or PhaseTimer()
     timer.push("select")
     consumer = pruned.get_submodule(unit.consumer)
-    w_cons = consumer_weight(consumer, unit)  # (n, c, k), block diagonal when grouped
+    # (n, c, k): block diagonal when grouped, the unit's slice when concatenated
+    w_cons = consumer_weight(consumer, unit, channel_offset(pruned, unit))
     n = w_cons.shape[0]
     a = None if row_scale is None else row_scale.to(w_cons.device)
     scores = channel_scores(method, unit, pruned, stats) if method in SCORE_METHODS else None

@@ -16,6 +16,7 @@ from .layers import SampledConv2d
 
 __all__ = [
     "apply_bias_delta",
+    "channel_offset",
     "consumer_weight",
     "insert_sampler",
     "prune_unit",
@@ -30,11 +31,43 @@ def _param(t: Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.detach().to(like.dtype).clone(), requires_grad=like.requires_grad)
 
 
-def consumer_weight(module: nn.Conv2d | nn.Linear, unit: Unit) -> Tensor:
-    """The consumer's weight as ``(n, width, taps)``: dense (block diagonal) if grouped."""
+def channel_offset(model: nn.Module, unit: Unit) -> int:
+    """Where ``unit``'s channels start in its consumer's input: 0, or after the current
+    outputs of the convs before it in a concatenation (:attr:`Unit.cat_lead`)."""
+    return sum(model.get_submodule(name).out_channels for name in unit.cat_lead or ())
+
+
+def consumer_weight(module: nn.Conv2d | nn.Linear, unit: Unit, offset: int = 0) -> Tensor:
+    """The consumer's weight on the unit's channels as ``(n, width, taps)``: dense (block
+    diagonal) if grouped; the slice from ``offset`` if the unit is concatenated."""
     n = module.weight.shape[0]
     w = module.weight.detach().reshape(n, -1, unit.taps)
+    if unit.cat_lead is not None:
+        return w[:, offset : offset + unit.width]
     return dense_weight(w, module.groups) if isinstance(module, nn.Conv2d) else w
+
+
+def _cat_inputs(
+    consumer: nn.Conv2d, unit: Unit, keep: Tensor, offset: int, weight: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The consumer's kept input channels when ``unit``'s slice keeps ``keep`` (the
+    other channels all stay), and its sliced weight with ``weight`` (n, m*taps) on
+    the slice."""
+    keep = keep.to(consumer.weight.device)
+    total = consumer.in_channels
+    full = torch.cat(
+        [
+            torch.arange(offset, device=keep.device),
+            keep + offset,
+            torch.arange(offset + unit.width, total, device=keep.device),
+        ]
+    )
+    if weight is None:
+        return full, None
+    new = consumer.weight.detach()[:, full].clone()
+    m = keep.numel()
+    new[:, offset : offset + m] = weight.reshape(new.shape[0], m, *new.shape[2:]).to(new)
+    return full, new
 
 
 def _group_counts(keep: Tensor, width: int, groups: int) -> Tensor:
@@ -200,11 +233,16 @@ def prune_unit(
 
     Slices the producer's outputs, the BatchNorms and depthwise convs between, a
     squeeze-and-excitation gate's squeeze inputs and excitation outputs, and the
-    consumer's inputs; for a sampler unit, puts a sampler in front of the consumer
-    instead. Installs a re-fitted consumer ``weight`` and adds ``bias_delta`` when
-    given, and the gate's re-fitted squeeze weight and bias change ``gate``.
+    consumer's inputs (only the unit's slice of them if it is concatenated); for a
+    sampler unit, puts a sampler in front of the consumer instead. Installs a re-fitted
+    consumer ``weight`` (on the unit's channels) and adds ``bias_delta`` when given, and
+    the gate's re-fitted squeeze weight and bias change ``gate``.
     """
     keep = torch.as_tensor(keep, dtype=torch.long)
+    if unit.cat_lead is not None:  # the slice's place before anything is cut
+        cat = _cat_inputs(
+            model.get_submodule(unit.consumer), unit, keep, channel_offset(model, unit), weight
+        )
     if unit.kind == "sampler":
         insert_sampler(model, unit.consumer, keep, weight)
     else:
@@ -217,6 +255,9 @@ def prune_unit(
             slice_outputs(fc2, keep)
             if gate is not None:
                 _add_bias(fc1, gate[1])
-        slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
+        if unit.cat_lead is not None:
+            slice_inputs(model.get_submodule(unit.consumer), cat[0], unit.taps, cat[1])
+        else:
+            slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
     if bias_delta is not None:
         apply_bias_delta(model, unit, bias_delta)

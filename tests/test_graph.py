@@ -318,20 +318,28 @@ def test_other_unsupported_patterns_are_skipped_with_reasons():
     assert "output" in graph.skipped["e"]
 
 
-def test_conv_into_concat_is_coupled():
+@pytest.mark.parametrize("readers", [1, 2])
+def test_conv_into_concat_is_a_slice_of_one_reader_and_coupled_with_two(readers):
     class Cat(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(3, 4, 3, padding=1)
             self.b = nn.Conv2d(3, 4, 3, padding=1)
-            self.c = nn.Conv2d(8, 2, 1)
+            self.c, self.d = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
 
         def forward(self, x):
-            return self.c(torch.cat([self.a(x), self.b(x)], dim=1))
+            y = torch.cat([self.a(x), self.b(x)], dim=1)
+            return self.c(y) if readers == 1 else self.c(y) + self.d(y)
 
     graph = find_units(Cat())
-    assert graph.units == []
-    assert "coupled" in graph.skipped["a"] and "coupled" in graph.skipped["b"]
+    if readers == 1:  # tests/test_concat.py
+        assert [(u.name, u.consumer, u.cat_lead) for u in graph.units] == [
+            ("a", "c", ()),
+            ("b", "c", ("a",)),
+        ]
+    else:
+        assert graph.units == []
+        assert "coupled" in graph.skipped["a"] and "coupled" in graph.skipped["b"]
 
 
 # --------------------------------------------------------------------------- tracing
