@@ -68,7 +68,8 @@ def _prune_one(
     timer.push("select")
     consumer = pruned.get_submodule(unit.consumer)
     # (n, c, k): block diagonal when grouped, the unit's slice when concatenated
-    w_cons = consumer_weight(consumer, unit, channel_offset(pruned, unit))
+    offset = channel_offset(pruned, unit)
+    w_cons = consumer_weight(consumer, unit, offset)
     n = w_cons.shape[0]
     a = None if row_scale is None else row_scale.to(w_cons.device)
     scores = channel_scores(method, unit, pruned, stats) if method in SCORE_METHODS else None
@@ -121,6 +122,8 @@ def _prune_one(
     note = parts[0].note
     if unit.groups > 1:
         note = _join(f"{unit.groups} groups", note)
+    if unit.cat_lead is not None:
+        note = _join(f"channels {offset}..{offset + unit.width - 1} of a concatenation", note)
     report = LayerReport(
         name=unit.name,
         kind="sampler" if unit.kind == "sampler" else "conv",

@@ -33,7 +33,7 @@ from . import distributed as _dist
 from .graph import Unit
 from .select import SCORE_METHODS
 from .stats import ChannelStats, PatchStats, zero_counts
-from .surgery import consumer_weight
+from .surgery import channel_offset, consumer_weight
 
 __all__ = ["NORMALIZATIONS", "channel_scores", "check_scores", "global_scores", "normalize"]
 
@@ -124,7 +124,7 @@ def channel_scores(
         producer = model.get_submodule(unit.producer)
         # summed in the weights' dtype, as recon always has (the same ties, bit for bit)
         return producer.weight.detach().abs().reshape(unit.width, -1).sum(1).double()
-    w = consumer_weight(model.get_submodule(unit.consumer), unit)  # (n, c, k)
+    w = consumer_weight(model.get_submodule(unit.consumer), unit, channel_offset(model, unit))
     return w.abs().sum(dim=(0, 2), dtype=torch.float64)
 
 
@@ -149,9 +149,11 @@ def global_scores(
     entries = torch.zeros(len(units), dtype=torch.float64)
     hooks = []
     for i, unit in enumerate(units):
+        off = channel_offset(original, unit)  # a concatenated unit: its slice
 
-        def count(module, args, unit=unit, i=i) -> None:
-            z, e = zero_counts(args[0], unit.width)
+        def count(module, args, unit=unit, i=i, off=off) -> None:
+            x = args[0] if unit.cat_lead is None else args[0][:, off : off + unit.width]
+            z, e = zero_counts(x, unit.width)
             zeros[unit.name] += z.cpu()
             entries[i] += e
 
