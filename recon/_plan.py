@@ -52,6 +52,7 @@ PLAN_FORMAT = "recon.plan"
 PLAN_VERSION = 1
 _ATTR = "_recon_plan"  # where a pruned model carries its plan
 _UNIT_KEYS = ("kind", "producer", "consumer", "consumer_kind", "width", "taps", "kept")
+_READER_KEYS = ("name", "consumer", "consumer_kind", "taps")
 # The settings of one run, copied into the next plan's "history" when plans compose.
 _RUN_KEYS = ("recon_version", "torch_version", "method", "reconstruct", "seed", "target", "options")
 
@@ -96,6 +97,21 @@ def _unit_entry(unit: Unit, kept: list[int]) -> dict[str, Any]:
         "kept": [int(i) for i in kept],
         **({"gate": list(unit.gate)} if unit.gate is not None else {}),
         **({"cat_lead": list(unit.cat_lead)} if unit.cat_lead is not None else {}),
+        **({"cat_after": list(unit.cat_after)} if unit.cat_after else {}),
+        **({"readers": [_reader_entry(r) for r in unit.readers]} if unit.readers else {}),
+    }
+
+
+def _reader_entry(r: Unit) -> dict[str, Any]:
+    """Another conv reading a unit's channels (:attr:`recon.graph.Unit.readers`)."""
+    return {
+        "name": r.name,
+        "consumer": r.consumer,
+        "consumer_kind": r.consumer_kind,
+        "consumer_bn": r.consumer_bn,
+        "taps": int(r.taps),
+        **({"cat_lead": list(r.cat_lead)} if r.cat_lead is not None else {}),
+        **({"cat_after": list(r.cat_after)} if r.cat_after else {}),
     }
 
 
@@ -225,6 +241,21 @@ def check_plan(plan: Any, source: str = "The 'plan' argument") -> dict[str, Any]
             e["kind"] == "plain" and not isinstance(e["producer"], str)
         ):
             raise bad(f"unit {name!r} must name its producer and consumer modules")
+        readers = e.get("readers", [])
+        if not isinstance(readers, list) or any(
+            not isinstance(r, dict)
+            or any(k not in r for k in _READER_KEYS)
+            or r["consumer_kind"] != "conv"
+            or not isinstance(r["consumer"], str)
+            or isinstance(r["taps"], bool)
+            or not isinstance(r["taps"], int)
+            or r["taps"] < 1
+            for r in readers
+        ):
+            raise bad(
+                f"unit {name!r} must list its other readers as dicts with keys "
+                f"{list(_READER_KEYS)} (a conv consumer_kind, an int taps >= 1)"
+            )
         width, taps, kept = e["width"], e["taps"], e["kept"]
         for key, v in (("width", width), ("taps", taps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -265,6 +296,21 @@ def _unit(name: str, e: dict[str, Any]) -> Unit:
         kind=e["kind"],
         gate=tuple(e["gate"]) if e.get("gate") else None,
         cat_lead=tuple(e["cat_lead"]) if "cat_lead" in e else None,
+        cat_after=tuple(e.get("cat_after", ())),
+        readers=tuple(
+            Unit(
+                name=r["name"],
+                producer=e["producer"],
+                consumer=r["consumer"],
+                consumer_kind=r["consumer_kind"],
+                width=e["width"],
+                taps=r["taps"],
+                consumer_bn=r.get("consumer_bn"),
+                cat_lead=tuple(r["cat_lead"]) if "cat_lead" in r else None,
+                cat_after=tuple(r.get("cat_after", ())),
+            )
+            for r in e.get("readers", ())
+        ),
     )
 
 
@@ -284,7 +330,7 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
         return None
 
     for e in plan["units"].values():
-        width, taps = e["width"], e["taps"]
+        width = e["width"]
         if e["kind"] == "plain":
             p = get(e["producer"], (nn.Conv2d,), "Conv2d")
             if p is not None and p.out_channels != width:
@@ -304,33 +350,42 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
                 out.append(f"'{e['gate'][0]}' reads {fc1.in_channels} channels, not {width}")
             if fc2 is not None and fc2.out_channels != width:
                 out.append(f"'{e['gate'][1]}' writes {fc2.out_channels} channels, not {width}")
-        if e["consumer_kind"] == "conv":
-            c = get(e["consumer"], (nn.Conv2d,), "Conv2d")
-            if c is not None and "cat_lead" in e:  # the unit's slice of a concatenation
-                if c.in_channels <= width or c.kernel_size[0] * c.kernel_size[1] != taps:
-                    out.append(
-                        f"'{e['consumer']}' reads {c.in_channels} channels with "
-                        f"{c.kernel_size[0] * c.kernel_size[1]} taps, not more than {width} "
-                        f"with {taps}"
-                    )
-            elif c is not None and (c.in_channels, c.kernel_size[0] * c.kernel_size[1]) != (
-                width,
-                taps,
-            ):
-                out.append(
-                    f"'{e['consumer']}' reads {c.in_channels} channels with "
-                    f"{c.kernel_size[0] * c.kernel_size[1]} taps, not {width} with {taps}"
-                )
-        else:
-            c = get(e["consumer"], (nn.Linear,), "Linear")
-            if c is not None and c.in_features != width * taps:
-                out.append(
-                    f"'{e['consumer']}' has {c.in_features} input features, not "
-                    f"{width} channels x {taps}"
-                )
+        for r in [e, *e.get("readers", [])]:
+            _reader_mismatches(r, width, get, out)
     for name in plan.get("added_biases", []):
         get(name, (nn.Conv2d, nn.Linear), "Conv2d or Linear")
     return out
+
+
+def _reader_mismatches(e: dict[str, Any], width: int, get: Any, out: list[str]) -> None:
+    """How the consumer (or other reader) of a unit's entry ``e`` differs from it."""
+    taps = e["taps"]
+    for name in e.get("cat_after", []):
+        get(name, (nn.BatchNorm2d,), "BatchNorm2d")
+    if e["consumer_kind"] == "conv":
+        c = get(e["consumer"], (nn.Conv2d,), "Conv2d")
+        if c is not None and "cat_lead" in e:  # the unit's slice of a concatenation
+            if c.in_channels < width or c.kernel_size[0] * c.kernel_size[1] != taps:
+                out.append(
+                    f"'{e['consumer']}' reads {c.in_channels} channels with "
+                    f"{c.kernel_size[0] * c.kernel_size[1]} taps, not at least {width} "
+                    f"with {taps}"
+                )
+        elif c is not None and (c.in_channels, c.kernel_size[0] * c.kernel_size[1]) != (
+            width,
+            taps,
+        ):
+            out.append(
+                f"'{e['consumer']}' reads {c.in_channels} channels with "
+                f"{c.kernel_size[0] * c.kernel_size[1]} taps, not {width} with {taps}"
+            )
+    else:
+        c = get(e["consumer"], (nn.Linear,), "Linear")
+        if c is not None and c.in_features != width * taps:
+            out.append(
+                f"'{e['consumer']}' has {c.in_features} input features, not "
+                f"{width} channels x {taps}"
+            )
 
 
 def apply_plan(model: nn.Module, plan: Mapping[str, Any], *, inplace: bool = False) -> nn.Module:

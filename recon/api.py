@@ -517,13 +517,15 @@ class _Network:
 
 def _budget_unit(unit: Unit, model: nn.Module) -> _budget.BudgetUnit:
     """The unit as the budget sees it: the producer and the depthwise convs between
-    scale on their output side, the consumer on its input side."""
+    scale on their output side, the consumer (and every other reader) on its input side."""
     depthwise = [n for n in unit.channelwise if isinstance(model.get_submodule(n), nn.Conv2d)]
     out = (unit.producer, *depthwise) if unit.producer else ()
-    ins = (unit.consumer,)
-    shares = [1.0]
-    if unit.cat_lead is not None:  # the unit's slice of a concatenation
-        shares = [unit.width / model.get_submodule(unit.consumer).in_channels]
+    readers = (unit, *unit.readers)
+    ins = tuple(r.consumer for r in readers)
+    shares = [  # a reader of a concatenation holds a slice of its input
+        1.0 if r.cat_lead is None else r.width / model.get_submodule(r.consumer).in_channels
+        for r in readers
+    ]
     if unit.gate is not None:  # the squeeze reads the channels, the excitation writes them
         ins, out, shares = (*ins, unit.gate[0]), (*out, unit.gate[1]), [*shares, 1.0]
     return _budget.BudgetUnit(
@@ -745,7 +747,9 @@ def _prune_units(
     kept: dict[str, list[int]] = {}
     todo = [u for u in graph.units if targets[u.name] < u.width]
     blocks = {
-        u.name: graph.block_of(u.consumer) if block_target and u.cat_lead is None else None
+        u.name: graph.block_of(u.consumer)
+        if block_target and u.cat_lead is None and not u.readers
+        else None
         for u in todo
     }
     shortcuts = {

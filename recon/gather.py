@@ -183,55 +183,116 @@ def _accumulate(
             timer=timer,
         )
         step = 0
-    consumer = gm_p.get_submodule(unit.consumer)
-    weight = consumer.weight.detach()
-    n = weight.shape[0]
-    c, k = unit.width, unit.taps
-    G = unit.groups
-    if G > 1:  # one accumulator per group, on its own channels and outputs
-        stats: PatchStats | ChannelStats | GroupedStats = GroupedStats(
-            [
-                _new_stats(
-                    weight[outs].reshape(n // G, c // G, k), target, outs, folds, block_dtype
-                )
-                for _, outs in group_slices(c, n, G)
-            ],
-            k,
-        )
-    else:
-        off = channel_offset(gm_p, unit)
-        stats = _new_stats(
-            consumer_weight(consumer, unit, off), target, slice(None), folds, block_dtype
-        )
-    if unit.cat_lead is not None:  # the consumer's weights on the other channels, (n, d_F)
-        w_rest = weight.reshape(n, -1, k).double()
-        w_rest = torch.cat([w_rest[:, :off], w_rest[:, off + c :]], 1).reshape(n, -1)
-        shift = _bias_shift(gm_o, gm_p, unit)
-    in_node = _node_of(gm_p, unit.consumer).args[0].name
+    accs = [
+        _Reader(r, gm_o, gm_p, target if i == 0 else None, folds, block_dtype)
+        for i, r in enumerate((unit, *unit.readers))
+    ]
+    stats = accs[0].stats
+    if unit.readers:  # the other readers' statistics ride along (recon.refit)
+        stats.readers = [a.stats for a in accs[1:]]
+    c = unit.width
     gate = gate_node = None
     if unit.gate is not None:  # fc1's input and output, for its re-fit on kept channels
         fc1 = gm_p.get_submodule(unit.gate[0])
         w_fc1 = fc1.weight.detach().reshape(fc1.out_channels, -1).double()
         gate_node = _node_of(gm_p, unit.gate[0]).args[0].name
-        gate = PatchStats(c, 1, fc1.out_channels, device=weight.device, folds=folds)
+        gate = PatchStats(c, 1, fc1.out_channels, device=w_fc1.device, folds=folds)
         stats.gate = gate
-    rows = _Rows(stats)
     bar = progress_bar(
         batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch", log="none"
     )
     for b, _ in enumerate(bar):
-        orig = passes.original(step, b)
+        origs = [passes.original(step, b, i) for i in range(len(accs))]
         got: dict[str, Tensor] = {}
 
-        def on_input(x: Tensor, orig=orig, got=got) -> None:
+        def on_shortcut(v: Tensor, orig=origs[0], got=got) -> None:
+            with timer("stats"):
+                got["sc"] = gather_targets(v.detach(), orig.positions)
+
+        def on_gate(v: Tensor, got=got) -> None:  # the pooled (B, c, 1, 1) gate input
+            got["gate"] = v.detach().reshape(v.shape[0], -1).double()
+
+        watch = [
+            (a.in_node, a.on_input(orig, got, i, timer))
+            for i, (a, orig) in enumerate(zip(accs, origs, strict=True))
+        ]
+        if target is not None:
+            watch.append((target.shortcut, on_shortcut))
+        if gate is not None:
+            watch.append((gate_node, on_gate))
+        passes.pruned(step, b, watch)
+        with timer("stats"):
+            images = batches[b].shape[0]
+            fold = _image_folds(passes.offsets[b], images, folds, seed) if folds > 1 else None
+            for i, (a, orig) in enumerate(zip(accs, origs, strict=True)):
+                y = orig.y
+                if i == 0 and target is not None:
+                    y = y * target.scale.to(y.device, y.dtype) + (orig.shortcut - got["sc"])
+                a.add(got[f"x{i}"], y, fold, images)
+            if gate is not None:  # fc1's own output on its input, before the cut
+                p = got["gate"]
+                gate.update(p, p @ w_fc1.T, 0 if fold is None else fold)
+    with timer("stats"):
+        for a in accs:
+            a.rows.flush()
+    return stats
+
+
+class _Reader:
+    """The statistics of one conv reading a unit's channels (its consumer, or another
+    reader): its input patches on the unit's channels and its output target."""
+
+    def __init__(
+        self,
+        unit: Unit,
+        gm_o: fx.GraphModule,
+        gm_p: fx.GraphModule,
+        target: _Target | None,
+        folds: int,
+        block_dtype: torch.dtype,
+    ) -> None:
+        self.unit = unit
+        self.consumer = consumer = gm_p.get_submodule(unit.consumer)
+        weight = consumer.weight.detach()
+        n = weight.shape[0]
+        c, k = unit.width, unit.taps
+        G = unit.groups
+        self.off = channel_offset(gm_p, unit)
+        if G > 1:  # one accumulator per group, on its own channels and outputs
+            self.stats: PatchStats | ChannelStats | GroupedStats = GroupedStats(
+                [
+                    _new_stats(
+                        weight[outs].reshape(n // G, c // G, k), target, outs, folds, block_dtype
+                    )
+                    for _, outs in group_slices(c, n, G)
+                ],
+                k,
+            )
+        else:
+            w = consumer_weight(consumer, unit, self.off)
+            self.stats = _new_stats(w, target, slice(None), folds, block_dtype)
+        self.sliced = unit.cat_lead is not None
+        if self.sliced:  # the consumer's weights on the other channels, (n, d_F)
+            w_rest = weight.reshape(n, -1, k).double()
+            off = self.off
+            self.w_rest = torch.cat([w_rest[:, :off], w_rest[:, off + c :]], 1).reshape(n, -1)
+            self.shift = _bias_shift(gm_o, gm_p, unit)
+        self.in_node = _node_of(gm_p, unit.consumer).args[0].name
+        self.rows = _Rows(self.stats)
+
+    def on_input(self, orig, got: dict, i: int, timer: PhaseTimer):
+        """A watcher of the consumer's input that puts its patches in ``got["x<i>"]``."""
+        unit, consumer, off, c = self.unit, self.consumer, self.off, self.unit.width
+
+        def watch(x: Tensor) -> None:
             with timer("stats"):
                 x = x.detach()
                 if isinstance(consumer, SampledConv2d):
                     x = consumer.sampler(x)
-                own = x if unit.cat_lead is None else x[:, off : off + c]
-                stats.count_zeros(own)  # APoZ: every position, not only the sampled ones
+                own = x[:, off : off + c] if self.sliced else x
+                self.stats.count_zeros(own)  # APoZ: every position, not only the sampled ones
                 if unit.consumer_kind == "conv":
-                    got["x"] = gather_patches(
+                    got[f"x{i}"] = gather_patches(
                         x,
                         orig.positions,
                         kernel_size=consumer.kernel_size,
@@ -241,39 +302,19 @@ def _accumulate(
                         out_width=orig.width,
                     )
                 else:  # a copy: later in-place ops in the graph cannot change it
-                    got["x"] = x.reshape(x.shape[0], -1).clone()
+                    got[f"x{i}"] = x.reshape(x.shape[0], -1).clone()
 
-        def on_shortcut(v: Tensor, orig=orig, got=got) -> None:
-            with timer("stats"):
-                got["sc"] = gather_targets(v.detach(), orig.positions)
+        return watch
 
-        def on_gate(v: Tensor, got=got) -> None:  # the pooled (B, c, 1, 1) gate input
-            got["gate"] = v.detach().reshape(v.shape[0], -1).double()
-
-        watch = [(in_node, on_input)]
-        if target is not None:
-            watch.append((target.shortcut, on_shortcut))
-        if gate is not None:
-            watch.append((gate_node, on_gate))
-        passes.pruned(step, b, watch)
-        with timer("stats"):
-            y = orig.y
-            if target is not None:
-                y = y * target.scale.to(y.device, y.dtype) + (orig.shortcut - got["sc"])
-            if unit.cat_lead is not None:  # the slice's target: less the other channels'
-                x = got["x"]
-                got["x"] = x[:, off * k : (off + c) * k]
-                rest = torch.cat([x[:, : off * k], x[:, (off + c) * k :]], 1)
-                y = y.double() - rest.double() @ w_rest.T - shift
-            images = batches[b].shape[0]
-            fold = _image_folds(passes.offsets[b], images, folds, seed) if folds > 1 else None
-            rows.add(got["x"], y, fold, got["x"].shape[0] // images)
-            if gate is not None:  # fc1's own output on its input, before the cut
-                p = got["gate"]
-                gate.update(p, p @ w_fc1.T, 0 if fold is None else fold)
-    with timer("stats"):
-        rows.flush()
-    return stats
+    def add(self, x: Tensor, y: Tensor, fold: Tensor | None, images: int) -> None:
+        """Queue a batch's patches ``x`` and targets ``y``; a slice's target is less what
+        the other channels give through the consumer's current weights."""
+        if self.sliced:
+            off, c, k = self.off, self.unit.width, self.unit.taps
+            rest = torch.cat([x[:, : off * k], x[:, (off + c) * k :]], 1)
+            x = x[:, off * k : (off + c) * k]
+            y = y.double() - rest.double() @ self.w_rest.T - self.shift
+        self.rows.add(x, y, fold, x.shape[0] // images)
 
 
 def _bias_shift(gm_o: nn.Module, gm_p: nn.Module, unit: Unit) -> Tensor:
@@ -298,6 +339,9 @@ def _bias_shift(gm_o: nn.Module, gm_p: nn.Module, unit: Unit) -> Tensor:
 
 
 def stats_tensors(stats: PatchStats | ChannelStats | GroupedStats) -> list[Tensor]:
-    """A unit's summed tensors for all-reduce: its statistics' and its gate's, if any."""
+    """A unit's summed tensors for all-reduce: its statistics', its gate's and its other
+    readers', if any."""
     gate = getattr(stats, "gate", None)
-    return stats.tensors() + ([] if gate is None else gate.tensors())
+    readers = getattr(stats, "readers", [])
+    out = stats.tensors() + ([] if gate is None else gate.tensors())
+    return out + [t for r in readers for t in r.tensors()]

@@ -7,11 +7,13 @@ inputs that read them::
     producer conv -> [...]* -> flatten -> [ReLU | dropout]* -> consumer linear
     producer conv -> [...]* -> cat([..., ·, ...], dim=1) -> [ReLU | pooling]* -> consumer conv
 
-A concatenation (SqueezeNet's fire modules) with one reader: the producer's channels
-are a slice of the consumer's input, after those of the operands before it
-(:attr:`Unit.cat_lead`); only that slice is cut and re-fitted, the consumer's weights
-on the other channels stay. A concatenation read by several layers (DenseNet,
-GoogLeNet) couples its channels with all of them and ends the search.
+A concatenation: the producer's channels are a slice of the consumer's input, after
+those of the operands before it (:attr:`Unit.cat_lead`); only that slice is cut and
+re-fitted, the consumer's weights on the other channels stay. A value read by several
+convs (SqueezeNet's squeeze, a concatenation read by every branch of the next
+inception module, DenseNet's features read by every later layer through their own
+concatenations and BatchNorms) gives a unit with several readers
+(:attr:`Unit.readers`), each cut and re-fitted on its slice (:func:`_readers`).
 
 A grouped conv (``1 < groups``, not depthwise; ResNeXt, RegNet) may be either end: as a
 consumer its ``G`` groups read disjoint slices of the channels, so the unit's problem
@@ -30,9 +32,10 @@ depthwise -> BN -> ReLU6 -> 1×1 project) the expand conv is the producer, the p
 conv the consumer, and the depthwise conv and both BatchNorms are cut along with the
 producer. A depthwise conv is never a producer or a consumer itself.
 
-Each channel-wise op in between must have the producer's output as its only input and
-a single user; a value with several users (a residual ``add``, a concatenation, a
-second head) couples channels and ends the search with a recorded reason. Units are
+Each channel-wise op in between must have the producer's output as its only input;
+a value whose users do not all lead to convs this way (a residual ``add``, a second
+head, arithmetic with another tensor) couples channels and ends the search with a
+recorded reason. Units are
 found from the graph, not from class names, so any model built from standard layers
 works.
 
@@ -51,7 +54,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +176,14 @@ class Unit:
         the first operand): the slice of the consumer's input the unit owns starts at
         the sum of their output channels at the time (:func:`recon.surgery.
         channel_offset`), and the consumer reads more channels than ``width``.
+    cat_after : tuple of str
+        BatchNorms between the concatenation and the consumer (DenseNet's ``norm1``):
+        their slice of channels is cut with the unit.
+    readers : tuple of Unit
+        Other convs that read the producer's channels (a value read by several layers:
+        SqueezeNet's squeeze, GoogLeNet's inception outputs, DenseNet's features), each
+        as a unit of one reader named ``"<name>><reader>"``, with its own slice and
+        re-fit; the channels kept are chosen for all readers together.
     """
 
     name: str
@@ -188,6 +199,8 @@ class Unit:
     producer_groups: int = 1
     gate: tuple[str, str] | None = None
     cat_lead: tuple[str, ...] | None = None
+    cat_after: tuple[str, ...] = ()
+    readers: tuple[Unit, ...] = ()
 
     @property
     def step(self) -> int:
@@ -415,7 +428,10 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
         unit_or_reason = _follow(node, m, modules)
         if isinstance(unit_or_reason, Unit):
             u = unit_or_reason
-            shared = [n for n in (u.consumer, *u.channelwise, *(u.gate or ())) if calls[n] > 1]
+            touched = [
+                n for r in (u, *u.readers) for n in (r.consumer, *r.cat_after, *r.channelwise)
+            ]
+            shared = [n for n in (*touched, *(u.gate or ())) if calls[n] > 1]
             if shared:
                 unit_or_reason = (
                     f"its output flows into '{shared[0]}', which forward() calls "
@@ -433,6 +449,16 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
     _note_depthwise(units, skipped, modules)
     unsupported: dict[str, str] = {}
     blocks = _find_blocks(gm, modules, calls, unsupported)
+    sampled = {b.first for b in blocks if b.sampler and modules[b.first].groups == 1}
+    for u in [u for u in units if u.readers]:
+        clash = [r.consumer for r in (u, *u.readers) if r.consumer in sampled]
+        if clash:  # its input is a residual fork: a sampler unit cuts it
+            units.remove(u)
+            skipped[u.name] = (
+                f"its output is read by {len(u.readers) + 1} convs, among them '{clash[0]}', "
+                "the first conv of a residual branch, whose input a sampler cuts: its "
+                "channels are coupled with the residual stage"
+            )
     for block in blocks:
         conv = modules[block.first]  # a SampledConv2d reads conv.in_channels of its input
         if not block.sampler or conv.groups != 1:  # a sampler is a groups=1 conv
@@ -738,7 +764,6 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
     name = node.target
     channelwise: list[str] = []  # BatchNorms and depthwise convs, sliced with the producer
     se_gate: tuple[str, str] | None = None  # a squeeze-and-excitation gate's (fc1, fc2)
-    cat_lead: tuple[str, ...] | None = None  # convs before it in a concatenation
     flattened = False
     cur = node
     while True:
@@ -751,7 +776,7 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                     return f"'{n.target}' (BatchNorm2d) inside an element-wise expression"
             cur = end
             continue
-        gate = _gate(cur, users) if cat_lead is None else None
+        gate = _gate(cur, users)
         if gate is not None:
             se = _se_gate(cur, gate, modules, width) if se_gate is None else "a second gate"
             if isinstance(se, str):
@@ -763,25 +788,26 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                 )
             se_gate, cur = se, gate
             continue
+        if not flattened and se_gate is None and (len(users) > 1 or _is_cat(users[0])):
+            found = _readers(cur, users, width, modules)  # several readers, or a slice
+            if isinstance(found, list):
+                return _unit(name, producer, found, tuple(channelwise))
+        else:
+            found = None
         if len(users) != 1:
             what = ", ".join(_describe(u, modules) for u in users) or "nothing"
             return (
                 f"its output (through {_describe(cur, modules)}) is used by {len(users)} "
                 f"nodes ({what}): its channels are coupled with other layers"
+                + (f" ({found})" if found else "")
             )
         nxt = users[0]
         if _is_cat(nxt):
-            lead = _cat_lead(nxt, cur, modules) if cat_lead is None and not flattened else None
-            if not isinstance(lead, tuple):
-                why = lead or (
-                    "a second concatenation" if cat_lead is not None else "it is flattened"
-                )
-                return (
-                    f"its output flows into the concatenation at node '{nxt.name}', which "
-                    f"recon cannot cut along ({why}): its channels are coupled"
-                )
-            cat_lead, cur = lead, nxt
-            continue
+            return (
+                f"its output flows into the concatenation at node '{nxt.name}', which "
+                f"recon cannot cut along ({found or 'it is flattened or gated first'}): its "
+                "channels are coupled"
+            )
         if any(isinstance(a, fx.Node) and a is not cur for a in nxt.all_input_nodes):
             if not (nxt.op == "call_method" and nxt.target in ("view", "reshape")):
                 return (
@@ -790,35 +816,6 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
                 )
         if nxt.op == "call_module":
             mod = modules[nxt.target]
-            if cat_lead is not None and isinstance(mod, nn.BatchNorm2d | nn.Conv2d | nn.Linear):
-                kind = type(mod).__name__
-                if isinstance(mod, nn.Conv2d) and not _depthwise(mod) and mod.groups == 1:
-                    why = _supported_conv(mod)
-                    if why is not None:
-                        return f"its consumer '{nxt.target}' cannot be pruned: {why}"
-                    if mod.in_channels <= width:
-                        return (
-                            f"its consumer '{nxt.target}' reads {mod.in_channels} channels, "
-                            f"not more than the {width} it concatenates"
-                        )
-                    return Unit(
-                        name=name,
-                        producer=name,
-                        consumer=nxt.target,
-                        consumer_kind="conv",
-                        width=width,
-                        taps=mod.kernel_size[0] * mod.kernel_size[1],
-                        channelwise=tuple(channelwise),
-                        consumer_bn=_bn_after(nxt, modules),
-                        producer_groups=producer.groups,
-                        gate=se_gate,
-                        cat_lead=cat_lead,
-                    )
-                return (
-                    f"its output is concatenated, then read by '{nxt.target}' ({kind}): recon "
-                    "cuts a concatenation only into a plain convolution, through parameter-"
-                    "free channel-wise ops"
-                )
             if _depthwise(mod) and not flattened:
                 why = _cuttable_depthwise(mod, width)
                 if why is not None:
@@ -890,11 +887,6 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
         elif not flattened and _spatial_reduce(nxt) == "keep":
             pass
         elif not flattened and (_flatten_kind(nxt, modules) or _spatial_reduce(nxt) == "flat"):
-            if cat_lead is not None:
-                return (
-                    f"its output is concatenated, then flattened at {_describe(nxt, modules)}: "
-                    "recon cuts a concatenation only into a convolution"
-                )
             flattened = True
         elif flattened and _flatten_kind(nxt, modules):
             pass  # flattening (B, features) again changes nothing
@@ -906,6 +898,98 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
 
 
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_MAX_READERS = 64  # readers of one unit (DenseNet-121's widest block: 24)
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Where one branch from a producer's value ends: a conv reading its channels."""
+
+    consumer: str
+    taps: int
+    consumer_bn: str | None
+    cat_lead: tuple[str, ...] | None
+    cat_after: tuple[str, ...]
+
+
+def _unit(
+    name: str, producer: nn.Conv2d, readers: list[_Reader], channelwise: tuple[str, ...]
+) -> Unit:
+    """The unit of ``producer`` read by ``readers`` (the first is its consumer)."""
+
+    def one(r: _Reader, unit_name: str, cw: tuple[str, ...]) -> Unit:
+        return Unit(
+            name=unit_name,
+            producer=name,
+            consumer=r.consumer,
+            consumer_kind="conv",
+            width=producer.out_channels,
+            taps=r.taps,
+            channelwise=cw,
+            consumer_bn=r.consumer_bn,
+            producer_groups=producer.groups,
+            cat_lead=r.cat_lead,
+            cat_after=r.cat_after,
+        )
+
+    first = one(readers[0], name, channelwise)
+    rest = tuple(one(r, f"{name}>{r.consumer}", ()) for r in readers[1:])
+    return replace(first, readers=rest)
+
+
+def _readers(
+    value: fx.Node, users: list[fx.Node], width: int, modules: dict[str, nn.Module]
+) -> list[_Reader] | str:
+    """The convs that read ``value``'s channels along every path from it, or why recon
+    cannot cut them all: each path runs through parameter-free channel-wise ops, at most
+    one concatenation along channels (then also BatchNorms, sliced at the unit's
+    offset), and may split again, to a plain conv (``groups=1``)."""
+    found: list[_Reader] = []
+    todo = [(value, u, None, ()) for u in users]
+    while todo:
+        prev, node, lead, after = todo.pop(0)
+        if len(found) + len(todo) >= _MAX_READERS:
+            return f"more than {_MAX_READERS} readers"
+        if _is_cat(node):
+            if lead is not None:
+                return f"a second concatenation at node '{node.name}'"
+            lead = _cat_lead(node, prev, modules)
+            if isinstance(lead, str):
+                return f"the concatenation at node '{node.name}': {lead}"
+        elif any(a is not prev for a in node.all_input_nodes) or _is_size_query(node):
+            return f"{_describe(node, modules)} combines it with other values"
+        elif node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            conv = modules[node.target]
+            why = _supported_conv(conv)
+            if why is None and conv.groups > 1:
+                why = "a grouped convolution reading a shared or concatenated value"
+            if why is None and (
+                conv.in_channels < width if lead is not None else conv.in_channels != width
+            ):
+                why = f"it reads {conv.in_channels} channels (the unit has {width})"
+            if why is not None:
+                return f"'{node.target}' cannot be a reader: {why}"
+            taps = conv.kernel_size[0] * conv.kernel_size[1]
+            found.append(_Reader(node.target, taps, _bn_after(node, modules), lead, after))
+            continue
+        elif (
+            node.op == "call_module"
+            and isinstance(modules[node.target], nn.BatchNorm2d)
+            and lead is not None
+        ):
+            after = (*after, str(node.target))
+        elif not _channelwise(node, modules) or (
+            node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d | nn.PReLU)
+        ):
+            return _opaque(node, modules)
+        nxt = _users(node)
+        if not nxt:
+            return f"{_describe(node, modules)} is not read by a convolution"
+        todo.extend((node, u, lead, after) for u in nxt)
+    if len(found) == 1 and found[0].cat_lead is None:
+        return "one reader, no concatenation"  # the plain path handles it
+    order = {n.target: i for i, n in enumerate(value.graph.nodes) if n.op == "call_module"}
+    return sorted(found, key=lambda r: order[r.consumer])
 
 
 def _is_cat(node: fx.Node) -> bool:

@@ -105,6 +105,11 @@ def _slice_channels(value: Any, keep: Tensor, unit: Unit) -> Tensor | None:
     return None
 
 
+def _key(step: int, reader: int) -> tuple[int, ...]:
+    """Where reader ``reader`` of unit ``step`` keeps its targets in a batch's entry."""
+    return (step,) if reader == 0 else (step, reader)
+
+
 def _clone(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.clone()
@@ -292,7 +297,13 @@ class Passes:
             raise ValueError("recon.passes: one image offset per batch is needed")
         else:
             self.offsets = list(image_offsets)
-        self._wants = [self._want(u, shortcuts.get(u.name)) for u in units]
+        self._wants = [  # per unit, its consumer's and its other readers'
+            [
+                self._want(r, shortcuts.get(u.name) if j == 0 else None)
+                for j, r in enumerate((u, *u.readers))
+            ]
+            for u in units
+        ]
         self.single_pass = _SINGLE_PASS if single_pass is None else bool(single_pass)
         self.cuts, self._slices = self._plan_cuts(shortcuts)
         self._sliced = [s is None for s in self._slices]  # unit i's cached values final?
@@ -320,7 +331,9 @@ class Passes:
         first = self.rp.module_nodes()
         starts = []
         for u in self.units:
-            names = [u.producer, *u.channelwise, *(u.gate or ()), u.consumer, u.consumer_bn]
+            names = [u.producer, *u.channelwise, *(u.gate or ())]
+            for r in (u, *u.readers):
+                names += [r.consumer, r.consumer_bn, *r.cat_after]
             starts.append(min(first[n] for n in names if n is not None and n in first))
         safe = list(starts)
         for i in range(len(safe) - 2, -1, -1):
@@ -352,7 +365,7 @@ class Passes:
         """
         if unit.kind != "plain" or unit.producer is None or unit.consumer not in first:
             return None
-        if unit.cat_lead is not None:  # the consumer reads other channels too
+        if unit.cat_lead is not None or unit.readers:  # other channels, other readers
             return None
         if unit.gate is not None:  # the gate's input is watched, before the consumer
             return None
@@ -441,19 +454,29 @@ class Passes:
         )
 
     def _unit_watch(self, b: int, i: int, entry: dict[Any, Any]) -> dict[int, list]:
-        """Watchers that put unit ``i``'s :class:`Original` parts into ``entry``."""
+        """Watchers that put unit ``i``'s :class:`Original` parts into ``entry`` (one per
+        reader of the unit: its consumer's under ``(kind, i)``, reader ``j``'s under
+        ``(kind, i, j)``)."""
         unit = self.units[i]
-        out, sc, bias = self._wants[i]
+        watch: dict[int, list] = {}
+        for j, (reader, (out, sc, bias)) in enumerate(
+            zip((unit, *unit.readers), self._wants[i], strict=True)
+        ):
+            for k, fns in self._reader_watch(b, _key(i, j), reader, out, sc, bias, entry).items():
+                watch.setdefault(k, []).extend(fns)
+        return watch
+
+    def _reader_watch(self, b, at, unit, out, sc, bias, entry) -> dict[int, list]:
         key = layer_key(unit.name)
         conv = unit.consumer_kind == "conv"
 
         def pos(v: Tensor) -> Tensor | None:
             if not conv:
                 return None
-            if ("pos", i) not in entry:  # shortcut and output share the positions
-                entry[("pos", i)] = self._positions(b, v, key)
-                entry[("width", i)] = v.shape[3]
-            return entry[("pos", i)]
+            if ("pos", *at) not in entry:  # shortcut and output share the positions
+                entry[("pos", *at)] = self._positions(b, v, key)
+                entry[("width", *at)] = v.shape[3]
+            return entry[("pos", *at)]
 
         def on_out(v: Tensor) -> None:
             with self.timer("stats"):
@@ -461,11 +484,11 @@ class Passes:
                 if bias is not None:
                     y = y - bias.view((1, -1) + (1,) * (y.dim() - 2))
                 p = pos(y)  # a copy either way: later in-place ops cannot change it
-                entry[("y", i)] = y.clone() if p is None else gather_targets(y, p)
+                entry[("y", *at)] = y.clone() if p is None else gather_targets(y, p)
 
         def on_sc(v: Tensor) -> None:
             with self.timer("stats"):
-                entry[("sc", i)] = gather_targets(v.detach(), pos(v))
+                entry[("sc", *at)] = gather_targets(v.detach(), pos(v))
 
         watch: dict[int, list] = {out: [on_out]}
         if sc is not None:
@@ -517,8 +540,9 @@ class Passes:
         self.held = self.targets_bytes = sum(_nbytes(t) for t in self.targets)
         self.peak_held = self.held
 
-    def original(self, step: int, b: int) -> Original:
-        """Unit ``step``'s targets for batch ``b``: stored, or computed from the input."""
+    def original(self, step: int, b: int, reader: int = 0) -> Original:
+        """Unit ``step``'s targets for batch ``b``: stored, or computed from the input;
+        those of its reader ``reader`` (0: its consumer, ``j``: ``unit.readers[j-1]``)."""
         if self.targets is not None:
             entry = self.targets[b]
         else:
@@ -526,11 +550,12 @@ class Passes:
             watch = self._unit_watch(b, step, entry)
             with self.timer("forward"):
                 self.ro.run(self.batches[b], 0, max(watch) + 1, watch=watch)
+        at = _key(step, reader)
         return Original(
-            entry.get(("pos", step)),
-            entry.get(("width", step)),
-            entry[("y", step)],
-            entry.get(("sc", step)),
+            entry.get(("pos", *at)),
+            entry.get(("width", *at)),
+            entry[("y", *at)],
+            entry.get(("sc", *at)),
         )
 
     def drop_targets(self, step: int) -> None:
@@ -538,9 +563,10 @@ class Passes:
         if self.targets is None:
             return
         for entry in self.targets:
-            for key in (("pos", step), ("width", step), ("y", step), ("sc", step)):
-                value = entry.pop(key, None)
-                self.held -= _nbytes(value)
+            for j in range(len(self._wants[step])):
+                for kind in ("pos", "width", "y", "sc"):
+                    value = entry.pop((kind, *_key(step, j)), None)
+                    self.held -= _nbytes(value)
 
     # ------------------------------------------------------------------ pruned side
 

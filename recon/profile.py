@@ -49,7 +49,7 @@ from .passes import Passes
 from .refit import gate_fit
 from .sampling import _mix, layer_key
 from .scores import channel_scores
-from .select import SCORE_METHODS, channel_order
+from .select import SCORE_METHODS, channel_order, obs_shared
 from .solve import LSTSQ_MODES, cv_lstsq, lstsq, scale
 from .stats import ChannelStats, GroupedStats, PatchStats
 from .surgery import channel_offset, consumer_weight, prune_unit
@@ -310,11 +310,16 @@ def _profile_one(
     seed: int,
     ctx: _dist.Context | None,
 ) -> UnitProfile:
+    counts = count_grid(unit.width, math.lcm(round_to, unit.step))
+    scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
+    if unit.readers:
+        return _profile_shared(
+            unit, stats, original, x_held, ref, uniform, counts, scores,
+            method=method, reconstruct=reconstruct, seed=seed, ctx=ctx,
+        )  # fmt: skip
     consumer = original.get_submodule(unit.consumer)
     # (n, c, k): block diagonal when grouped, the unit's slice when concatenated
     w_cons = consumer_weight(consumer, unit, channel_offset(original, unit))
-    counts = count_grid(unit.width, math.lcm(round_to, unit.step))
-    scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
     G = unit.groups
     parts = []  # each group's problem, or the whole unit's
     for g, (chans, outs) in enumerate(group_slices(unit.width, w_cons.shape[0], G)):
@@ -350,9 +355,53 @@ def _profile_one(
         prune_unit(net, unit, keep, weight=weight, bias_delta=bias_delta, gate=gate)
         sums = _output_error(net, x_held, ref)
         del net
+    return _unit_profile(unit, counts, err, probe, sums, ctx)
+
+
+def _unit_profile(unit, counts, err, probe, sums, ctx) -> UnitProfile:
     if ctx is not None:
         sums = ctx.sum(sums, f"sensitivity of {unit.name}")
     output_error = sums[0] / sums[1] if sums[1] > 0 else 0.0
     at_probe = float(err[counts == probe][0])
     sensitivity = output_error / at_probe if at_probe > 0 else 0.0
     return UnitProfile(counts, err, probe, output_error, sensitivity)
+
+
+def _profile_shared(
+    unit, stats, original, x_held, ref, uniform, counts, scores, *, method, reconstruct, seed, ctx
+) -> UnitProfile:
+    """:func:`_profile_one` for a unit with several readers: one order for all of them
+    (as :func:`recon.refit._prune_shared` chooses), each reader's error curve along it,
+    averaged with weights ``‖Y_r‖²``; the probe re-fits every reader."""
+    readers = (unit, *unit.readers)
+    parts = []
+    for r, st in zip(readers, [stats, *stats.readers], strict=True):
+        w = consumer_weight(original.get_submodule(r.consumer), r, channel_offset(original, r))
+        A, b = st.channel_problem(w)
+        parts.append(_Group(st, A, b, None, w))
+    yy = torch.tensor([float(p.stats.yy) for p in parts], dtype=torch.float64)
+    norm = [float(v) if v > 0 else 1.0 for v in yy]
+    A = sum(p.A / v for p, v in zip(parts, norm, strict=True))
+    b = sum(p.b / v for p, v in zip(parts, norm, strict=True))
+    if (
+        method == "obs"
+        and reconstruct in LSTSQ_MODES
+        and all(isinstance(p.stats, PatchStats) for p in parts)
+    ):  # on the readers' re-fitted errors, as pruning chooses
+        order = obs_shared([p.stats for p in parts], [1.0 / v for v in norm]).to(A.device)
+    else:
+        order = _order(A, b, None, scores, method, seed, "none", unit.name)
+    order = quota_order(order, unit.width, unit.producer_groups)
+    errs = torch.stack([_curve(p.stats, p.A, p.b, order, counts, reconstruct).cpu() for p in parts])
+    err = (errs * yy[:, None]).sum(0) / yy.sum().clamp_min(1e-300)
+    probe = _probe_count(counts, err, uniform)
+    sums = [0.0, 0.0]
+    if probe < unit.width and ref is not None:
+        keep = order[:probe].sort().values
+        fits = [_probe_fit(p.stats, p.A, p.b, keep, p.weight, reconstruct) for p in parts]
+        weights = [None if w is None else w.reshape(w.shape[0], -1) for w, _ in fits]
+        net = copy.deepcopy(original)
+        prune_unit(net, unit, keep.cpu(), weight=weights, bias_delta=[d for _, d in fits])
+        sums = _output_error(net, x_held, ref)
+        del net
+    return _unit_profile(unit, counts, err, probe, sums, ctx)

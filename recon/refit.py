@@ -21,7 +21,7 @@ from .groups import group_slices, quota_order
 from .report import LayerReport
 from .sampling import _mix, layer_key
 from .scores import channel_scores
-from .select import SCORE_METHODS, channel_order, select_channels
+from .select import SCORE_METHODS, channel_order, obs_shared, select_channels
 from .solve import LSTSQ_MODES, channel_error, cv_lstsq, lstsq, patch_error, scale
 from .stats import ChannelStats, GroupedStats, PatchStats
 from .surgery import channel_offset, consumer_weight, prune_unit
@@ -65,6 +65,19 @@ def _prune_one(
     """
     t0 = time.perf_counter()
     timer = timer or PhaseTimer()
+    if unit.readers:
+        return _prune_shared(
+            unit,
+            target,
+            stats,
+            pruned,
+            method=method,
+            reconstruct=reconstruct,
+            seed=seed,
+            timer=timer,
+            ctx=ctx,
+            t0=t0,
+        )
     timer.push("select")
     consumer = pruned.get_submodule(unit.consumer)
     # (n, c, k): block diagonal when grouped, the unit's slice when concatenated
@@ -141,6 +154,123 @@ def _prune_one(
     return keep, report
 
 
+def _prune_shared(
+    unit: Unit,
+    target: int,
+    stats: PatchStats | ChannelStats,
+    pruned: nn.Module,
+    *,
+    method: str,
+    reconstruct: str,
+    seed: int,
+    timer: PhaseTimer,
+    ctx: _dist.Context | None,
+    t0: float,
+) -> tuple[Tensor, LayerReport]:
+    """:func:`_prune_one` for a unit read by several convs (:attr:`Unit.readers`).
+
+    The channels are chosen once for all readers, on the sum of their channel problems
+    each divided by its ``‖Y_r‖²`` (so every reader's relative error counts alike):
+    ``min_S Σ_r ‖Y_r − Σ_{i∈S} X_{r,i} W_{r,i}‖² / ‖Y_r‖²`` (``obs``: on the sum of the
+    readers' re-fitted errors, likewise divided); then each reader is re-fitted on them
+    from its own statistics.
+    """
+    timer.push("select")
+    readers = (unit, *unit.readers)
+    parts_stats = [stats, *stats.readers]
+    weights = [
+        consumer_weight(pruned.get_submodule(r.consumer), r, channel_offset(pruned, r))
+        for r in readers
+    ]  # (n_r, c, k) each
+    A = b = None
+    for st, w in zip(parts_stats, weights, strict=True):
+        A_r, b_r = st.channel_problem(w)
+        yy = float(st.yy) if float(st.yy) > 0 else 1.0
+        A, b = (A_r / yy, b_r / yy) if A is None else (A + A_r / yy, b + b_r / yy)
+    if not (_finite(A) and _finite(b)):
+        raise FloatingPointError(
+            f"the statistics of the readers of '{unit.name}' are not finite (NaN or inf): "
+            "the activations around them overflow on some calibration image"
+        )
+    scores = channel_scores(method, unit, pruned, stats) if method in SCORE_METHODS else None
+    key = _mix(seed, layer_key(unit.name))
+    patches = all(isinstance(st, PatchStats) for st in parts_stats)
+    obs = method == "obs" and reconstruct in LSTSQ_MODES and patches  # on the re-fit's error
+    norm = [1.0 / float(st.yy) if float(st.yy) > 0 else 1.0 for st in parts_stats]
+    if unit.producer_groups > 1:  # each group of the producer keeps as many
+        order = (
+            obs_shared(parts_stats, norm)
+            if obs
+            else channel_order(method, A=A, b=b, scores=scores, width=unit.width, seed=key)
+        )
+        keep = quota_order(order.to(A.device), unit.width, unit.producer_groups)[:target]
+        keep = keep.sort().values
+    elif obs:
+        keep = obs_shared(parts_stats, norm, target).to(A.device)
+    else:
+        keep = select_channels(
+            method, target, A=A, b=b, scores=scores, width=unit.width, seed=key
+        ).to(A.device)
+    if ctx is not None:
+        keep = ctx.broadcast_(keep, f"channels of {unit.name}")
+    parts = [
+        _fit_part(
+            r,
+            target,
+            st,
+            w,
+            None,
+            None,
+            method=method,
+            reconstruct=reconstruct,
+            seed=key,
+            label=r.consumer,
+            warn=i == 0,
+            timer=timer,
+            ctx=ctx,
+            keep=keep,
+        )
+        for i, (r, st, w) in enumerate(zip(readers, parts_stats, weights, strict=True))
+    ]
+    fitted, deltas = [], []
+    for r, p in zip(readers, parts, strict=True):
+        weight, delta = p.weight, p.bias_delta
+        if weight is not None:
+            weight = weight.reshape(weight.shape[0], -1)
+            if ctx is not None:
+                weight = ctx.broadcast_(weight, f"weights of {r.consumer}")
+            if not _finite(weight):
+                raise FloatingPointError(f"re-fitting '{r.consumer}' produced non-finite weights")
+        if delta is not None and ctx is not None:
+            delta = ctx.broadcast_(delta, f"bias of {r.consumer}")
+        fitted.append(weight)
+        deltas.append(delta)
+    keep = keep.cpu()
+    timer.swap("surgery")
+    prune_unit(pruned, unit, keep, weight=fitted, bias_delta=deltas)
+    timer.pop()
+    yy = sum(p.yy for p in parts)
+
+    def mean(values: list[float]) -> float:  # over the readers, weighted by ‖Y‖²
+        return sum(v * p.yy for v, p in zip(values, parts, strict=True)) / yy if yy > 0 else 0.0
+
+    report = LayerReport(
+        name=unit.name,
+        kind="conv",
+        channels_before=unit.width,
+        channels_after=int(keep.numel()),
+        method=method,
+        reconstruct=reconstruct,
+        error_before=mean([p.err_before for p in parts]),
+        error_after=mean([p.err_after for p in parts]),
+        seconds=time.perf_counter() - t0,
+        note=_join(f"{len(readers)} readers", parts[0].note),
+        ridge=float(torch.tensor([p.ridge for p in parts]).median()),
+        heldout_error=mean([p.heldout for p in parts]),
+    )
+    return keep, report
+
+
 def gate_fit(
     unit: Unit, stats: object, keep: Tensor, model: nn.Module, reconstruct: str
 ) -> tuple[Tensor, Tensor] | None:
@@ -179,11 +309,13 @@ def _fit_part(
     warn: bool,
     timer: PhaseTimer,
     ctx: _dist.Context | None,
+    keep: Tensor | None = None,
 ) -> _Part:
     """Select ``target`` of the channels of ``stats`` and re-fit ``w_cons`` (n, c, k) on them.
 
     ``label`` names the part in messages. The re-fitted weight is in the consumer's own
-    units (``a`` undone).
+    units (``a`` undone). With ``keep`` the channels are chosen already (by every
+    reader of the unit together): only the re-fit is done.
     """
     timer.swap("select")
     n = w_cons.shape[0]
@@ -199,7 +331,10 @@ def _fit_part(
         )
     note = "block target" if a is not None else ""
     obs_stats = stats if reconstruct in LSTSQ_MODES else None  # obs: its re-fit
-    if unit.producer_groups > 1:  # each group of the producer keeps as many
+    given = keep is not None
+    if given:
+        keep = keep.to(A.device)
+    elif unit.producer_groups > 1:  # each group of the producer keeps as many
         order = channel_order(
             method, A=A, b=b, scores=scores, width=width, seed=seed, stats=obs_stats
         )
@@ -208,7 +343,7 @@ def _fit_part(
         keep = select_channels(
             method, target, A=A, b=b, scores=scores, width=width, seed=seed, stats=obs_stats
         ).to(A.device)
-    if ctx is not None:
+    if ctx is not None and not given:
         keep = ctx.broadcast_(keep, f"channels of {label}")
     err_before = channel_error(A, b, stats.yy, keep)
     timer.swap("solve")
@@ -262,4 +397,4 @@ def _fit_part(
 
 
 def _join(note: str, more: str) -> str:
-    return f"{note}, {more}" if note else more
+    return f"{note}, {more}" if note and more else note or more

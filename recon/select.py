@@ -20,7 +20,7 @@ import torch
 from sklearn.linear_model import Lasso, lars_path_gram
 from torch import Tensor
 
-from .obs import removal_order
+from .obs import removal_order, removal_order_shared
 
 if TYPE_CHECKING:
     from .stats import ChannelStats, PatchStats
@@ -390,6 +390,22 @@ def thinet_order(A: Tensor) -> Tensor:
     """
     c = _check_gram(A)
     return _nested(_greedy_removals(A, c - 1), c)
+
+
+def obs_shared(stats: list[PatchStats], weights: list[float], k: int | None = None) -> Tensor:
+    """:func:`obs` for a unit read by several consumers: greedy removal on ``Σ_r w_r E_r``,
+    each consumer ``r`` re-fitted on its own patch statistics ``stats[r]``
+    (:func:`recon.obs.removal_order_shared`). The ``k`` kept channels, sorted; without
+    ``k``, the nested order (as :func:`obs_order`)."""
+    c = int(stats[0].channels)
+    problems = [
+        {"G": st.G, "C": st.C, "taps": st.taps, "s": st.s, "t": st.t, "count": st.count}
+        for st in stats
+    ]
+    if k is not None:
+        _check_k(k, c)
+        return _kept(removal_order_shared(problems, weights, steps=c - k), c)
+    return _nested(removal_order_shared(problems, weights), c)
 
 
 def obs_order(

@@ -220,13 +220,24 @@ def apply_bias_delta(model: nn.Module, unit: Unit, delta: Tensor) -> None:
     _add_bias(consumer, delta)
 
 
+def _sliced(name: str, readers: tuple[Unit, ...], reader: Unit) -> bool:
+    """Whether a reader before ``reader`` cut the BatchNorm ``name`` already (readers
+    after a concatenation share what lies between)."""
+    for r in readers:
+        if r is reader:
+            return False
+        if name in r.cat_after:
+            return True
+    return False
+
+
 def prune_unit(
     model: nn.Module,
     unit: Unit,
     keep: Tensor,
     *,
-    weight: Tensor | None = None,
-    bias_delta: Tensor | None = None,
+    weight: Tensor | list[Tensor | None] | None = None,
+    bias_delta: Tensor | list[Tensor | None] | None = None,
     gate: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """Remove every channel of ``unit`` not in ``keep``, in place.
@@ -236,13 +247,21 @@ def prune_unit(
     consumer's inputs (only the unit's slice of them if it is concatenated); for a
     sampler unit, puts a sampler in front of the consumer instead. Installs a re-fitted
     consumer ``weight`` (on the unit's channels) and adds ``bias_delta`` when given, and
-    the gate's re-fitted squeeze weight and bias change ``gate``.
+    the gate's re-fitted squeeze weight and bias change ``gate``. A unit with several
+    readers (:attr:`Unit.readers`) cuts each; ``weight`` and ``bias_delta`` are then
+    lists, one entry (or None) per reader, the consumer's first.
     """
     keep = torch.as_tensor(keep, dtype=torch.long)
-    if unit.cat_lead is not None:  # the slice's place before anything is cut
-        cat = _cat_inputs(
-            model.get_submodule(unit.consumer), unit, keep, channel_offset(model, unit), weight
-        )
+    readers = (unit, *unit.readers)
+    weights = weight if isinstance(weight, list | tuple) else [weight] + [None] * len(unit.readers)
+    deltas = bias_delta if isinstance(bias_delta, list | tuple) else [bias_delta]
+    deltas = [*deltas, *[None] * (len(readers) - len(deltas))]
+    cats = [  # each slice's place, before anything is cut
+        None
+        if r.cat_lead is None
+        else _cat_inputs(model.get_submodule(r.consumer), r, keep, channel_offset(model, r), w)
+        for r, w in zip(readers, weights, strict=True)
+    ]
     if unit.kind == "sampler":
         insert_sampler(model, unit.consumer, keep, weight)
     else:
@@ -255,9 +274,14 @@ def prune_unit(
             slice_outputs(fc2, keep)
             if gate is not None:
                 _add_bias(fc1, gate[1])
-        if unit.cat_lead is not None:
-            slice_inputs(model.get_submodule(unit.consumer), cat[0], unit.taps, cat[1])
-        else:
-            slice_inputs(model.get_submodule(unit.consumer), keep, unit.taps, weight)
-    if bias_delta is not None:
-        apply_bias_delta(model, unit, bias_delta)
+        for r, w, cat in zip(readers, weights, cats, strict=True):
+            if cat is None:
+                slice_inputs(model.get_submodule(r.consumer), keep, r.taps, w)
+                continue
+            slice_inputs(model.get_submodule(r.consumer), cat[0], r.taps, cat[1])
+            for name in r.cat_after:  # a BatchNorm between the concatenation and the reader
+                if not _sliced(name, readers, r):
+                    slice_bn(model.get_submodule(name), cat[0])
+    for r, delta in zip(readers, deltas, strict=True):
+        if delta is not None:
+            apply_bias_delta(model, r, delta)

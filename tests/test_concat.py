@@ -1,5 +1,6 @@
-"""Concatenations (SqueezeNet's fire modules): a producer owns a slice of its consumer's
-input; only that slice is cut and re-fitted."""
+"""Concatenations and values read by several convs (SqueezeNet, GoogLeNet, DenseNet): a
+producer owns a slice of each reader's input; only the slices are cut and re-fitted, the
+channels chosen for all readers together."""
 
 from __future__ import annotations
 
@@ -70,15 +71,18 @@ def _output(model: nn.Module, name: str, x: torch.Tensor = X) -> torch.Tensor:
 
 def test_each_operand_of_a_concatenation_is_a_unit_of_its_reader():
     graph = find_units(_net())
-    found = {u.name: (u.consumer, u.cat_lead) for u in graph.units}
+    found = {u.name: (u.consumer, u.cat_lead, [r.consumer for r in u.readers]) for u in graph.units}
     assert found == {
-        "stem": ("sq1", None),
-        "e1a": ("sq2", ()),
-        "e3a": ("sq2", ("e1a",)),
-        "e1b": ("head", ()),
-        "e3b": ("head", ("e1b",)),
+        "stem": ("sq1", None, []),
+        "sq1": ("e1a", None, ["e3a"]),  # both expands read the squeeze
+        "e1a": ("sq2", (), []),
+        "e3a": ("sq2", ("e1a",), []),
+        "sq2": ("e1b", None, ["e3b"]),
+        "e1b": ("head", (), []),
+        "e3b": ("head", ("e1b",), []),
     }
-    assert "used by 2 nodes" in graph.skipped["sq1"]  # both expands read the squeeze
+    assert graph.unit("sq1").readers[0].name == "sq1>e3a"
+    assert graph.unit("sq2").channelwise == ("bn2",)
     assert graph.unit("e1b").consumer_bn is None and graph.unit("e1a").consumer_bn == "bn2"
 
 
@@ -105,6 +109,8 @@ class _Cat(nn.Module):
             return self.c(y) + self.d(y)
         if self.tail == "linear":
             return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+        if self.tail == "added":
+            return self.c(y * x.mean())
         return self.c(y)
 
 
@@ -113,15 +119,24 @@ class _Cat(nn.Module):
     [
         ("dim0", "not along channels"),
         ("twice", "the same value twice"),
-        ("bn", "read by 'bn' \\(BatchNorm2d\\)"),
-        ("two readers", "used by 2 nodes"),
-        ("linear", "then flattened"),
+        ("linear", "flatten"),
+        ("added", "combines it with other values"),
     ],
 )
 def test_concatenations_recon_cannot_cut_along_say_why(tail, why):
     graph = find_units(_Cat(tail))
     assert "b" not in graph.names
     assert re.search(why, graph.skipped["b"])
+
+
+def test_a_batchnorm_after_a_concatenation_and_several_readers_are_cut_along():
+    graph = find_units(_Cat("bn"))
+    assert (graph.unit("b").cat_after, graph.unit("b").cat_lead) == (("bn",), ("a",))
+    graph = find_units(_Cat("two readers"))
+    assert [(r.consumer, r.cat_lead) for r in (graph.unit("b"), *graph.unit("b").readers)] == [
+        ("c", ("a",)),
+        ("d", ("a",)),
+    ]
 
 
 def test_slicing_a_concatenated_unit_equals_masking_its_channels():
@@ -254,6 +269,146 @@ def test_saved_and_replayed_plans_reproduce_the_pruned_model(tmp_path):
     ]
 
 
+def test_a_squeeze_read_by_both_expands_is_refitted_in_each():
+    # sq1's channels come in duplicated pairs: half of them carry everything, and both
+    # readers (e1a, e3a) re-fitted on them lose nothing.
+    net = _net()
+    with torch.no_grad():
+        net.sq1.weight[1::2] = net.sq1.weight[0::2]
+        net.sq1.bias[1::2] = net.sq1.bias[0::2]
+    res = quiet_prune(net, X, channels={"sq1": 3}, method="obs")
+    layer = next(r for r in res.report.layers if r.name == "sq1")
+    assert layer.error_after < 1e-6 < layer.error_before
+    assert "2 readers" in layer.note
+    assert (res.model.e1a.in_channels, res.model.e3a.in_channels) == (3, 3)
+    torch.testing.assert_close(res.model(X), net(X), atol=1e-3, rtol=1e-3)
+    plain = quiet_prune(net, X, channels={"sq1": 3}, method="obs", reconstruct="none")
+    assert rel_error(plain.model(X), net(X)) > 100 * rel_error(res.model(X), net(X))
+
+
+class TinyDense(nn.Module):
+    """A dense block (DenseNet): every layer reads the concatenation of all the features
+    before it through its own BatchNorm, then a transition and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.n1, self.c1 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.n2, self.c2 = nn.BatchNorm2d(12), nn.Conv2d(12, 4, 3, padding=1, bias=False)
+        self.n3, self.c3 = nn.BatchNorm2d(16), nn.Conv2d(16, 6, 1, bias=False)
+        self.head = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f0 = self.conv0(x)
+        f1 = self.c1(F.relu(self.n1(torch.cat([f0], 1))))
+        f2 = self.c2(F.relu(self.n2(torch.cat([f0, f1], 1))))
+        y = self.c3(F.relu(self.n3(torch.cat([f0, f1, f2], 1))))
+        y = F.relu(self.head(F.avg_pool2d(y, 2)))
+        return F.adaptive_avg_pool2d(y, 1).flatten(1)
+
+
+def _dense() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TinyDense()).eval()
+
+
+def test_dense_features_are_units_of_every_later_layer():
+    graph = find_units(_dense())
+    readers = {
+        u.name: [(r.consumer, r.cat_lead, r.cat_after) for r in (u, *u.readers)]
+        for u in graph.units
+    }
+    assert readers == {
+        "conv0": [("c1", (), ("n1",)), ("c2", (), ("n2",)), ("c3", (), ("n3",))],
+        "c1": [("c2", ("conv0",), ("n2",)), ("c3", ("conv0",), ("n3",))],
+        "c2": [("c3", ("conv0", "c1"), ("n3",))],
+        "c3": [("head", None, ())],
+    }
+
+
+def test_a_dense_block_prunes_with_the_refit():
+    net = _dense()
+    torch.testing.assert_close(quiet_prune(net, X, keep_ratio=1.0).model(X), net(X))
+    res = quiet_prune(net, X, channels={"conv0": 4, "c1": 2, "c2": 2}, method="lasso")
+    m = res.model
+    assert (m.c1.in_channels, m.n2.num_features, m.c2.in_channels) == (4, 6, 6)
+    assert (m.n3.num_features, m.c3.in_channels) == (8, 8)
+    none = quiet_prune(
+        net, X, channels={"conv0": 4, "c1": 2, "c2": 2}, method="lasso", reconstruct="none"
+    )
+    assert res.report.output_error < none.report.output_error
+    fast = quiet_prune(net, X, speedup=1.5, method="lasso")
+    assert fast.report.speedup == pytest.approx(1.5, rel=0.02)
+    fresh = recon.apply_plan(_dense(), res.plan)
+    fresh.load_state_dict(res.model.state_dict())
+    torch.testing.assert_close(fresh(X), res.model(X))
+
+
+def test_duplicated_dense_features_lose_nothing_in_any_reader():
+    net = _dense()
+    with torch.no_grad():  # c1's features in pairs, each pair's copies normalised alike
+        net.c1.weight[1::2] = net.c1.weight[0::2]
+        for bn in (net.n2, net.n3):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                t = getattr(bn, name)
+                t[9:12:2] = t[8:12:2]
+    res = quiet_prune(net, X, channels={"c1": 2}, method="obs")
+    layer = next(r for r in res.report.layers if r.name == "c1")
+    assert layer.error_after < 1e-6 < layer.error_before
+    torch.testing.assert_close(res.model(X), net(X), atol=1e-3, rtol=1e-3)
+
+
+class TinyInception(nn.Module):
+    """Two branches concatenated, max-pooled, read by both branches of the next module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1, self.a3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 3, padding=1)
+        self.b1, self.b3 = nn.Conv2d(10, 4, 1), nn.Conv2d(10, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.max_pool2d(torch.cat([F.relu(self.a1(x)), F.relu(self.a3(x))], 1), 3, 1, 1)
+        x = torch.cat([F.relu(self.b1(x)), F.relu(self.b3(x))], 1)
+        return F.adaptive_avg_pool2d(F.relu(self.head(x)), 1).flatten(1)
+
+
+def test_an_inception_output_is_cut_in_every_branch_that_reads_it():
+    torch.manual_seed(0)
+    net = TinyInception().eval()
+    graph = find_units(net)
+    a3 = graph.unit("a3")
+    assert [(r.consumer, r.cat_lead) for r in (a3, *a3.readers)] == [
+        ("b1", ("a1",)),
+        ("b3", ("a1",)),
+    ]
+    torch.testing.assert_close(quiet_prune(net, X, keep_ratio=1.0).model(X), net(X))
+    kw = {"speedup": 1.5, "method": "lasso", "allocation": "uniform"}
+    fitted, none = quiet_prune(net, X, **kw), quiet_prune(net, X, reconstruct="none", **kw)
+    assert fitted.report.speedup == pytest.approx(1.5, rel=0.02)
+    assert fitted.report.output_error < none.report.output_error
+    assert fitted.model.b1.in_channels == fitted.model.b3.in_channels < 10
+
+
+def test_a_residual_fork_read_by_two_convs_is_left_to_the_sampler():
+    pytest.importorskip("torchvision")
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    graph = find_units(ResNet(Bottleneck, [1, 1, 1, 1]))
+    assert "conv1" not in graph.names and "layer1.0.conv1.sampler" in graph.names
+    assert "first conv of a residual branch" in graph.skipped["conv1"]
+
+
+def test_a_plan_with_a_malformed_reader_is_refused():
+    res = quiet_prune(_net(), X, keep_ratio=0.5)
+    plan = res.plan
+    del plan["units"]["sq1"]["readers"][0]["taps"]
+    with pytest.raises(ValueError, match="other readers as dicts with keys"):
+        recon.apply_plan(_net(), plan)
+
+
 # --------------------------------------------------------------------------- budget
 
 
@@ -303,6 +458,23 @@ def test_torchvision_squeezenet_prunes_every_expand_with_the_refit():
     kw = {"speedup": 2.0, "method": "lasso", "allocation": "uniform"}
     fitted = quiet_prune(net, x, **kw)
     none = quiet_prune(net, x, reconstruct="none", **kw)
+    assert fitted.report.speedup == pytest.approx(2.0, rel=0.02)
+    assert fitted.report.output_error < none.report.output_error
+
+
+@pytest.mark.slow  # a minute: torchvision's DenseNet-121 and GoogLeNet at 64 px
+@pytest.mark.parametrize("name", ["densenet121", "googlenet"])
+def test_torchvision_dense_and_inception_nets_prune_with_the_refit(name):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    # GoogLeNet's own init gives logits that hardly depend on the input: PyTorch's
+    kw = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    net = randomize_bn(getattr(torchvision.models, name)(num_classes=10, **kw)).eval()
+    x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert sum(1 for u in find_units(net).units if u.readers) > 30
+    prune = {"speedup": 2.0, "method": "lasso", "allocation": "uniform"}
+    fitted = quiet_prune(net, x, **prune)
+    none = quiet_prune(net, x, reconstruct="none", **prune)
     assert fitted.report.speedup == pytest.approx(2.0, rel=0.02)
     assert fitted.report.output_error < none.report.output_error
 

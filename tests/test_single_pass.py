@@ -143,18 +143,18 @@ def test_cuts_fall_back_before_the_producer_where_unsafe():
     graph = find_units(net)
     gm = trace(net)
     names = [u.name for u in graph.units]
-    assert names == ["conv_a", "conv_b", "conv_c", "conv_d"]
+    assert names == ["stem", "conv_a", "conv_b", "conv_c", "conv_d"]  # stem: two readers
     passes = Passes(
         gm, trace(net), list(X.split(8)), graph.units, {}, [],
         samples_per_image=4, seed=0, cache_bytes=1 << 30, final=False,
     )  # fmt: skip
     sliced = [s is not None for s in passes._slices]
-    assert sliced == [False, False, False, True]  # fa runs after conv_d
+    assert sliced == [False, False, False, False, True]  # stem: readers; fa after conv_d
     old = Passes(
         gm, trace(net), list(X.split(8)), graph.units, {}, [],
         samples_per_image=4, seed=0, cache_bytes=1 << 30, final=False, single_pass=False,
     )  # fmt: skip
-    assert old._slices == [None] * 4 and passes.cuts[0] == old.cuts[0]
+    assert old._slices == [None] * 5 and passes.cuts[:2] == old.cuts[:2]
 
 
 def test_the_next_step_needs_the_kept_channels():
