@@ -245,7 +245,7 @@ def check_plan(plan: Any, source: str = "The 'plan' argument") -> dict[str, Any]
         if not isinstance(readers, list) or any(
             not isinstance(r, dict)
             or any(k not in r for k in _READER_KEYS)
-            or r["consumer_kind"] != "conv"
+            or r["consumer_kind"] not in ("conv", "linear")
             or not isinstance(r["consumer"], str)
             or isinstance(r["taps"], bool)
             or not isinstance(r["taps"], int)
@@ -254,7 +254,7 @@ def check_plan(plan: Any, source: str = "The 'plan' argument") -> dict[str, Any]
         ):
             raise bad(
                 f"unit {name!r} must list its other readers as dicts with keys "
-                f"{list(_READER_KEYS)} (a conv consumer_kind, an int taps >= 1)"
+                f"{list(_READER_KEYS)} (consumer_kind 'conv' or 'linear', an int taps >= 1)"
             )
         width, taps, kept = e["width"], e["taps"], e["kept"]
         for key, v in (("width", width), ("taps", taps)):
@@ -381,7 +381,10 @@ def _reader_mismatches(e: dict[str, Any], width: int, get: Any, out: list[str]) 
             )
     else:
         c = get(e["consumer"], (nn.Linear,), "Linear")
-        if c is not None and c.in_features != width * taps:
+        wrong = c is not None and (
+            c.in_features < width * taps if "cat_lead" in e else c.in_features != width * taps
+        )
+        if wrong:
             out.append(
                 f"'{e['consumer']}' has {c.in_features} input features, not "
                 f"{width} channels x {taps}"

@@ -61,6 +61,7 @@ from .refit import _prune_one
 from .report import AllocationReport, AllocationRow, LayerReport, Report
 from .scores import check_scores, global_scores
 from .select import SCORE_METHODS
+from .surgery import input_channels
 
 __all__ = ["ALLOCATIONS", "DEFAULT_ALLOCATION", "MAX_PATCH_DIM", "PruneResult", "prune"]
 
@@ -523,7 +524,7 @@ def _budget_unit(unit: Unit, model: nn.Module) -> _budget.BudgetUnit:
     readers = (unit, *unit.readers)
     ins = tuple(r.consumer for r in readers)
     shares = [  # a reader of a concatenation holds a slice of its input
-        1.0 if r.cat_lead is None else r.width / model.get_submodule(r.consumer).in_channels
+        1.0 if r.cat_lead is None else r.width / input_channels(model.get_submodule(r.consumer), r)
         for r in readers
     ]
     if unit.gate is not None:  # the squeeze reads the channels, the excitation writes them

@@ -906,6 +906,7 @@ class _Reader:
     """Where one branch from a producer's value ends: a conv reading its channels."""
 
     consumer: str
+    kind: str  # "conv" or "linear"
     taps: int
     consumer_bn: str | None
     cat_lead: tuple[str, ...] | None
@@ -922,7 +923,7 @@ def _unit(
             name=unit_name,
             producer=name,
             consumer=r.consumer,
-            consumer_kind="conv",
+            consumer_kind=r.kind,
             width=producer.out_channels,
             taps=r.taps,
             channelwise=cw,
@@ -940,56 +941,91 @@ def _unit(
 def _readers(
     value: fx.Node, users: list[fx.Node], width: int, modules: dict[str, nn.Module]
 ) -> list[_Reader] | str:
-    """The convs that read ``value``'s channels along every path from it, or why recon
+    """The layers that read ``value``'s channels along every path from it, or why recon
     cannot cut them all: each path runs through parameter-free channel-wise ops, at most
     one concatenation along channels (then also BatchNorms, sliced at the unit's
-    offset), and may split again, to a plain conv (``groups=1``)."""
+    offset), and may split again, to a plain conv (``groups=1``) — or, after a global
+    pooling and a flatten, to a linear layer."""
     found: list[_Reader] = []
-    todo = [(value, u, None, ()) for u in users]
+    todo = [(value, u, None, (), False, False) for u in users]  # ..., pooled, flat
     while todo:
-        prev, node, lead, after = todo.pop(0)
+        prev, node, lead, after, pooled, flat = todo.pop(0)
         if len(found) + len(todo) >= _MAX_READERS:
             return f"more than {_MAX_READERS} readers"
+        mod = modules[node.target] if node.op == "call_module" else None
         if _is_cat(node):
-            if lead is not None:
-                return f"a second concatenation at node '{node.name}'"
+            if lead is not None or flat:
+                return f"a second concatenation, or one after a flatten, at node '{node.name}'"
             lead = _cat_lead(node, prev, modules)
             if isinstance(lead, str):
                 return f"the concatenation at node '{node.name}': {lead}"
-        elif any(a is not prev for a in node.all_input_nodes) or _is_size_query(node):
+        elif _flatten_kind(node, modules) or (not flat and _spatial_reduce(node) == "flat"):
+            pooled, flat = pooled or _spatial_reduce(node) == "flat", True
+        elif any(a is not prev for a in node.all_input_nodes):
             return f"{_describe(node, modules)} combines it with other values"
-        elif node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
-            conv = modules[node.target]
-            why = _supported_conv(conv)
-            if why is None and conv.groups > 1:
+        elif isinstance(mod, nn.Conv2d) and not flat:
+            why = _supported_conv(mod)
+            if why is None and mod.groups > 1:
                 why = "a grouped convolution reading a shared or concatenated value"
             if why is None and (
-                conv.in_channels < width if lead is not None else conv.in_channels != width
+                mod.in_channels < width if lead is not None else mod.in_channels != width
             ):
-                why = f"it reads {conv.in_channels} channels (the unit has {width})"
+                why = f"it reads {mod.in_channels} channels (the unit has {width})"
             if why is not None:
                 return f"'{node.target}' cannot be a reader: {why}"
-            taps = conv.kernel_size[0] * conv.kernel_size[1]
-            found.append(_Reader(node.target, taps, _bn_after(node, modules), lead, after))
+            taps = mod.kernel_size[0] * mod.kernel_size[1]
+            found.append(_Reader(node.target, "conv", taps, _bn_after(node, modules), lead, after))
             continue
-        elif (
-            node.op == "call_module"
-            and isinstance(modules[node.target], nn.BatchNorm2d)
-            and lead is not None
-        ):
+        elif isinstance(mod, nn.Linear) and flat:
+            if not pooled:
+                return (
+                    f"'{node.target}' reads a flatten of maps recon cannot size (no global pooling)"
+                )
+            if mod.in_features < width if lead is not None else mod.in_features != width:
+                return f"'{node.target}' reads {mod.in_features} features (the unit has {width})"
+            found.append(_Reader(node.target, "linear", 1, _bn_after(node, modules), lead, after))
+            continue
+        elif isinstance(mod, nn.BatchNorm2d) and lead is not None and not flat:
             after = (*after, str(node.target))
-        elif not _channelwise(node, modules) or (
-            node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d | nn.PReLU)
+        elif _global_pool(node, modules) and not flat:
+            pooled = True
+        elif (
+            not _channelwise(node, modules)
+            or isinstance(mod, nn.BatchNorm2d | nn.PReLU)
+            or (flat and not _elementwise(node, modules))
         ):
             return _opaque(node, modules)
         nxt = _users(node)
         if not nxt:
             return f"{_describe(node, modules)} is not read by a convolution"
-        todo.extend((node, u, lead, after) for u in nxt)
+        todo.extend((node, u, lead, after, pooled, flat) for u in nxt)
     if len(found) == 1 and found[0].cat_lead is None:
         return "one reader, no concatenation"  # the plain path handles it
     order = {n.target: i for i, n in enumerate(value.graph.nodes) if n.op == "call_module"}
     return sorted(found, key=lambda r: order[r.consumer])
+
+
+def _global_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` pools every map to 1×1, keeping (B, c, 1, 1)."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) and m.output_size in (
+            1,
+            (1, 1),
+        )
+    if node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return size in (1, (1, 1))
+    return _spatial_reduce(node) == "keep"
+
+
+def _elementwise(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` acts on each entry alone (allowed after a flatten)."""
+    if node.op == "call_module":
+        return type(modules[node.target]) in _ELEMENTWISE_MODULES
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS or _scalar_op(node)
+    return node.op == "call_method" and (node.target in _ELEMENTWISE_METHODS or _scalar_op(node))
 
 
 def _is_cat(node: fx.Node) -> bool:

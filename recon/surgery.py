@@ -18,6 +18,7 @@ __all__ = [
     "apply_bias_delta",
     "channel_offset",
     "consumer_weight",
+    "input_channels",
     "insert_sampler",
     "prune_unit",
     "slice_bn",
@@ -47,14 +48,22 @@ def consumer_weight(module: nn.Conv2d | nn.Linear, unit: Unit, offset: int = 0) 
     return dense_weight(w, module.groups) if isinstance(module, nn.Conv2d) else w
 
 
+def input_channels(module: nn.Conv2d | nn.Linear, unit: Unit) -> int:
+    """The channels a consumer of ``unit`` reads: a conv's inputs, or a linear layer's
+    input features over the unit's taps."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels
+    return module.in_features // unit.taps
+
+
 def _cat_inputs(
-    consumer: nn.Conv2d, unit: Unit, keep: Tensor, offset: int, weight: Tensor | None
+    consumer: nn.Conv2d | nn.Linear, unit: Unit, keep: Tensor, offset: int, weight: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """The consumer's kept input channels when ``unit``'s slice keeps ``keep`` (the
     other channels all stay), and its sliced weight with ``weight`` (n, m*taps) on
     the slice."""
     keep = keep.to(consumer.weight.device)
-    total = consumer.in_channels
+    total = input_channels(consumer, unit)
     full = torch.cat(
         [
             torch.arange(offset, device=keep.device),
@@ -64,10 +73,11 @@ def _cat_inputs(
     )
     if weight is None:
         return full, None
-    new = consumer.weight.detach()[:, full].clone()
+    n, k = consumer.weight.shape[0], unit.taps
+    new = consumer.weight.detach().reshape(n, total, k)[:, full].clone()  # (n, kept, taps)
     m = keep.numel()
-    new[:, offset : offset + m] = weight.reshape(new.shape[0], m, *new.shape[2:]).to(new)
-    return full, new
+    new[:, offset : offset + m] = weight.reshape(n, m, k).to(new)
+    return full, new.reshape(n, -1)
 
 
 def _group_counts(keep: Tensor, width: int, groups: int) -> Tensor:

@@ -94,7 +94,7 @@ class _Cat(nn.Module):
         self.tail = tail
         self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
         self.bn, self.c, self.d = nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
-        self.fc = nn.Linear(8, 2)
+        self.fc, self.flat = nn.Linear(8, 2), nn.Linear(8 * 12 * 12, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.a(x), self.b(x)
@@ -109,6 +109,8 @@ class _Cat(nn.Module):
             return self.c(y) + self.d(y)
         if self.tail == "linear":
             return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))
+        if self.tail == "flat":
+            return self.flat(y.flatten(1))
         if self.tail == "added":
             return self.c(y * x.mean())
         return self.c(y)
@@ -119,7 +121,7 @@ class _Cat(nn.Module):
     [
         ("dim0", "not along channels"),
         ("twice", "the same value twice"),
-        ("linear", "flatten"),
+        ("flat", "no global pooling"),
         ("added", "combines it with other values"),
     ],
 )
@@ -132,6 +134,11 @@ def test_concatenations_recon_cannot_cut_along_say_why(tail, why):
 def test_a_batchnorm_after_a_concatenation_and_several_readers_are_cut_along():
     graph = find_units(_Cat("bn"))
     assert (graph.unit("b").cat_after, graph.unit("b").cat_lead) == (("bn",), ("a",))
+    graph = find_units(_Cat("linear"))
+    assert [(u.consumer, u.consumer_kind, u.taps, u.cat_lead) for u in graph.units] == [
+        ("fc", "linear", 1, ()),
+        ("fc", "linear", 1, ("a",)),
+    ]
     graph = find_units(_Cat("two readers"))
     assert [(r.consumer, r.cat_lead) for r in (graph.unit("b"), *graph.unit("b").readers)] == [
         ("c", ("a",)),
@@ -359,20 +366,21 @@ def test_duplicated_dense_features_lose_nothing_in_any_reader():
 
 
 class TinyInception(nn.Module):
-    """Two branches concatenated, max-pooled, read by both branches of the next module."""
+    """Two branches concatenated, max-pooled, read by both branches of the next module,
+    whose outputs are concatenated, pooled and read by a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.a1, self.a3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 3, padding=1)
         self.b1, self.b3 = nn.Conv2d(10, 4, 1), nn.Conv2d(10, 4, 3, padding=1)
-        self.head = nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))
         x = F.max_pool2d(torch.cat([F.relu(self.a1(x)), F.relu(self.a3(x))], 1), 3, 1, 1)
         x = torch.cat([F.relu(self.b1(x)), F.relu(self.b3(x))], 1)
-        return F.adaptive_avg_pool2d(F.relu(self.head(x)), 1).flatten(1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def test_an_inception_output_is_cut_in_every_branch_that_reads_it():
@@ -390,6 +398,14 @@ def test_an_inception_output_is_cut_in_every_branch_that_reads_it():
     assert fitted.report.speedup == pytest.approx(1.5, rel=0.02)
     assert fitted.report.output_error < none.report.output_error
     assert fitted.model.b1.in_channels == fitted.model.b3.in_channels < 10
+    b = graph.unit("b3")
+    assert (b.consumer, b.consumer_kind, b.cat_lead) == ("fc", "linear", ("b1",))
+    assert (
+        fitted.model.fc.in_features == fitted.model.b1.out_channels + fitted.model.b3.out_channels
+    )
+    fresh = recon.apply_plan(TinyInception().eval(), fitted.plan)
+    fresh.load_state_dict(fitted.model.state_dict())
+    torch.testing.assert_close(fresh(X), fitted.model(X))
 
 
 def test_a_residual_fork_read_by_two_convs_is_left_to_the_sampler():
