@@ -953,12 +953,15 @@ def _readers(
         if len(found) + len(todo) >= _MAX_READERS:
             return f"more than {_MAX_READERS} readers"
         mod = modules[node.target] if node.op == "call_module" else None
-        if _is_cat(node):
-            if lead is not None or flat:
-                return f"a second concatenation, or one after a flatten, at node '{node.name}'"
-            lead = _cat_lead(node, prev, modules)
-            if isinstance(lead, str):
-                return f"the concatenation at node '{node.name}': {lead}"
+        if _is_cat(node):  # nested ones add up: the slice starts after both leads
+            if flat:
+                return f"a concatenation after a flatten at node '{node.name}'"
+            more = _cat_lead(node, prev, modules)
+            if isinstance(more, str):
+                return f"the concatenation at node '{node.name}': {more}"
+            if lead is not None and after:
+                return f"a concatenation after a BatchNorm of another at node '{node.name}'"
+            lead = (*more, *(lead or ()))  # in channel order: the outer operands first
         elif _flatten_kind(node, modules) or (not flat and _spatial_reduce(node) == "flat"):
             pooled, flat = pooled or _spatial_reduce(node) == "flat", True
         elif any(a is not prev for a in node.all_input_nodes):
@@ -1042,17 +1045,37 @@ def _cat_lead(cat: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> tu
         return f"not along channels (dim={dim!r})"
     if sum(t is value for t in tensors) != 1:
         return "it concatenates the same value twice"
-    lead = []
+    lead: list[str] = []
     for t in tensors[: next(i for i, t in enumerate(tensors) if t is value)]:
-        cur = t
-        while isinstance(cur, fx.Node) and not _is_conv(cur, modules):
-            if not (_channelwise(cur, modules) and len(cur.all_input_nodes) == 1):
-                break
-            cur = cur.all_input_nodes[0]
-        if not _is_conv(cur, modules):
-            return f"recon cannot tell the width of its operand '{t}': not a conv's output"
-        lead.append(str(cur.target))
+        convs = _widths(t, modules)
+        if isinstance(convs, str):
+            return convs
+        lead += convs
     return tuple(lead)
+
+
+def _widths(operand: fx.Node, modules: dict[str, nn.Module]) -> list[str] | str:
+    """The convs whose output channels make up ``operand`` (one, or those of a nested
+    concatenation's operands), or why recon cannot tell its width."""
+    cur = operand
+    while isinstance(cur, fx.Node) and not _is_conv(cur, modules) and not _is_cat(cur):
+        if not (_channelwise(cur, modules) and len(cur.all_input_nodes) == 1):
+            break
+        cur = cur.all_input_nodes[0]
+    if _is_conv(cur, modules):
+        return [str(cur.target)]
+    if isinstance(cur, fx.Node) and _is_cat(cur):
+        tensors = cur.args[0] if cur.args else cur.kwargs.get("tensors")
+        dim = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("dim", 0)
+        if isinstance(tensors, list | tuple) and dim in (1, -3):
+            out: list[str] = []
+            for t in tensors:
+                convs = _widths(t, modules)
+                if isinstance(convs, str):
+                    return convs
+                out += convs
+            return out
+    return f"recon cannot tell the width of its operand '{operand}': not a conv's output"
 
 
 def _se_gate(

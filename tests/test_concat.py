@@ -408,6 +408,39 @@ def test_an_inception_output_is_cut_in_every_branch_that_reads_it():
     torch.testing.assert_close(fresh(X), fitted.model(X))
 
 
+class TinyNested(nn.Module):
+    """Inception-v3's InceptionE: a concatenation inside a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.r = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 1)
+        self.b1, self.b2 = (
+            nn.Conv2d(6, 4, (1, 3), padding=(0, 1)),
+            nn.Conv2d(6, 4, (3, 1), padding=(1, 0)),
+        )
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        r = F.relu(self.r(x))
+        y = torch.cat([F.relu(self.a(x)), torch.cat([self.b1(r), self.b2(r)], 1)], 1)
+        return F.adaptive_avg_pool2d(F.relu(self.head(y)), 1).flatten(1)
+
+
+def test_nested_concatenations_add_up_their_offsets():
+    torch.manual_seed(0)
+    net = TinyNested().eval()
+    graph = find_units(net)
+    leads = {u.name: (u.consumer, u.cat_lead) for u in graph.units}
+    assert leads["b1"] == ("head", ("a",)) and leads["b2"] == ("head", ("a", "b1"))
+    torch.testing.assert_close(quiet_prune(net, X, keep_ratio=1.0).model(X), net(X))
+    kw = {"channels": {"a": 2, "b1": 2, "b2": 2}, "method": "lasso"}
+    fitted, none = quiet_prune(net, X, **kw), quiet_prune(net, X, reconstruct="none", **kw)
+    assert fitted.model.head.in_channels == 6
+    assert fitted.report.output_error < none.report.output_error
+
+
 def test_a_residual_fork_read_by_two_convs_is_left_to_the_sampler():
     pytest.importorskip("torchvision")
     from torchvision.models.resnet import Bottleneck, ResNet
