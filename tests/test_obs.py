@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import recon
-from recon.obs import removal_order
-from recon.select import obs, obs_order, select_channels
+from recon.obs import removal_order, removal_order_shared
+from recon.select import obs, obs_order, obs_shared, select_channels
 from recon.solve import lstsq, patch_error
 from recon.stats import PatchStats
 
@@ -157,3 +157,34 @@ def test_prune_with_obs_finds_channels_the_others_make_redundant():
             err[method] = float((res.model(held) - ref).pow(2).sum() / ref.pow(2).sum())
     assert err["obs"] < 1e-6
     assert err["lasso"] > 1e-4 and err["thinet"] > 1e-4
+
+
+def _problem(X, Y, taps) -> dict:
+    return {"G": X.T @ X, "C": X.T @ Y, "taps": taps, "s": X.sum(0), "t": Y.sum(0), "count": len(X)}
+
+
+def test_shared_removal_with_one_consumer_is_plain_removal():
+    X, Y = patches(seed=3)
+    order, _ = removal_order(**_problem(X, Y, 3))
+    assert torch.equal(removal_order_shared([_problem(X, Y, 3)], [1.0]), order)
+
+
+def test_shared_removal_is_the_brute_force_greedy_choice_on_the_weighted_sum():
+    # Two consumers read the same 6 channels (different patches and targets); each step
+    # removes the channel whose removal raises w1·E1 + w2·E2 least, each re-fitted.
+    (X1, Y1), (X2, Y2) = patches(seed=1, taps=3), patches(seed=2, taps=1)
+    weights = [1.0 / float((Y1**2).sum()), 3.0 / float((Y2**2).sum())]
+    got = removal_order_shared([_problem(X1, Y1, 3), _problem(X2, Y2, 1)], weights)
+    kept = list(range(6))
+    for g in got.tolist():
+
+        def total(S):
+            return weights[0] * refit_error(X1, Y1, S, 3) + weights[1] * refit_error(X2, Y2, S, 1)
+
+        best = min(kept, key=lambda c: total([k for k in kept if k != c]))
+        assert g == best
+        kept.remove(g)
+    assert torch.equal(
+        obs_shared([stats_of(X1, Y1, 3), stats_of(X2, Y2, 1)], weights, 2),
+        torch.tensor(sorted([*kept, got[-1].item()])),  # the survivor and the last removed
+    )
