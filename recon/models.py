@@ -765,7 +765,14 @@ def pretrained(name: str) -> nn.Module:
             f"The checkpoint of {name!r} at {path} is damaged: sha256 {digest}, expected "
             f"{entry['sha256']} (from {PRETRAINED_MANIFEST.name})."
         )
-    builders = {"vgg16": vgg16, "cifar_resnet20": cifar_resnet20, "cifar_resnet56": cifar_resnet56}
+    from .mobilenet import cifar_mobilenet_v2  # its own module: MobileNetV2 for 32 px
+
+    builders = {
+        "vgg16": vgg16,
+        "cifar_resnet20": cifar_resnet20,
+        "cifar_resnet56": cifar_resnet56,
+        "cifar_mobilenet_v2": cifar_mobilenet_v2,
+    }
     model = builders[entry["builder"]](**entry["kwargs"])
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -2,6 +2,7 @@
 
     python scripts/train.py vgg16_fmnist --epochs 8
     python scripts/train.py resnet20_fmnist --epochs 8
+    python scripts/train.py mobilenetv2_fmnist --epochs 6
     python scripts/train.py vgg16_fmnist --epochs 8 --bn-l1 1e-4   # -> vgg16_fmnist_bnl1
 
 ``--bn-l1 λ`` trains with Network Slimming's sparsity penalty ``λ Σ|γ|`` on every
@@ -31,6 +32,7 @@ import torch
 
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
 from recon.finetune import finetune
+from recon.mobilenet import cifar_mobilenet_v2
 from recon.models import PRETRAINED_MANIFEST, cifar_resnet20, cifar_resnet56, vgg16
 
 MODELS = {
@@ -38,8 +40,18 @@ MODELS = {
     "vgg16_fmnist": ("vgg16", {"width": 0.25, "in_channels": 1, "num_classes": 10}, 0.05),
     "resnet20_fmnist": ("cifar_resnet20", {"in_channels": 1, "num_classes": 10}, 0.1),
     "resnet56_fmnist": ("cifar_resnet56", {"in_channels": 1, "num_classes": 10}, 0.1),
+    "mobilenetv2_fmnist": (
+        "cifar_mobilenet_v2",
+        {"width": 0.5, "in_channels": 1, "num_classes": 10, "stem_stride": 2},
+        0.05,
+    ),
 }
-BUILDERS = {"vgg16": vgg16, "cifar_resnet20": cifar_resnet20, "cifar_resnet56": cifar_resnet56}
+BUILDERS = {
+    "vgg16": vgg16,
+    "cifar_resnet20": cifar_resnet20,
+    "cifar_resnet56": cifar_resnet56,
+    "cifar_mobilenet_v2": cifar_mobilenet_v2,
+}
 
 
 def main() -> None:
