@@ -184,7 +184,7 @@ def _accumulate(
         )
         step = 0
     accs = [
-        _Reader(r, gm_o, gm_p, target if i == 0 else None, folds, block_dtype)
+        _ReaderStats(r, gm_o, gm_p, target if i == 0 else None, folds, block_dtype)
         for i, r in enumerate((unit, *unit.readers))
     ]
     stats = accs[0].stats
@@ -238,7 +238,7 @@ def _accumulate(
     return stats
 
 
-class _Reader:
+class _ReaderStats:
     """The statistics of one conv reading a unit's channels (its consumer, or another
     reader): its input patches on the unit's channels and its output target."""
 
