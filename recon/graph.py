@@ -5,7 +5,8 @@ inputs that read them::
 
     producer conv -> [BN | ReLU | pooling | dropout | identity | depthwise conv]* -> consumer conv
     producer conv -> [...]* -> flatten -> [ReLU | dropout]* -> consumer linear
-    producer conv -> [...]* -> cat([..., ·, ...], dim=1) -> [ReLU | pooling]* -> consumer conv
+    producer conv -> [...]* -> cat([..., ·, ...], dim=1) -> [BN | ReLU | pooling]* -> consumer conv
+    producer conv -> [...]* -> (several paths as above, each to its own reader conv)
 
 A concatenation: the producer's channels are a slice of the consumer's input, after
 those of the operands before it (:attr:`Unit.cat_lead`); only that slice is cut and
