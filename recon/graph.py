@@ -1089,16 +1089,7 @@ def _se_gate(
     if len(pools) != 1:
         return f"{len(pools)} other readers"
     cur = pools[0]
-    if cur.op == "call_module":
-        m = modules[cur.target]
-        pooled = isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
-        pooled = pooled and m.output_size in (1, (1, 1))
-    elif cur.op == "call_function" and cur.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
-        size = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("output_size")
-        pooled = size in (1, (1, 1))
-    else:
-        pooled = _spatial_reduce(cur) == "keep"
-    if not pooled:
+    if not _global_pool(cur, modules):
         return f"it does not start with a global pooling: {_describe(cur, modules)}"
     convs: list[str] = []
     while True:

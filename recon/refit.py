@@ -108,36 +108,59 @@ def _prune_one(
         )
     cpg = unit.width // unit.groups
     keep = torch.cat([p.keep.cpu() + g * cpg for g, p in enumerate(parts)])
-    weight = bias_delta = None
-    if parts[0].weight is not None:
-        weight = torch.cat([p.weight.reshape(p.weight.shape[0], -1) for p in parts])
-        if ctx is not None:
-            weight = ctx.broadcast_(weight, f"weights of {unit.consumer}")
-    if parts[0].bias_delta is not None:
-        bias_delta = torch.cat([p.bias_delta for p in parts])
-        if ctx is not None:
-            bias_delta = ctx.broadcast_(bias_delta, f"bias of {unit.consumer}")
-    if weight is not None and not _finite(weight):
-        raise FloatingPointError(f"re-fitting '{unit.consumer}' produced non-finite weights")
+    weight, bias_delta = _fitted(parts, unit.consumer, ctx)
     gate = gate_fit(unit, stats, keep, pruned, reconstruct)
     if ctx is not None and gate is not None:
         gate = tuple(ctx.broadcast_(t, f"gate of {unit.name}") for t in gate)
     timer.swap("surgery")
     prune_unit(pruned, unit, keep, weight=weight, bias_delta=bias_delta, gate=gate)
     timer.pop()
-    yy = sum(p.yy for p in parts)
-
-    def mean(values: list[float]) -> float:  # over the parts, weighted by ‖Y‖²
-        if len(values) == 1:
-            return values[0]
-        return sum(v * p.yy for v, p in zip(values, parts, strict=True)) / yy if yy > 0 else 0.0
-
     note = parts[0].note
     if unit.groups > 1:
         note = _join(f"{unit.groups} groups", note)
     if unit.cat_lead is not None:
         note = _join(f"channels {offset}..{offset + unit.width - 1} of a concatenation", note)
-    report = LayerReport(
+    return keep, _report(unit, keep, parts, note, method, reconstruct, t0)
+
+
+def _fitted(
+    parts: list[_Part], consumer: str, ctx: _dist.Context | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The parts' re-fitted weights (rows stacked, (n, m*k)) and bias changes for
+    ``consumer``: rank 0's in a distributed run, checked to be finite."""
+    weight = bias_delta = None
+    if parts[0].weight is not None:
+        weight = torch.cat([p.weight.reshape(p.weight.shape[0], -1) for p in parts])
+        if ctx is not None:
+            weight = ctx.broadcast_(weight, f"weights of {consumer}")
+    if parts[0].bias_delta is not None:
+        bias_delta = torch.cat([p.bias_delta for p in parts])
+        if ctx is not None:
+            bias_delta = ctx.broadcast_(bias_delta, f"bias of {consumer}")
+    if weight is not None and not _finite(weight):
+        raise FloatingPointError(f"re-fitting '{consumer}' produced non-finite weights")
+    return weight, bias_delta
+
+
+def _report(
+    unit: Unit,
+    keep: Tensor,
+    parts: list[_Part],
+    note: str,
+    method: str,
+    reconstruct: str,
+    t0: float,
+) -> LayerReport:
+    """The unit's report row; errors are the parts' (groups' or readers'), weighted by
+    their ‖Y‖²."""
+    yy = sum(p.yy for p in parts)
+
+    def mean(values: list[float]) -> float:
+        if len(values) == 1:
+            return values[0]
+        return sum(v * p.yy for v, p in zip(values, parts, strict=True)) / yy if yy > 0 else 0.0
+
+    return LayerReport(
         name=unit.name,
         kind="sampler" if unit.kind == "sampler" else "conv",
         channels_before=unit.width,
@@ -151,7 +174,6 @@ def _prune_one(
         ridge=float(torch.tensor([p.ridge for p in parts]).median()),
         heldout_error=mean([p.heldout for p in parts]),
     )
-    return keep, report
 
 
 def _prune_shared(
@@ -232,43 +254,13 @@ def _prune_shared(
         )
         for i, (r, st, w) in enumerate(zip(readers, parts_stats, weights, strict=True))
     ]
-    fitted, deltas = [], []
-    for r, p in zip(readers, parts, strict=True):
-        weight, delta = p.weight, p.bias_delta
-        if weight is not None:
-            weight = weight.reshape(weight.shape[0], -1)
-            if ctx is not None:
-                weight = ctx.broadcast_(weight, f"weights of {r.consumer}")
-            if not _finite(weight):
-                raise FloatingPointError(f"re-fitting '{r.consumer}' produced non-finite weights")
-        if delta is not None and ctx is not None:
-            delta = ctx.broadcast_(delta, f"bias of {r.consumer}")
-        fitted.append(weight)
-        deltas.append(delta)
+    fits = [_fitted([p], r.consumer, ctx) for r, p in zip(readers, parts, strict=True)]
     keep = keep.cpu()
     timer.swap("surgery")
-    prune_unit(pruned, unit, keep, weight=fitted, bias_delta=deltas)
+    prune_unit(pruned, unit, keep, weight=[w for w, _ in fits], bias_delta=[d for _, d in fits])
     timer.pop()
-    yy = sum(p.yy for p in parts)
-
-    def mean(values: list[float]) -> float:  # over the readers, weighted by ‖Y‖²
-        return sum(v * p.yy for v, p in zip(values, parts, strict=True)) / yy if yy > 0 else 0.0
-
-    report = LayerReport(
-        name=unit.name,
-        kind="conv",
-        channels_before=unit.width,
-        channels_after=int(keep.numel()),
-        method=method,
-        reconstruct=reconstruct,
-        error_before=mean([p.err_before for p in parts]),
-        error_after=mean([p.err_after for p in parts]),
-        seconds=time.perf_counter() - t0,
-        note=_join(f"{len(readers)} readers", parts[0].note),
-        ridge=float(torch.tensor([p.ridge for p in parts]).median()),
-        heldout_error=mean([p.heldout for p in parts]),
-    )
-    return keep, report
+    note = _join(f"{len(readers)} readers", parts[0].note)
+    return keep, _report(unit, keep, parts, note, method, reconstruct, t0)
 
 
 def gate_fit(
