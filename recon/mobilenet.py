@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .models import _check_positive_int, _check_width
+
 __all__ = ["MOBILENET_V2_CFG", "InvertedResidual", "MobileNetV2", "cifar_mobilenet_v2"]
 
 #: Stages as (expansion t, output channels c, blocks n, first stride s), torchvision's
@@ -94,8 +96,13 @@ class MobileNetV2(nn.Module):
         stem_stride: int = 1,
     ) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
-            raise ValueError(f"The 'width' argument must be a number > 0. Got {width!r} instead.")
+        width = _check_width("MobileNetV2", width)
+        for name, value in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("stem_stride", stem_stride),
+        ):
+            _check_positive_int(name, value)
         c = _divisible(32 * width)
         last = _divisible(1280 * max(1.0, width))
         layers: list[nn.Module] = [

@@ -39,9 +39,18 @@ def test_matches_torchvision_with_its_strides():
     torch.testing.assert_close(ours.eval()(x), theirs.eval()(x))
 
 
-def test_bad_width():
-    with pytest.raises(ValueError, match=r"'width' argument must be a number > 0\. Got 0"):
-        MobileNetV2(width=0)
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"width": 0}, r"'width' parameter of MobileNetV2 must be a float in \(0, inf\)\. Got 0"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"num_classes": 2.5}, "num_classes"),
+        ({"stem_stride": True}, "stem_stride"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MobileNetV2(**kwargs)
 
 
 def test_every_expand_is_a_unit_and_the_refit_helps():
