@@ -9,15 +9,33 @@ the model::
 
     x (N, C, H, W) -> x[:, index] (N, c, H, W) -> conv (c -> n)
 
+On channels_last input a 1x1 :class:`SampledConv2d` skips the gather (which would copy
+the whole input along its innermost dimension) and convolves all ``C`` channels with
+a weight that is zero outside ``index``: the same output, several times faster there.
+
 This module sees modules only.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 __all__ = ["SampledConv2d", "Sampler"]
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether ``x`` (N, C, H, W) is stored channels_last and not also contiguous;
+    False for torch.fx's symbolic tracing (the traced graph selects the channels)."""
+    if not torch.jit.is_scripting():
+        if isinstance(x, torch.fx.Proxy):
+            return False
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 class Sampler(nn.Module):
@@ -148,5 +166,18 @@ class SampledConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         # Not super().forward(): TorchScript cannot compile super() calls.
+        if self.kernel_size == (1, 1) and _channels_last(x):
+            # Selecting channels of a channels_last tensor gathers along its innermost
+            # dimension and copies the whole input (ResNet-50 at 224 px, 8 images:
+            # 54 ms for a 5.6 ms convolution). A 1x1 convolution over every source
+            # channel, with zeros outside the index, computes the same output faster.
+            return self._conv_forward(x, self.full_weight(), self.bias)  # (N, n, H, W)
         x = self.sampler(x)  # (N, source, H, W) -> (N, c, H, W)
         return self._conv_forward(x, self.weight, self.bias)  # (N, n, H', W')
+
+    def full_weight(self) -> Tensor:
+        """The weight over all ``source_channels`` inputs: zero outside ``index``,
+        (n, source, kh, kw). Differentiable in ``weight``."""
+        n, _, kh, kw = self.weight.shape
+        zeros = self.weight.new_zeros(n, self.sampler.in_channels, kh, kw)
+        return zeros.index_copy(1, self.sampler.index, self.weight)

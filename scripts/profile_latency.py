@@ -8,6 +8,7 @@ best speed (``round_to=8`` helps).
 
     python scripts/profile_latency.py              # shipped VGG-16, batch 64, 10 repeats
     python scripts/profile_latency.py --model torchvision:resnet50 --size 224 --batch 1
+    python scripts/profile_latency.py --model torchvision:resnet50 --batch 8 --channels-last
 
 A torchvision model (random weights, BatchNorm statistics re-estimated as in
 ``scripts/bench.py scale224``) is pruned at ``--prune-size`` px from 16 random images
@@ -34,12 +35,14 @@ from recon.models import pretrained
 OPS = {
     "aten::mkldnn_convolution": "conv",
     "aten::convolution": "conv",
+    "aten::_slow_conv2d_forward": "conv",  # CPU 1x1 convolutions: im2col-free GEMM
     "aten::max_pool2d_with_indices": "max-pool",
     "aten::max_pool2d": "max-pool",
     "aten::native_batch_norm": "batch-norm",
     "aten::relu_": "relu",
     "aten::clamp_min_": "relu",
     "aten::index_select": "index-select",
+    "aten::index_copy": "index-select",  # a 1x1 SampledConv2d's weight on channels_last
     "aten::add_": "add",
     "aten::add": "add",
     "aten::adaptive_avg_pool2d": "avg-pool",
@@ -79,6 +82,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
         "--prune-size", type=int, default=64, help="torchvision: px of the pruning images (64)"
     )
     p.add_argument("--speedups", default="2,4", help="FLOPs targets (2,4)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="time the models and the input in the channels_last memory format",
+    )
     args = p.parse_args(argv)
     if args.model == "vgg16_fmnist":
         x_calib = load_embedded()[0]
@@ -108,15 +116,18 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
             runs.append((name, res.model.eval(), res.report.speedup))
     print(
         f"{args.model}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"batch {args.batch}, input {tuple(x.shape[1:])}; ms per forward pass (self CPU time) "
+        f"batch {args.batch}, input {tuple(x.shape[1:])}"
+        f"{', channels_last' if args.channels_last else ''}; ms per forward pass (self CPU time) "
         "and, in brackets, the original's time over the pruned model's"
     )
     print("| model | FLOPs ratio | total ms | speed-up | " + " | ".join(GROUPS) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(GROUPS))
     base: dict[str, float] = {}
     rows = []
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
     for name, model, flops_ratio in runs:
-        ms = _profile(model, x, args.repeats)
+        ms = _profile(model.to(memory_format=fmt), x, args.repeats)
         total = sum(ms.values())
         rows.append((name, total, dict(ms)))
         base = base or {**ms, "total": total}

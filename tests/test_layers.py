@@ -260,3 +260,58 @@ def test_trace_keeps_sampled_conv_as_one_leaf():
     assert isinstance(gm.get_submodule("2"), SampledConv2d)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(gm(x), model(x))
+
+
+# --- channels_last ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_channels_last_input_gives_the_contiguous_output(k):
+    conv = make_conv(c=6, n=4, k=k, padding=k // 2)
+    layer = SampledConv2d.from_conv(conv, [5, 0, 3]).to(memory_format=torch.channels_last)
+    x = inputs(c=6)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert not x_cl.is_contiguous()
+    torch.testing.assert_close(layer(x_cl), reference(conv, x, [5, 0, 3]))
+
+
+def test_a_1x1_layer_reads_channels_last_input_without_a_gather(monkeypatch):
+    """A channel gather of a channels_last tensor copies it (~10x the 1x1 conv's time
+    at ResNet-50's sizes): that path must not run it; contiguous input still does."""
+    layer = SampledConv2d.from_conv(make_conv(c=6, n=4, k=1), [5, 0, 3])
+    calls = []
+    monkeypatch.setattr(Sampler, "forward", lambda self, x: calls.append(x) or x[:, self.index])
+    x = inputs(c=6)
+    layer(x.contiguous(memory_format=torch.channels_last))
+    assert calls == []
+    layer(x)
+    assert len(calls) == 1
+
+
+def test_full_weight_is_zero_outside_the_index():
+    layer = SampledConv2d.from_conv(make_conv(c=5, n=3, k=1), [4, 1])
+    w = layer.full_weight()
+    assert w.shape == (3, 5, 1, 1)
+    assert torch.equal(w[:, [4, 1]], layer.weight)
+    assert not w[:, [0, 2, 3]].any()
+
+
+def test_channels_last_1x1_path_trains_the_kept_weight():
+    layer = SampledConv2d.from_conv(make_conv(c=5, n=3, k=1), [4, 1])
+    x = inputs(c=5).contiguous(memory_format=torch.channels_last)
+    layer(x).square().sum().backward()
+    expected = make_conv(c=5, n=3, k=1)
+    F.conv2d(x[:, [4, 1]], expected.weight[:, [4, 1]], expected.bias).square().sum().backward()
+    assert layer.weight.grad.shape == (3, 2, 1, 1)
+    torch.testing.assert_close(layer.weight.grad, expected.weight.grad[:, [4, 1]])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TorchScript's deprecation notice
+def test_fx_script_and_export_still_convert_a_layer_with_the_channels_last_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), SampledConv2d.from_conv(nn.Conv2d(6, 4, 1), [5, 0]))
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    expected = model(x.contiguous())
+    torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), expected)
+    torch.testing.assert_close(torch.jit.script(model)(x), expected)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)

@@ -110,6 +110,11 @@ def test_profile_latency_torchvision_resnet(capsys):
     assert original["add"] > 0 and original.get("index-select", 0) == 0
     assert pruned["index-select"] > 0  # the sampler layers' cost is counted on its own
     assert "torchvision:resnet18" in capsys.readouterr().out
+    rows = _load("profile_latency").main(
+        [*argv, "--batch", "1", "--repeats", "1", "--speedups", "2", "--channels-last"]
+    )
+    assert all(ms["conv"] > 0 for _, _, ms in rows)
+    assert ", channels_last;" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
