@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import profile_latency
 import torch
 from _measure import reestimate_bn
 from torch import Tensor, nn
@@ -83,10 +84,12 @@ def latency(
     batches: tuple[int, ...],
     repeats: int,
     device: str = "cpu",
+    ops: list[dict[str, Any]] | None = None,
 ):
     """Latency of the original and of models pruned with ``round_to`` 1, 8 and 16 (uniform
     split, 16 images: the shapes matter here, not the weights; pruned on the CPU), on
-    ``device``, contiguous and channels_last."""
+    ``device``, contiguous and channels_last. On the CPU, rows of milliseconds by
+    operator at the first batch size (original and ``round_to=1``) go into ``ops``."""
     model, x = build(spec, 16, size)
     pruned = {}
     for round_to in ROUND_TO:
@@ -130,6 +133,8 @@ def latency(
                 }
                 row["vs_flops"] = row["speedup"] / flops_ratio
                 rows.append(row)
+                if ops is not None and round_to == 1 and batch == batches[0] and device == "cpu":
+                    ops += _operators(spec, batch, name, model, m, xf, reps)
                 print(
                     f"{spec:<24} batch {batch:>2} {name:<13} round_to {round_to:>2}  FLOPs "
                     f"{flops_ratio:.2f}x  {t_o:9.1f} ms -> {t_p:9.1f} ms = "
@@ -138,7 +143,20 @@ def latency(
     return rows
 
 
-def markdown(args: Any, runs: list[dict], lat: list[dict], seconds: float) -> str:
+def _operators(spec, batch, fmt, model, pruned, x, repeats) -> list[dict[str, Any]]:
+    """Milliseconds per forward pass by operator group (``profile_latency``'s groups),
+    original and pruned, one row per group."""
+    before, after = (profile_latency.by_operator(m, x, repeats) for m in (model, pruned))
+    return [
+        {"model": spec, "batch": batch, "format": fmt, "group": g}
+        | {"original_ms": before.get(g, 0.0), "pruned_ms": after.get(g, 0.0)}
+        for g in profile_latency.GROUPS
+    ]
+
+
+def markdown(
+    args: Any, runs: list[dict], lat: list[dict], seconds: float, ops: list[dict] = ()
+) -> str:
     """The 224-px page: pruning runs, latency table, the goals of issue 17."""
     m = runs[0]["machine"] if runs else bench.machine()
     cmd = " ".join(["python scripts/bench.py", *args.argv])
@@ -201,8 +219,52 @@ def markdown(args: Any, runs: list[dict], lat: list[dict], seconds: float) -> st
             f"{x['flops_ratio']:.2f} | {x['original_ms']:.1f} | {x['pruned_ms']:.1f} | "
             f"{x['speedup']:.2f}x | {x['vs_flops']:.2f} |"
         )
+    lines += _operator_tables(ops)
     lines += ["", "## Goals (issue 17)", "", *_goals(runs, lat), ""]
     return "\n".join(lines)
+
+
+def _operator_tables(ops: list[dict]) -> list[str]:
+    """Where a forward pass's time goes, original against pruned, per model."""
+    if not ops:
+        return []
+    first = ops[0]
+    lines = [
+        "",
+        "## Where the time goes",
+        "",
+        f"Self CPU time by operator (`torch.profiler`, as `scripts/profile_latency.py` "
+        f"groups it), batch {first['batch']}, the original and the `round_to` 1 model "
+        "above; ms per forward pass. *Ratio*: original over pruned (the FLOPs ratio is "
+        "what the convolutions would reach if their time followed their FLOPs).",
+    ]
+    for spec in dict.fromkeys(o["model"] for o in ops):
+        fmts = list(dict.fromkeys(o["format"] for o in ops if o["model"] == spec))
+        cell = {(o["format"], o["group"]): o for o in ops if o["model"] == spec}
+        lines += [
+            "",
+            f"`{spec}`:",
+            "",
+            "| operator | " + " | ".join(f"{f}: original | pruned | ratio" for f in fmts) + " |",
+            "|---|" + "---:|---:|---:|" * len(fmts),
+        ]
+        groups = [
+            g
+            for g in profile_latency.GROUPS
+            if any(cell[f, g]["original_ms"] or cell[f, g]["pruned_ms"] for f in fmts)
+        ]
+        for g in [*groups, "total"]:
+            cells = []
+            for f in fmts:
+                if g == "total":
+                    a = sum(cell[f, h]["original_ms"] for h in profile_latency.GROUPS)
+                    b = sum(cell[f, h]["pruned_ms"] for h in profile_latency.GROUPS)
+                else:
+                    a, b = cell[f, g]["original_ms"], cell[f, g]["pruned_ms"]
+                ratio = f"{a / b:.2f}x" if a and b else ""
+                cells.append(f"{a:.2f} | {b:.2f} | {ratio}")
+            lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _goals(runs: list[dict], lat: list[dict]) -> list[str]:

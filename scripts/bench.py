@@ -408,12 +408,13 @@ def scale224(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = tuple(int(b) for b in args.latency_batches.split(","))
-    lat = []
+    lat: list[dict[str, Any]] = []
+    ops: list[dict[str, Any]] = []
     for spec in args.scale_models.split(","):
         lat += _bench224.latency(
-            spec, args.size, args.speedup, batches, args.repeats, device=args.device
+            spec, args.size, args.speedup, batches, args.repeats, device=args.device, ops=ops
         )
-    return {"runs": runs, "latency": lat}
+    return {"runs": runs, "latency": lat, "operators": ops}
 
 
 # --------------------------------------------------------------------------- markdown
@@ -831,9 +832,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             page = str(Path(args.out).with_name("benchmarks_224.md"))
         if page:
             seconds = time.perf_counter() - t224
-            text = _bench224.markdown(
-                args, out["scale224"]["runs"], out["scale224"]["latency"], seconds
-            )
+            res = out["scale224"]
+            text = _bench224.markdown(args, res["runs"], res["latency"], seconds, res["operators"])
             Path(page).write_text(text, encoding="utf-8")
             print(f"written to {page}")
     if args.command == "all" and args.out:

@@ -54,7 +54,7 @@ OPS = {
 GROUPS = ("conv", "max-pool", "batch-norm", "relu", "add", "index-select", "copy", "other")
 
 
-def _profile(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+def by_operator(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Milliseconds per forward pass, by operator group (self CPU time)."""
     with torch.inference_mode():
         for _ in range(3):
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, dict[str, floa
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     for name, model, flops_ratio in runs:
-        ms = _profile(model.to(memory_format=fmt), x, args.repeats)
+        ms = by_operator(model.to(memory_format=fmt), x, args.repeats)
         total = sum(ms.values())
         rows.append((name, total, dict(ms)))
         base = base or {**ms, "total": total}

@@ -142,6 +142,14 @@ def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
     assert "## Pruning" in page and "## Latency of the pruned models" in page
     assert page.count("| `recon.models:digits_") == len(runs) + len(lat)
     assert "Run on `cpu`." in page
+    # where the time goes: every operator group, original and pruned, in both formats
+    ops = out["scale224"]["operators"]
+    assert {(o["model"].split(":")[1], o["format"]) for o in ops} == {
+        (m, f) for m in ("digits_vgg", "digits_resnet20") for f in ("contiguous", "channels_last")
+    }
+    conv = [o for o in ops if o["group"] == "conv"]
+    assert all(o["original_ms"] > 0 and o["pruned_ms"] > 0 for o in conv)
+    assert "## Where the time goes" in page and page.count("| conv | ") == 2
 
 
 def test_bench_script_all_can_skip_the_224px_part(script, tmp_path, monkeypatch):
