@@ -272,7 +272,8 @@ def _goals(runs: list[dict], lat: list[dict]) -> list[str]:
     out = []
     for r in runs:
         out.append(
-            f"- `{r['model']}` ({r['allocation']}, {r['passes']} passes): pruning in ≤ 3 "
+            f"- `{r['model']}` ({r['allocation']}, {r['passes']} passes, "
+            f"{r.get('block_dtype', 'float64')} blocks): pruning in ≤ 3 "
             "forward passes: "
             f"{r['ratio']:.1f} — {ok[r['ratio'] <= 3]}."
         )

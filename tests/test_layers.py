@@ -281,11 +281,16 @@ def test_a_1x1_layer_reads_channels_last_input_without_a_gather(monkeypatch):
     layer = SampledConv2d.from_conv(make_conv(c=6, n=4, k=1), [5, 0, 3])
     calls = []
     monkeypatch.setattr(Sampler, "forward", lambda self, x: calls.append(x) or x[:, self.index])
-    x = inputs(c=6)
+    x = inputs(c=6)  # (2, 6, 9, 9): 162 positions for 4 outputs
     layer(x.contiguous(memory_format=torch.channels_last))
     assert calls == []
     layer(x)
     assert len(calls) == 1
+    # fewer positions than outputs: building the zero-padded weight would cost more
+    small = x[:1, :, :1, :2].contiguous(memory_format=torch.channels_last)
+    assert not small.is_contiguous()
+    torch.testing.assert_close(layer(small), layer(small.contiguous()))
+    assert len(calls) == 3
 
 
 def test_full_weight_is_zero_outside_the_index():

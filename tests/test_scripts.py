@@ -83,6 +83,22 @@ def test_quality_bar_quick(quality_bar, tmp_path, capsys):
     assert "calibration images" in capsys.readouterr().out
 
 
+def test_sampler_layout_quick_times_both_paths_on_both_layouts(capsys):
+    rows = _load("sampler_layout").main(["--quick", "--batches", "1,2"])
+    assert {(r["shape"][0], r["format"]) for r in rows} == {
+        (b, f) for b in (1, 2) for f in ("contiguous", "channels_last")
+    }
+    assert len(rows) == 2 * 2 * 2  # shapes x batches x formats; outputs checked equal inside
+    assert all(r["gather_ms"] > 0 and r["default_ms"] > 0 for r in rows)
+    # the zero-padded weight only on channels_last input with more positions than outputs
+    assert {r["path"] for r in rows if r["format"] == "contiguous"} == {"gather"}
+    assert {r["path"] for r in rows if r["shape"][0] == 2 and r["shape"][2] == 8} == {
+        "gather",
+        "zero-padded weight",
+    }
+    assert "| gather (ms) | default (ms) |" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # 22 s: a docs generator, run with -m slow
 def test_profile_latency_runs(capsys):
     rows = _load("profile_latency").main(["--batch", "2", "--repeats", "1"])
