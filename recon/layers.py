@@ -167,18 +167,25 @@ class SampledConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         # Not super().forward(): TorchScript cannot compile super() calls.
-        if self.kernel_size == (1, 1) and _channels_last(x) and x.device.type == "cpu":
-            # Selecting channels of a channels_last tensor gathers along its innermost
-            # dimension and copies the whole input (ResNet-50's first stage at 224 px,
-            # 8 images, one CPU thread: 44 ms with it, 6 ms without). A 1x1 conv over every
-            # source channel, zero outside the index, gives the same output faster
-            # where the input has more positions than the layer has outputs (else
-            # building that weight costs more than the gather saves; measured on CPUs
-            # only, scripts/sampler_layout.py: GPUs keep the gather).
-            if x.shape[0] * x.shape[2] * x.shape[3] > self.out_channels:
-                return self._conv_forward(x, self.full_weight(), self.bias)  # (N, n, H, W)
+        if self.skips_gather(x):
+            return self._conv_forward(x, self.full_weight(), self.bias)  # (N, n, H, W)
         x = self.sampler(x)  # (N, source, H, W) -> (N, c, H, W)
         return self._conv_forward(x, self.weight, self.bias)  # (N, n, H', W')
+
+    def skips_gather(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` convolves ``x`` with :meth:`full_weight` instead of
+        selecting its channels: a 1x1 layer, channels_last CPU input, more positions
+        ``N·H·W`` than output channels."""
+        # Selecting channels of a channels_last tensor gathers along its innermost
+        # dimension and copies the whole input (ResNet-50's first stage at 224 px,
+        # one CPU thread: 5-7x the time of the path below). A 1x1 conv over every
+        # source channel, zero outside the index, gives the same output faster where
+        # the input has more positions than the layer has outputs (else building that
+        # weight costs more than the gather saves; measured on CPUs only,
+        # scripts/sampler_layout.py: GPUs keep the gather).
+        if self.kernel_size == (1, 1) and _channels_last(x) and x.device.type == "cpu":
+            return x.shape[0] * x.shape[2] * x.shape[3] > self.out_channels
+        return False
 
     def full_weight(self) -> Tensor:
         """The weight over all ``source_channels`` inputs: zero outside ``index``,

@@ -14,11 +14,11 @@ sampled convolutions (each bottleneck's ``conv1``, 70 % of the source channels k
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
+from recon.bench import forward_seconds
 from recon.layers import SampledConv2d
 
 #: (source channels, spatial size, output channels) of ResNet-50's stage-wise conv1.
@@ -26,16 +26,21 @@ SHAPES = ((256, 56, 64), (512, 28, 128), (1024, 14, 256), (2048, 7, 512))
 QUICK = ((32, 8, 8), (64, 4, 16))
 
 
-def _ms(f, repeats: int) -> float:
-    """Median milliseconds of ``f()`` after two warm-up calls."""
-    f()
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[len(times) // 2]
+class _Gather(nn.Module):
+    """``layer`` with its channel gather whatever the input's layout (the older path)."""
+
+    def __init__(self, layer: SampledConv2d) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        return layer._conv_forward(layer.sampler(x), layer.weight, layer.bias)
+
+
+def _ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median milliseconds of ``model(x)`` (``recon.bench.forward_seconds``)."""
+    return 1000 * forward_seconds(model, [x], repeats=repeats)
 
 
 def measure(shapes, batches, repeats: int, keep: float = 0.7) -> list[dict]:
@@ -47,10 +52,7 @@ def measure(shapes, batches, repeats: int, keep: float = 0.7) -> list[dict]:
         for c, size, n in shapes:
             index = torch.randperm(c, generator=g)[: int(keep * c)].sort().values
             layer = SampledConv2d.from_conv(nn.Conv2d(c, n, 1, bias=False), index).eval()
-
-            def gather(x, layer=layer):
-                return layer._conv_forward(layer.sampler(x), layer.weight, layer.bias)
-
+            gather = _Gather(layer)
             for batch in batches:
                 x = torch.randn(batch, c, size, size, generator=g)
                 for fmt in (torch.contiguous_format, torch.channels_last):
@@ -60,14 +62,12 @@ def measure(shapes, batches, repeats: int, keep: float = 0.7) -> list[dict]:
                     cl = fmt is torch.channels_last
                     rows.append(
                         {
-                            "path": "zero-padded weight"
-                            if cl and batch * size**2 > n
-                            else "gather",
+                            "path": "zero-padded weight" if m.skips_gather(xf) else "gather",
                             "shape": (batch, c, size, size),
                             "out": n,
                             "format": "channels_last" if cl else "contiguous",
-                            "gather_ms": _ms(lambda xf=xf: gather(xf), repeats),
-                            "default_ms": _ms(lambda xf=xf, m=m: m(xf), repeats),
+                            "gather_ms": _ms(gather, xf, repeats),
+                            "default_ms": _ms(m, xf, repeats),
                         }
                     )
     return rows

@@ -291,6 +291,8 @@ def test_a_1x1_layer_reads_channels_last_input_without_a_gather(monkeypatch):
     assert not small.is_contiguous()
     torch.testing.assert_close(layer(small), layer(small.contiguous()))
     assert len(calls) == 3
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert [layer.skips_gather(v) for v in (cl, x, small)] == [True, False, False]
 
 
 def test_full_weight_is_zero_outside_the_index():
