@@ -9,19 +9,31 @@ import numpy as np
 import pytest
 import torch
 
+#: The most test processes ``-n auto`` starts.
+MAX_WORKERS = 4
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """One intra-op thread for the tests (unless OMP_NUM_THREADS says otherwise), in this
     process and the ones it starts (gloo ranks, torchrun, the CLI, notebook kernels).
 
     The tests' tensors are tiny, and on a 2-core machine two ranks with two threads each
-    would oversubscribe it. Measured on the 2-core CI machine: 476 s for the default run
-    with one thread in one run (a training job on the other core), 635 s in the final
-    CI-like run (quiet), against 634 s with two threads (quiet, 23 fewer tests): no
-    clear gain in total time. The tests assert what holds at any thread count.
+    would oversubscribe it; a second thread gave no clear gain in total time (634 s
+    against 635 s on the 2-core CI machine). The cores are used by running the tests in
+    one process each instead (``-n auto``, :func:`pytest_xdist_auto_num_workers`). The
+    tests assert what holds at any thread count.
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one test process per core, at most ``MAX_WORKERS``.
+
+    Each process imports torch and builds its own module fixtures, so past a few
+    processes the suite gets no faster, only heavier on memory.
+    """
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 @pytest.fixture(autouse=True)
