@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _train_state
 from ._progress import progress_bar
 from ._utils import model_device
 
@@ -107,6 +109,8 @@ def finetune(
     distill: float = 0.5,
     temperature: float = 4.0,
     seed: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
     progress: bool = True,
 ) -> nn.Module:
     r"""Train ``model`` in place for ``steps`` SGD steps on ``(x, y)``; return it in eval mode.
@@ -173,6 +177,22 @@ def finetune(
         ``T`` above (> 0). Ignored without a teacher.
     seed : int, default 0
         Seeds the batch order and the augmentation.
+    checkpoint : str or os.PathLike, optional
+        Save the training state (the model's parameters and buffers, the optimiser's
+        momentum, the schedule, the batch order and the generators, and the step) to
+        this file every ``checkpoint_every`` steps and after the last one. If the file
+        exists on entry, training continues from it instead of from ``model``'s
+        weights: an interrupted run, called again with the same arguments, ends with
+        the model an uninterrupted run gives, bit for bit (on the same device and
+        process count); once complete, a call returns the trained model at once. The
+        file records the arguments; one written by a call with other arguments or
+        another architecture raises ``ValueError`` (delete it to start over). It is
+        read with ``torch.load(weights_only=True)`` (no code runs) and written
+        atomically, by the first process only when distributed (every process reads it,
+        so it must be on a shared file system). A resumed call also restores torch's
+        global random state (dropout) as it was at the save.
+    checkpoint_every : int, default 500
+        Steps between saves (>= 1). Ignored without ``checkpoint``.
     progress : bool, default True
         Show a tqdm bar with the running loss (distributed: on rank 0 only, showing
         rank 0's loss on its slice of each batch).
@@ -221,7 +241,11 @@ def finetune(
     >>> finetune(net, x, y, steps=2, progress=False).training
     False
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("checkpoint_every", checkpoint_every),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"The '{name}' argument must be an int >= 1. Got {value!r} instead.")
     for name, value, ok, want in (
@@ -247,6 +271,8 @@ def finetune(
             f"The 'y' argument must be an integer tensor of shape ({len(x)},). Got "
             f"{type(y).__name__} {tuple(getattr(y, 'shape', ()))} instead."
         )
+    if checkpoint is not None:
+        checkpoint = _train_state.check_path(checkpoint)
     rank, world = _process_group()
     if world > 1:  # every process needs images in every step's backward
         if batch_size < world:
@@ -276,17 +302,40 @@ def finetune(
     )
     generator = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(x), generator=generator), 0
+    start, running = 0, None
+    if checkpoint is not None:
+        signature = {
+            "steps": steps, "lr": float(lr), "batch_size": batch_size,
+            "weight_decay": float(weight_decay), "bn_l1": float(bn_l1), "augment": augment,
+            "distill": float(distill) if teacher is not None else None,
+            "temperature": float(temperature) if teacher is not None else None,
+            "seed": seed, "images": len(x), "world": world,
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+        }  # fmt: skip
+        state = _train_state.load(checkpoint, signature)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            order, pos, start = state["order"], state["pos"], state["step"]
     model.train()
     net: nn.Module = model
     if world > 1:  # copies rank 0's parameters and buffers to the others
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     show = progress and rank == 0
     bar = progress_bar(
-        range(steps), desc="fine-tuning", disable=not show, leave=False, unit="step", log="end"
+        range(start, steps),
+        desc="fine-tuning",
+        disable=not show,
+        leave=False,
+        unit="step",
+        log="end",
+        total=steps - start,
     )
-    running = None
     with _eval_mode(teacher):
-        for _ in bar:
+        for step in bar:
             if pos + batch_size > len(x):  # a new pass
                 order, pos = torch.randperm(len(x), generator=generator), 0
             idx = order[pos : pos + batch_size]
@@ -311,6 +360,26 @@ def finetune(
                         gamma.grad.add_(torch.sign(gamma.detach()), alpha=bn_l1)
             optimizer.step()
             schedule.step()
+            done = step + 1
+            if (
+                checkpoint is not None
+                and rank == 0
+                and (done % checkpoint_every == 0 or done == steps)
+            ):
+                _train_state.save(
+                    checkpoint,
+                    signature,
+                    {
+                        "step": done,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "order": order,
+                        "pos": pos,
+                    },
+                )
             if show:
                 value = float(loss.detach())
                 running = value if running is None else 0.95 * running + 0.05 * value

@@ -18,6 +18,12 @@ learning rate, seed; ``recon.finetune.finetune``: SGD, momentum 0.9, weight deca
 
 ``scale`` multiplies every epoch count (``reproduce.py --scratch-scale``; ``--quick``
 trains a few steps).
+
+Each training saves its state every ``CHECKPOINT_EVERY`` steps to
+``<out-dir>/checkpoints/`` (``recon.finetune(checkpoint=...)``): a run interrupted
+(a stopped session, a killed job) continues where it was with ``reproduce.py
+--resume``, to the accuracy an uninterrupted run gives. The file is deleted once its
+row is made.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +47,7 @@ LABELS = {"scratch_e": "Scratch-E", "scratch_b": "Scratch-B", "ticket": "ticket"
 SPEEDUPS = (2.0, 4.0)
 TRAIN_IMAGES = 60_000  # the Fashion-MNIST train split
 B_CAP = 2.0  # Scratch-B trains at most 2x the epochs (Liu et al. 2019)
+CHECKPOINT_EVERY = 400  # steps: about a minute of the shipped models' training here
 
 
 def recipe(name: str) -> dict[str, Any]:
@@ -119,6 +127,8 @@ def run(
         epochs *= min(B_CAP, speedup)
     steps = max(1, round(epochs * (TRAIN_IMAGES // entry["batch_size"])))
     x_train, y_train = data.train
+    checkpoint = checkpoint_path(args.out_dir, model, target, kind, allocation, args)
+    resumed = checkpoint.exists()
     t0 = time.perf_counter()
     finetune(
         start,
@@ -128,9 +138,13 @@ def run(
         lr=entry["lr"],
         batch_size=entry["batch_size"],
         seed=args.seed,
+        checkpoint=checkpoint,
+        checkpoint_every=CHECKPOINT_EVERY,
         progress=False,
     )
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0  # this process's share when resumed
+    acc = evaluate(start, *data.test)
+    checkpoint.unlink(missing_ok=True)
     return {
         "model": model,
         "target": target,
@@ -146,10 +160,22 @@ def run(
         "epochs": epochs,
         "steps": steps,
         "lr": entry["lr"],
-        "acc": evaluate(start, *data.test),
+        "acc": acc,
         "train_seconds": seconds,
+        "train_resumed": resumed,
         "channels": res.channels,
     }
+
+
+def checkpoint_path(
+    out_dir: Path, model: str, target: float, kind: str, allocation: str, args
+) -> Path:
+    """Where the training of one scratch row keeps its state while it runs."""
+    name = (
+        f"{model}-{target:g}x-{allocation}-{kind}-calib{args.calib}-seed{args.seed}"
+        f"-scale{args.scratch_scale:g}"
+    )
+    return Path(out_dir) / "checkpoints" / f"{name}.pt"
 
 
 def _pct(x: float | None) -> str:

@@ -73,6 +73,12 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
     parser.add_argument("--out-dir", default=str(PRETRAINED_MANIFEST.parent))
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="save the training state to PATH every 400 steps; run the same command again "
+        "after an interruption to continue from it (recon.finetune's checkpoint=)",
+    )
     args = parser.parse_args()
 
     builder, kwargs, lr = MODELS[args.name]
@@ -88,7 +94,7 @@ def main() -> None:
     t0 = time.perf_counter()
     finetune(
         model, x, y, steps=steps, lr=lr, batch_size=args.batch_size, seed=args.seed,
-        bn_l1=args.bn_l1,
+        bn_l1=args.bn_l1, checkpoint=args.checkpoint, checkpoint_every=400,
     )  # fmt: skip
     name = f"{args.name}_bnl1" if args.bn_l1 > 0 else args.name
     seconds = time.perf_counter() - t0

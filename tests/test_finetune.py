@@ -144,3 +144,117 @@ def test_bad_distillation_arguments(kwargs, error, match):
     x, y = _problem(8)
     with pytest.raises(error, match=match):
         finetune(digits_vgg(width=0.25), x, y, steps=1, progress=False, **kwargs)
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+class _FailOnCall(torch.nn.Module):
+    """Identity that raises on its ``fail_at``-th call (a crash in the middle of training)."""
+
+    def __init__(self, fail_at: int | None):
+        super().__init__()
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise _Interrupt
+        return x
+
+
+def _dropout_net(fail_at: int | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same weights for every call
+    fail = _FailOnCall(fail_at)
+    net = torch.nn.Sequential(
+        fail,
+        digits_vgg(width=0.25).features,
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.5),  # draws from torch's global generator
+        torch.nn.LazyLinear(10),
+    )
+    net(torch.zeros(1, 1, 8, 8))  # materialise the lazy layer
+    fail.calls = 0
+    return net
+
+
+def _train(net, x, y, **kw):
+    return finetune(net, x, y, steps=7, lr=0.05, batch_size=24, progress=False, **kw)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    x, y = _problem(64)  # 24-image batches: a new epoch inside the run
+    path = tmp_path / "run.pt"
+    whole = _train(_dropout_net(), x, y)
+    with pytest.raises(_Interrupt):  # dies in step 6
+        _train(_dropout_net(fail_at=6), x, y, checkpoint=path, checkpoint_every=2)
+    assert torch.load(path, weights_only=True)["step"] == 4
+    torch.manual_seed(123)  # the resumed run restores the global generator itself
+    resumed = _train(_dropout_net(), x, y, checkpoint=path, checkpoint_every=2)
+    assert not resumed.training
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.load(path, weights_only=True)["step"] == 7  # saved after the last step
+    # complete: a further call trains no more and returns the same model
+    again = _train(_dropout_net(), x, y, checkpoint=path)
+    for a, b in zip(whole.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_without_a_checkpoint_file_training_starts_from_the_model(tmp_path):
+    x, y = _problem(64)
+    plain = _train(_dropout_net(), x, y)
+    saved = _train(_dropout_net(), x, y, checkpoint=tmp_path / "sub" / "run.pt")
+    for a, b in zip(plain.state_dict().values(), saved.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["run.pt"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"lr": 0.1}, "its lr is 0.05, this run's is 0.1"),
+        ({"seed": 1}, "its seed is 0"),
+        ({"teacher": digits_vgg(width=0.25)}, "its distill is None"),
+    ],
+)
+def test_a_checkpoint_of_another_run_is_refused(tmp_path, change, match):
+    x, y = _problem(64)
+    path = tmp_path / "run.pt"
+    _train(_dropout_net(), x, y, checkpoint=path)
+    before = path.read_bytes()
+    kw = {"lr": 0.05, "checkpoint": path} | change
+    with pytest.raises(ValueError, match=match):
+        finetune(_dropout_net(), x, y, steps=7, batch_size=24, progress=False, **kw)
+    assert path.read_bytes() == before  # the file is left as it was
+
+
+def test_a_checkpoint_of_another_architecture_or_not_a_state_is_refused(tmp_path):
+    x, y = _problem(64)
+    path = tmp_path / "run.pt"
+    _train(_dropout_net(), x, y, checkpoint=path)
+    other = digits_vgg(width=0.5)
+    with pytest.raises(ValueError, match="other parameters or shapes"):
+        finetune(other, x, y, steps=7, lr=0.05, batch_size=24, progress=False, checkpoint=path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a recon training state"):
+        _train(_dropout_net(), x, y, checkpoint=junk)
+    torch.save({"weights": torch.zeros(1)}, junk)
+    with pytest.raises(ValueError, match="is not a recon training state"):
+        _train(_dropout_net(), x, y, checkpoint=junk)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"checkpoint": 3}, TypeError, "'checkpoint' argument must be a path"),
+        ({"checkpoint": "."}, ValueError, "'checkpoint' argument must be a file path"),
+        ({"checkpoint_every": 0}, ValueError, "'checkpoint_every'"),
+    ],
+)
+def test_bad_checkpoint_arguments(kwargs, error, match):
+    x, y = _problem(32)
+    with pytest.raises(error, match=match):
+        finetune(digits_vgg(width=0.25), x, y, steps=2, progress=False, **kwargs)

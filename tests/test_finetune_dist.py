@@ -78,6 +78,23 @@ def _too_small(rank: int, world: int):
     return messages
 
 
+def _tune_checkpointed(rank: int, world: int, path: str, fail_at: int | None):
+    """Train with a checkpoint; with ``fail_at``, every rank dies in that step's forward."""
+    x, y = _problem()
+    net = _plain_net()
+    if fail_at is not None:
+        calls = [0]
+
+        def die(module, inputs):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise RuntimeError("interrupted")
+
+        net.register_forward_pre_hook(die)
+    finetune(net, x, y, checkpoint=path, checkpoint_every=2, **ARGS)
+    return _state(net)
+
+
 # ----------------------------------------------------------------- tests
 
 
@@ -115,3 +132,15 @@ def test_ddp_needs_an_image_per_rank_in_every_batch():
         assert len(messages) == 2
         assert "'batch_size'" in messages[0] and "Got 1 instead" in messages[0]
         assert "'x'" in messages[1]
+
+
+def test_two_ranks_resume_from_rank_zeros_checkpoint(tmp_path):
+    path = str(tmp_path / "run.pt")
+    whole = values(run_ranks(_tune_checkpointed, str(tmp_path / "whole.pt"), None))
+    died = run_ranks(_tune_checkpointed, path, 5)
+    assert all(r.status == "error" and "interrupted" in r.value for r in died)
+    assert torch.load(path, weights_only=True)["step"] == 4  # rank 0 saved after step 4
+    resumed = values(run_ranks(_tune_checkpointed, path, None))
+    for state in resumed:  # each rank ends as the uninterrupted run's ranks did
+        for key, value in whole[0].items():
+            assert np.array_equal(state[key], value), key

@@ -279,10 +279,13 @@ def test_reproduce_scratch_rows(reproduce, tmp_path, monkeypatch):
     (the training itself is recon.finetune's, tested on its own: recorded, not run)."""
     import _scratch
 
-    starts = {}
+    starts, paths = {}, []
 
-    def record(model, x, y, *, steps, lr, batch_size, seed, progress):
+    def record(model, x, y, *, steps, lr, batch_size, seed, checkpoint, checkpoint_every, **kw):
         starts[len(starts)] = ({k: v.clone() for k, v in model.state_dict().items()}, steps)
+        paths.append(checkpoint)
+        checkpoint.parent.mkdir(exist_ok=True)
+        checkpoint.write_bytes(b"state")  # deleted once the row is made
         return model.eval()
 
     monkeypatch.setattr(_scratch, "finetune", record)
@@ -293,6 +296,8 @@ def test_reproduce_scratch_rows(reproduce, tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     pruned, *scratch = rows
     assert "train" not in pruned and [r["train"] for r in scratch] == list(_scratch.KINDS)
+    assert len(set(paths)) == 3 and {p.parent for p in paths} == {tmp_path / "checkpoints"}
+    assert not any(p.exists() for p in paths) and not any(r["train_resumed"] for r in scratch)
     (e, e_steps), (b, b_steps), (t, t_steps) = starts.values()
     recipe = _scratch.recipe("vgg16_fmnist")
     per_epoch = 60_000 // recipe["batch_size"]
