@@ -93,6 +93,16 @@ def add_parser(sub: Any, add_weights, add_unsafe_pickle) -> None:
         "train the architecture from scratch (Scratch-E/B of Liu et al. 2019)",
     )
     f.add_argument("--seed", type=int, default=0, help="seeds the batches (default 0)")
+    f.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="save the training state to PATH every --checkpoint-every steps; the same "
+        "command run again after an interruption continues from it (a file from other "
+        "arguments is refused)",
+    )
+    f.add_argument(
+        "--checkpoint-every", type=int, default=500, metavar="N", help="steps between saves (500)"
+    )
     f.add_argument("--quiet", action="store_true", help="no progress output")
     add_unsafe_pickle(f)
 
@@ -129,6 +139,7 @@ def run(args: argparse.Namespace, check_out) -> int:
         ("--steps", args.steps, 1),
         ("--batch-size", args.batch_size, 1),
         ("--reinit", args.reinit, 0),
+        ("--checkpoint-every", args.checkpoint_every, 1),
     ):
         if value is not None and value < low:
             raise ValueError(f"The '{name}' must be an int >= {low}. Got {value} instead.")
@@ -154,6 +165,8 @@ def run(args: argparse.Namespace, check_out) -> int:
         distill=args.distill if teacher is not None else 0.0,
         temperature=args.temperature,
         seed=args.seed,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
     )
     after = evaluate(model, x_eval, y_eval)

@@ -338,10 +338,33 @@ def test_finetune_reinit_bn_l1_teacher_and_a_plain_model(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_finetune_checkpoint_resumes_and_refuses_another_run(tmp_path, capsys):
+    spec = "recon.models:digits_vgg"
+    start, ckpt = tmp_path / "start.pt", tmp_path / "state.pt"
+    torch.save(_randomized_digits_vgg().state_dict(), start)
+    ft = ["finetune", "--model", spec, "--weights", str(start), "--data", "digits", "--quiet"]
+    ft += ["--steps", "6", "--checkpoint-every", "4"]
+    assert main([*ft, "--out", str(tmp_path / "plain.pt")]) == 0
+    assert main([*ft, "--out", str(tmp_path / "a.pt"), "--checkpoint", str(ckpt)]) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+    # complete: the same command returns the trained model without training again
+    assert main([*ft, "--out", str(tmp_path / "b.pt"), "--checkpoint", str(ckpt)]) == 0
+    plain, a, b = (
+        torch.load(tmp_path / f, weights_only=True) for f in ("plain.pt", "a.pt", "b.pt")
+    )
+    assert all(torch.equal(plain[k], a[k]) and torch.equal(a[k], b[k]) for k in plain)
+    capsys.readouterr()
+    other = [*ft[:-4], "--steps", "7", "--out", str(tmp_path / "c.pt"), "--checkpoint", str(ckpt)]
+    assert main(other) == 2
+    assert "its steps is 6, this run's is 7" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--steps", "0"], "'--steps'"),
+        (["--checkpoint-every", "0"], "'--checkpoint-every'"),
         (["--reinit", "-1"], "'--reinit'"),
         (["--teacher-weights", "x.pt"], "'--teacher-weights'"),
         (["--lr", "-1"], "'lr'"),
