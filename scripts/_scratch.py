@@ -22,8 +22,9 @@ trains a few steps).
 Each training saves its state every ``CHECKPOINT_EVERY`` steps to
 ``<out-dir>/checkpoints/`` (``recon.finetune(checkpoint=...)``): a run interrupted
 (a stopped session, a killed job) continues where it was with ``reproduce.py
---resume``, to the accuracy an uninterrupted run gives. The file is deleted once its
-row is made.
+--resume``, to the accuracy an uninterrupted run gives (the row's ``train_resumed``
+is then true and its ``train_seconds`` count the last process only). The file is
+deleted once its row is made.
 """
 
 from __future__ import annotations
