@@ -87,6 +87,31 @@ def _step_loss(
     return kd if distill == 1 else (1 - distill) * loss + distill * kd
 
 
+def _snapshot(model, optimizer, schedule, generator, device: torch.device) -> dict:
+    """What the next step depends on, besides the batch order and the step."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),  # dropout on the CPU
+    }
+    if device.type == "cuda":  # dropout on the GPU
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore(state: dict, model, optimizer, schedule, generator, device: torch.device) -> None:
+    """Put a :func:`_snapshot` back."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def _process_group() -> tuple[int, int]:
     """This process's rank and the world size; ``(0, 1)`` outside ``torch.distributed``."""
     if dist.is_available() and dist.is_initialized():
@@ -185,8 +210,9 @@ def finetune(
         weights: an interrupted run, called again with the same arguments, ends with
         the model an uninterrupted run gives, bit for bit (on the same device and
         process count); once complete, a call returns the trained model at once. The
-        file records the arguments; one written by a call with other arguments or
-        another architecture raises ``ValueError`` (delete it to start over). It is
+        file records the arguments, the device type and the process count; one
+        written by a call with other ones or another architecture raises
+        ``ValueError`` (delete it to start over). It is
         read with ``torch.load(weights_only=True)`` (no code runs) and written
         atomically, by the first process only when distributed (every process reads it,
         so it must be on a shared file system). A resumed call also restores torch's
@@ -309,16 +335,12 @@ def finetune(
             "weight_decay": float(weight_decay), "bn_l1": float(bn_l1), "augment": augment,
             "distill": float(distill) if teacher is not None else None,
             "temperature": float(temperature) if teacher is not None else None,
-            "seed": seed, "images": len(x), "world": world,
+            "seed": seed, "images": len(x), "world": world, "device": device.type,
             "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
         }  # fmt: skip
         state = _train_state.load(checkpoint, signature)
         if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            _restore(state, model, optimizer, schedule, generator, device)
             order, pos, start = state["order"], state["pos"], state["step"]
     model.train()
     net: nn.Module = model
@@ -366,20 +388,9 @@ def finetune(
                 and rank == 0
                 and (done % checkpoint_every == 0 or done == steps)
             ):
-                _train_state.save(
-                    checkpoint,
-                    signature,
-                    {
-                        "step": done,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "order": order,
-                        "pos": pos,
-                    },
-                )
+                state = _snapshot(model, optimizer, schedule, generator, device)
+                state |= {"step": done, "order": order, "pos": pos}
+                _train_state.save(checkpoint, signature, state)
             if show:
                 value = float(loss.detach())
                 running = value if running is None else 0.95 * running + 0.05 * value
