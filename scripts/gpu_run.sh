@@ -21,8 +21,8 @@ assert torch.cuda.is_available()
 print("GPU:", torch.cuda.get_device_name(), "torch", torch.__version__)
 EOF
 status=0
-timeout 150 python -m pytest -q -x -k "cuda or device" tests/test_allocate.py tests/test_hostile.py \
-    tests/test_api.py tests/test_bench.py 2>&1 | tail -n 30 | tee "$out/cuda_tests.log" || status=1
+timeout 150 python -m pytest -q -x -n 0 -k "cuda or device" tests/test_allocate.py tests/test_hostile.py \
+    tests/test_api.py tests/test_bench.py tests/test_finetune.py 2>&1 | tail -n 30 | tee "$out/cuda_tests.log" || status=1
 timeout 400 python scripts/bench.py scale224 --device cuda --scale-images 256 --float32 \
     --json "$out/benchmarks_gpu.json" --out "$out/benchmarks_gpu.md" 2>&1 \
     | tee "$out/bench.log" || status=1

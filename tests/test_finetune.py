@@ -258,3 +258,18 @@ def test_bad_checkpoint_arguments(kwargs, error, match):
     x, y = _problem(32)
     with pytest.raises(error, match=match):
         finetune(digits_vgg(width=0.25), x, y, steps=2, progress=False, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dropout_resumes_bit_for_bit(tmp_path):
+    """On a GPU the dropout masks come from the CUDA generator, which the state holds."""
+    x, y = _problem(64)
+    path = tmp_path / "run.pt"
+    whole = _train(_dropout_net().cuda(), x, y)
+    with pytest.raises(_Interrupt):
+        _train(_dropout_net(fail_at=6).cuda(), x, y, checkpoint=path, checkpoint_every=2)
+    torch.cuda.manual_seed(123)
+    resumed = _train(_dropout_net().cuda(), x, y, checkpoint=path, checkpoint_every=2)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
