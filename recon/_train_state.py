@@ -6,8 +6,8 @@ Resumed from it, training continues exactly as it would have without the interru
 It also records the arguments of the run that wrote it (its *signature*), so that a
 file written by another run is refused instead of silently continued.
 
-Files are written atomically (a temporary file in the same folder, then renamed) and
-read with ``torch.load(weights_only=True)``: loading one runs no code.
+Files are written atomically (as :func:`recon.save` writes its files) and read with
+``torch.load(weights_only=True)``: loading one runs no code.
 """
 
 from __future__ import annotations
@@ -23,25 +23,26 @@ __all__ = ["check_path", "load", "save"]
 FORMAT = 1  # bumped when the file's layout changes
 
 
-def check_path(path: Any, name: str = "checkpoint") -> Path:
-    """``path`` as a Path, or a ``TypeError`` naming the argument."""
-    if isinstance(path, bool) or not isinstance(path, str | os.PathLike):
+def check_path(path: Any) -> Path:
+    """The ``checkpoint`` argument as a Path, or an error naming it."""
+    if not isinstance(path, str | os.PathLike):
         raise TypeError(
-            f"The {name!r} argument must be a path (str or os.PathLike) or None. Got "
+            "The 'checkpoint' argument must be a path (str or os.PathLike) or None. Got "
             f"{type(path).__name__} instead."
         )
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"The {name!r} argument must be a file path. Got the folder {path}.")
+        raise ValueError(f"The 'checkpoint' argument must be a file path. Got the folder {path}.")
     return path
 
 
 def save(path: Path, signature: dict[str, Any], state: dict[str, Any]) -> None:
-    """Write ``state`` with ``signature`` to ``path``, atomically."""
+    """Write ``state`` with ``signature`` to ``path`` (its folder made if need be),
+    atomically (:func:`recon.io._write_atomic`)."""
+    from .io import _write_atomic  # lazily: recon.io imports the pruning API
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"format": FORMAT, "signature": signature, **state}, tmp)
-    os.replace(tmp, path)
+    _write_atomic({"format": FORMAT, "signature": signature, **state}, os.fspath(path))
 
 
 def load(path: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
