@@ -119,6 +119,75 @@ def _process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def _check_arguments(
+    x, y, teacher, *, steps, lr, batch_size, bn_l1, distill, temperature, checkpoint_every
+) -> None:
+    """:func:`finetune`'s arguments, each against what it must be."""
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("checkpoint_every", checkpoint_every),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"The '{name}' argument must be an int >= 1. Got {value!r} instead.")
+    for name, value, ok, want in (
+        ("lr", lr, lambda v: v > 0, "a float > 0"),
+        ("bn_l1", bn_l1, lambda v: 0 <= v < math.inf, "a finite float >= 0"),  # rejects NaN
+        ("distill", distill, lambda v: 0 <= v <= 1, "a float in [0, 1]"),
+        ("temperature", temperature, lambda v: 0 < v < math.inf, "a finite float > 0"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
+            raise ValueError(f"The '{name}' argument must be {want}. Got {value!r} instead.")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(
+            f"The 'teacher' argument must be an nn.Module or None. Got "
+            f"{type(teacher).__name__} instead."
+        )
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            "The 'x' argument must be a float tensor of shape (N, C, H, W). Got "
+            f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} instead."
+        )
+    if not isinstance(y, Tensor) or y.shape != (len(x),) or y.is_floating_point():
+        raise ValueError(
+            f"The 'y' argument must be an integer tensor of shape ({len(x)},). Got "
+            f"{type(y).__name__} {tuple(getattr(y, 'shape', ()))} instead."
+        )
+
+
+def _check_world(x: Tensor, batch_size: int, world: int) -> None:
+    """Distributed, every process needs images in every step's backward."""
+    if world == 1:
+        return
+    if batch_size < world:
+        raise ValueError(
+            f"The 'batch_size' argument must be at least the number of processes "
+            f"({world}). Got {batch_size} instead."
+        )
+    if len(x) < world:
+        raise ValueError(
+            f"The 'x' argument must hold at least one image per process ({world}). "
+            f"Got {len(x)} instead."
+        )
+
+
+def _batch(
+    x: Tensor, y: Tensor, idx: Tensor, generator: torch.Generator | None, rank: int, world: int
+) -> tuple[Tensor, Tensor]:
+    """Images ``idx`` of ``(x, y)`` (the global batch, the same on every process),
+    augmented with ``generator`` (None: not), and this process's slice of them."""
+    xb, yb = x[idx], y[idx]
+    if generator is not None:
+        xb = _augment(xb, generator, shift=4)
+    if world > 1:
+        # this process's slice, in the standard layout: _augment's is channels-last,
+        # which makes the weights' gradients channels-last too and DDP warn, because
+        # its gradient buckets are not (.contiguous() keeps that layout when C == 1)
+        xb = xb.tensor_split(world)[rank].clone(memory_format=torch.contiguous_format)
+        yb = yb.tensor_split(world)[rank]
+    return xb, yb
+
+
 def finetune(
     model: nn.Module,
     x: Tensor,
@@ -267,50 +336,14 @@ def finetune(
     >>> finetune(net, x, y, steps=2, progress=False).training
     False
     """
-    for name, value in (
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("checkpoint_every", checkpoint_every),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"The '{name}' argument must be an int >= 1. Got {value!r} instead.")
-    for name, value, ok, want in (
-        ("lr", lr, lambda v: v > 0, "a float > 0"),
-        ("bn_l1", bn_l1, lambda v: 0 <= v < math.inf, "a finite float >= 0"),  # rejects NaN
-        ("distill", distill, lambda v: 0 <= v <= 1, "a float in [0, 1]"),
-        ("temperature", temperature, lambda v: 0 < v < math.inf, "a finite float > 0"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-            raise ValueError(f"The '{name}' argument must be {want}. Got {value!r} instead.")
-    if teacher is not None and not isinstance(teacher, nn.Module):
-        raise TypeError(
-            f"The 'teacher' argument must be an nn.Module or None. Got "
-            f"{type(teacher).__name__} instead."
-        )
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(
-            "The 'x' argument must be a float tensor of shape (N, C, H, W). Got "
-            f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} instead."
-        )
-    if not isinstance(y, Tensor) or y.shape != (len(x),) or y.is_floating_point():
-        raise ValueError(
-            f"The 'y' argument must be an integer tensor of shape ({len(x)},). Got "
-            f"{type(y).__name__} {tuple(getattr(y, 'shape', ()))} instead."
-        )
+    _check_arguments(
+        x, y, teacher, steps=steps, lr=lr, batch_size=batch_size, bn_l1=bn_l1,
+        distill=distill, temperature=temperature, checkpoint_every=checkpoint_every,
+    )  # fmt: skip
     if checkpoint is not None:
         checkpoint = _train_state.check_path(checkpoint)
     rank, world = _process_group()
-    if world > 1:  # every process needs images in every step's backward
-        if batch_size < world:
-            raise ValueError(
-                f"The 'batch_size' argument must be at least the number of processes "
-                f"({world}). Got {batch_size} instead."
-            )
-        if len(x) < world:
-            raise ValueError(
-                f"The 'x' argument must hold at least one image per process ({world}). "
-                f"Got {len(x)} instead."
-            )
+    _check_world(x, batch_size, world)
     device = model_device(model)
     if teacher is not None and model_device(teacher) != device:
         raise ValueError(
@@ -330,6 +363,7 @@ def finetune(
     order, pos = torch.randperm(len(x), generator=generator), 0
     start, running = 0, None
     if checkpoint is not None:
+        # a file written by a call with other arguments is refused (recon/_train_state.py)
         signature = {
             "steps": steps, "lr": float(lr), "batch_size": batch_size,
             "weight_decay": float(weight_decay), "bn_l1": float(bn_l1), "augment": augment,
@@ -362,17 +396,8 @@ def finetune(
                 order, pos = torch.randperm(len(x), generator=generator), 0
             idx = order[pos : pos + batch_size]
             pos += batch_size
-            xb, yb = x[idx], y[idx]  # the global batch, the same on every process
-            if augment:
-                xb = _augment(xb, generator, shift=4)
-            if world > 1:
-                # this process's slice, in the standard layout: _augment's is channels-last,
-                # which makes the weights' gradients channels-last too and DDP warn, because
-                # its gradient buckets are not (.contiguous() keeps that layout when C == 1)
-                xb = xb.tensor_split(world)[rank].clone(memory_format=torch.contiguous_format)
-                yb = yb.tensor_split(world)[rank]
-            xb = xb.to(device)
-            loss = _step_loss(net, xb, yb.to(device), teacher, distill, temperature)
+            xb, yb = _batch(x, y, idx, generator if augment else None, rank, world)
+            loss = _step_loss(net, xb.to(device), yb.to(device), teacher, distill, temperature)
             scaled = loss if world == 1 else loss * (len(yb) * world / len(idx))
             optimizer.zero_grad(set_to_none=True)
             scaled.backward()
