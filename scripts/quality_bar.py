@@ -15,7 +15,9 @@ Fashion-MNIST test split:
    block whole and prune the rest harder; or, following the single-layer analysis
    (``scripts/single_layer.py``), keep more of the sensitive conv1-3 layers and less of
    conv4-5, at the same FLOPs.
-4. **Speed-up**: the loss at 1.5x, to see how it grows.
+   ``allocation="auto"`` finds such a split from the calibration data; ``method="obs"``
+   with it are recon's defaults (issue 14).
+4. **Speed-up**: the loss at 1.5x and 4x, to see how it grows.
 
 Writes ``<out-dir>/quality.md``.
 
@@ -80,7 +82,8 @@ def _run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        res = recon.prune(net, calib.split(100), progress=False, **({"allocation": "uniform"} | kw))
+        defaults = {"method": "lasso", "allocation": "uniform"}  # issue 4's setting
+        res = recon.prune(net, calib.split(100), progress=False, **(defaults | kw))
         seconds = time.perf_counter() - t0
     x_test = test[0]
     held = x_test[: len(calib)] if len(calib) <= len(x_test) else x_test
@@ -148,10 +151,17 @@ def main(argv: list[str] | None = None) -> None:
         (f"{n:,} images, conv1-3 keep 0.8, conv4-5 keep 0.5", order[:n], {"keep_ratio": depth})
         for n in sizes[:2]
     ]
-    # The same, found from the calibration data (recon.prune's default since issue 14).
+    # The same, found from the calibration data (recon.prune's default since issue 14),
+    # and recon's defaults (obs selection, auto); at 4x too.
+    auto, obs = {"allocation": "auto"}, {"allocation": "auto", "method": "obs"}
     runs += [
-        (f"{n:,} images, allocation='auto'", order[:n], {"speedup": 2.0, "allocation": "auto"})
-        for n in sizes[:2]
+        (f"{n:,} images, allocation='auto'", order[:n], {"speedup": 2.0} | auto) for n in sizes[:2]
+    ]
+    runs += [(f"{n:,} images, obs + auto", order[:n], {"speedup": 2.0} | obs) for n in sizes[:2]]
+    runs += [
+        (f"{n0:,} images, 4x", order[:n0], {"speedup": 4.0}),
+        (f"{n0:,} images, 4x, allocation='auto'", order[:n0], {"speedup": 4.0} | auto),
+        (f"{n0:,} images, 4x, obs + auto", order[:n0], {"speedup": 4.0} | obs),
     ]
     t_all = time.perf_counter()
     rows = [_run(name, pretrained(MODEL), x_train[idx], test, **kw) for name, idx, kw in runs]
@@ -167,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         f"({torch.get_num_threads()} threads, torch {torch.__version__}). Model: shipped "
         f"`{MODEL}` ({base:.2%} on {len(test[1]):,} Fashion-MNIST test images); lasso + "
         "least squares, no fine-tuning, the uniform split of the FLOPs target unless a row "
-        "says otherwise; calibration images drawn (seed "
+        "says otherwise (*obs + auto*: recon's defaults, `method='obs'`, "
+        "`allocation='auto'`); calibration images drawn (seed "
         f"{args.seed}) from the train split. *Logit error* is the relative squared error "
         "`Σ‖pruned − original‖² / Σ‖original‖²` of the logits on the calibration images "
         "and on as many held-out test images.",

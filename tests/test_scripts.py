@@ -71,11 +71,14 @@ def test_quality_bar_quick(quality_bar, tmp_path, capsys):
     md = (tmp_path / "quality.md").read_text(encoding="utf-8")
     assert "python scripts/quality_bar.py --quick" in md
     rows = [line for line in md.splitlines() if line.startswith(("| 64 ", "| 128 "))]
-    # 2 calibration sizes, 4 variants at 64 images, 2 hand-made and 2 auto allocations
-    assert len(rows) == 10
+    # 2 calibration sizes, 4 variants at 64 images, 2 hand-made, 2 auto and 2 obs + auto
+    # allocations, and 3 at 4x
+    assert len(rows) == 15
     for row in rows:
         speedup = float(row.split("|")[2].strip().rstrip("x"))
-        assert 1.4 < speedup < 2.1
+        want = 4.0 if "4x" in row.split("|")[1] else 2.0 if "1.5x" not in row else 1.5
+        assert want * 0.93 < speedup < want * 1.05, row
+    assert sum("obs + auto" in row for row in rows) == 3
     # per-layer errors on calibration and held-out images, one column per conv of VGG-16
     calib = next(line for line in md.splitlines() if line.startswith("| calib |"))
     held = next(line for line in md.splitlines() if line.startswith("| held out |"))
