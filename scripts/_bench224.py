@@ -100,6 +100,7 @@ def latency(
                     model,
                     x.split(8),
                     speedup=speedup,
+                    method="lasso",  # as the page says (not the default, obs)
                     allocation="uniform",
                     round_to=round_to,
                     samples_per_image=2,

@@ -343,6 +343,7 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
                     model,
                     x.split(args.batch_size),
                     speedup=target,
+                    method="lasso",  # as the page says (not the default, obs)
                     allocation="uniform",
                     progress=False,
                 )

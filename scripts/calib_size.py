@@ -56,6 +56,7 @@ def _run(
             pretrained(model),
             calib.split(100),
             speedup=speedup,
+            method="lasso",  # as the page says (not the default, obs)
             reconstruct=mode,
             allocation="uniform",
             progress=False,

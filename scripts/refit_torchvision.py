@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 res = recon.prune(
                     original,
                     calib.split(16),
+                    method="lasso",  # as the page says (not the default, obs)
                     reconstruct=mode,
                     allocation="uniform",
                     progress=False,
