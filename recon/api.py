@@ -794,6 +794,7 @@ def _prune_units(
                 timer=timer,
                 folds=CV_FOLDS if reconstruct == "lstsq" else 1,
                 block_dtype=block_dtype,
+                zeros=method == "apoz",  # the channels' zeros: only APoZ scores read them
             )
             passes.drop_targets(step)
             if ctx is not None:  # sums over every rank's shard

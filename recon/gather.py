@@ -29,12 +29,12 @@ from ._timing import PhaseTimer
 from .graph import Unit, _node_of
 from .groups import group_slices
 from .layers import SampledConv2d
-from .passes import Passes
-from .sampling import _mix, gather_patches, gather_targets
+from .passes import GraphRunner, Passes
+from .sampling import _mix, gather_patches, gather_targets, layer_key, sample_positions
 from .stats import ChannelStats, GroupedStats, PatchStats
 from .surgery import channel_offset, consumer_weight
 
-__all__ = ["CV_FOLDS", "MAX_PATCH_DIM"]
+__all__ = ["CV_FOLDS", "MAX_PATCH_DIM", "accumulate_all", "stats_bytes"]
 
 #: Consumers whose patch length ``c*k`` exceeds this use channel-level statistics
 #: (a ``c × c`` Gram) instead of a ``(c*k)²`` patch Gram; ``lstsq`` then becomes ``scale``.
@@ -156,6 +156,7 @@ def _accumulate(
     timer: PhaseTimer | None = None,
     folds: int = 1,
     block_dtype: torch.dtype = torch.float64,
+    zeros: bool = True,
 ) -> PatchStats | ChannelStats:
     """One pass over the calibration set: X from the pruned net, Y from the original.
 
@@ -164,7 +165,8 @@ def _accumulate(
     place in its list; without it, both networks run from the input for this unit.
     With ``folds > 1`` the patch statistics are kept per fold of images
     (:func:`_image_folds`), for the cross-validated re-fit; ``block_dtype`` is the
-    precision of each block's products (:class:`recon.stats.PatchStats`).
+    precision of each block's products (:class:`recon.stats.PatchStats`); ``zeros``
+    whether the channels' exact zeros are counted (APoZ, for ``method="apoz"``).
     """
     timer = timer or PhaseTimer()
     if passes is None:
@@ -184,7 +186,7 @@ def _accumulate(
         )
         step = 0
     accs = [
-        _ReaderStats(r, gm_o, gm_p, target if i == 0 else None, folds, block_dtype)
+        _ReaderStats(r, gm_o, gm_p, target if i == 0 else None, folds, block_dtype, zeros)
         for i, r in enumerate((unit, *unit.readers))
     ]
     stats = accs[0].stats
@@ -238,6 +240,137 @@ def _accumulate(
     return stats
 
 
+def stats_bytes(unit: Unit, model: nn.Module, folds: int) -> int:
+    """About the memory of ``unit``'s statistics (every reader's), in bytes."""
+    total = 0
+    for r in (unit, *unit.readers):
+        n = model.get_submodule(r.consumer).weight.shape[0]
+        c, k, G = r.width, r.taps, r.groups
+        d = c * k // G
+        if d <= MAX_PATCH_DIM:
+            total += G * folds * (d * d + d * n // G) * 8
+        else:
+            total += G * ((c // G) ** 2 + n * d) * 8
+    return total
+
+
+def accumulate_all(
+    units: list[Unit],
+    gm: fx.GraphModule,
+    batches: list[Tensor],
+    offsets: list[int],
+    *,
+    samples_per_image: int | None,
+    seed: int,
+    folds: int = 1,
+    block_dtype: torch.dtype = torch.float64,
+    zeros: bool = True,
+    timer: PhaseTimer | None = None,
+) -> dict[str, PatchStats | ChannelStats | GroupedStats]:
+    """The statistics of every unit of ``units`` in one pass of the network ``gm``.
+
+    ``X`` and ``Y`` both come from ``gm`` (the original network, nothing pruned): each
+    batch runs once, and every consumer's input patches and output at its sampled
+    positions (the positions :class:`recon.passes.Passes` samples: the same seed,
+    layer key and image index) are summed as :func:`_accumulate` sums them. The
+    caller bounds the memory by the units it passes (:func:`stats_bytes`).
+    """
+    timer = timer or PhaseTimer()
+    runner = GraphRunner(gm)
+    accs = {
+        u.name: [_ReaderStats(r, gm, gm, None, folds, block_dtype, zeros) for r in (u, *u.readers)]
+        for u in units
+    }
+    gates = {}
+    for u in units:
+        stats = accs[u.name][0].stats
+        if u.readers:
+            stats.readers = [a.stats for a in accs[u.name][1:]]
+        if u.gate is not None:
+            fc1 = gm.get_submodule(u.gate[0])
+            w_fc1 = fc1.weight.detach().reshape(fc1.out_channels, -1).double()
+            node = runner.index[_node_of(gm, u.gate[0]).args[0].name]
+            stats.gate = PatchStats(u.width, 1, fc1.out_channels, device=w_fc1.device, folds=folds)
+            gates[u.name] = (stats.gate, w_fc1, node)
+    for b, xb in enumerate(batches):
+        got: dict = {}
+        watch: dict[int, list] = {}
+        for u in units:
+            for i, a in enumerate(accs[u.name]):
+                _watch_reader(a, (u.name, i), got, watch, runner, gm, b, offsets[b],
+                              samples_per_image, seed, timer)  # fmt: skip
+            if u.name in gates:
+
+                def on_gate(v: Tensor, key=(u.name, "gate"), got=got) -> None:
+                    got[key] = v.detach().reshape(v.shape[0], -1).double()
+
+                watch.setdefault(gates[u.name][2], []).append(on_gate)
+        with timer("forward"):
+            runner.run(xb, 0, max(watch, default=-1) + 1, watch=watch)
+        with timer("stats"):
+            images = xb.shape[0]
+            fold = _image_folds(offsets[b], images, folds, seed) if folds > 1 else None
+            for u in units:
+                for i, a in enumerate(accs[u.name]):
+                    a.add(got.pop((u.name, i, "x")), got.pop((u.name, i, "y")), fold, images)
+                if u.name in gates:
+                    gate, w_fc1, _ = gates[u.name]
+                    p = got.pop((u.name, "gate"))
+                    gate.update(p, p @ w_fc1.T, 0 if fold is None else fold)
+    with timer("stats"):
+        for u in units:
+            for a in accs[u.name]:
+                a.rows.flush()
+    return {u.name: accs[u.name][0].stats for u in units}
+
+
+def _watch_reader(a, key, got, watch, runner, gm, b, offset, per_image, seed, timer) -> None:
+    """Watchers putting reader ``a``'s patches and targets of batch ``b`` into ``got``."""
+    unit, consumer = a.unit, a.consumer
+    out_node = runner.index[_node_of(gm, unit.consumer).name]
+    bias = None if consumer.bias is None else consumer.bias.detach()
+    conv = unit.consumer_kind == "conv"
+    layer = layer_key(unit.name)
+    orig = _Where(None, None)
+
+    def on_input(x: Tensor) -> None:
+        if conv:  # the positions of the output map, from the input's size
+            h, w = _out_size(consumer, x.shape[-2], x.shape[-1])
+            orig.width = w
+            orig.positions = sample_positions(
+                x.shape[0], h * w, per_image, seed=seed, layer=layer, image_offset=offset,
+                device=x.device,
+            )  # fmt: skip
+        a.on_input(orig, got, key, timer)(x)
+
+    def on_output(v: Tensor) -> None:
+        with timer("stats"):
+            y = v.detach()
+            if bias is not None:
+                y = y - bias.view((1, -1) + (1,) * (y.dim() - 2))
+            got[(*key, "y")] = (
+                y.clone() if orig.positions is None else gather_targets(y, orig.positions)
+            )
+
+    watch.setdefault(runner.index[a.in_node], []).append(on_input)
+    watch.setdefault(out_node, []).append(on_output)
+
+
+class _Where:
+    """Sampled positions of one batch, as :class:`recon.passes.Original` holds them."""
+
+    def __init__(self, positions: Tensor | None, width: int | None) -> None:
+        self.positions, self.width = positions, width
+
+
+def _out_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    left, right, top, bottom = _conv_padding(conv)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (
+        w + left + right - dw * (kw - 1) - 1
+    ) // sw + 1
+
+
 class _ReaderStats:
     """The statistics of one conv reading a unit's channels (its consumer, or another
     reader): its input patches on the unit's channels and its output target."""
@@ -250,8 +383,10 @@ class _ReaderStats:
         target: _Target | None,
         folds: int,
         block_dtype: torch.dtype,
+        zeros: bool = True,
     ) -> None:
         self.unit = unit
+        self.zeros = zeros  # count each channel's exact zeros (APoZ)
         self.consumer = consumer = gm_p.get_submodule(unit.consumer)
         weight = consumer.weight.detach()
         n = weight.shape[0]
@@ -280,8 +415,10 @@ class _ReaderStats:
         self.in_node = _node_of(gm_p, unit.consumer).args[0].name
         self.rows = _Rows(self.stats)
 
-    def on_input(self, orig, got: dict, i: int, timer: PhaseTimer):
-        """A watcher of the consumer's input that puts its patches in ``got["x<i>"]``."""
+    def on_input(self, orig, got: dict, i, timer: PhaseTimer):
+        """A watcher of the consumer's input that puts its patches in ``got["x<i>"]``
+        (``got[(*i, "x")]`` for a tuple ``i``)."""
+        slot = (*i, "x") if isinstance(i, tuple) else f"x{i}"
         unit, consumer, off, c = self.unit, self.consumer, self.off, self.unit.width
 
         def watch(x: Tensor) -> None:
@@ -290,9 +427,10 @@ class _ReaderStats:
                 if isinstance(consumer, SampledConv2d):
                     x = consumer.sampler(x)
                 own = x[:, off : off + c] if self.sliced else x
-                self.stats.count_zeros(own)  # APoZ: every position, not only the sampled ones
+                if self.zeros:  # APoZ: every position, not only the sampled ones
+                    self.stats.count_zeros(own)
                 if unit.consumer_kind == "conv":
-                    got[f"x{i}"] = gather_patches(
+                    got[slot] = gather_patches(
                         x,
                         orig.positions,
                         kernel_size=consumer.kernel_size,
@@ -302,7 +440,7 @@ class _ReaderStats:
                         out_width=orig.width,
                     )
                 else:  # a copy: later in-place ops in the graph cannot change it
-                    got[f"x{i}"] = x.reshape(x.shape[0], -1).clone()
+                    got[slot] = x.reshape(x.shape[0], -1).clone()
 
         return watch
 

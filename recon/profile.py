@@ -31,33 +31,36 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn import functional as F
 
 from . import distributed as _dist
 from ._progress import progress_bar
 from ._timing import PhaseTimer
 from .allocate import count_grid, lstsq_error_curve, scale_error_curve
-from .gather import CV_FOLDS, _accumulate, stats_tensors
+from .gather import CV_FOLDS, accumulate_all, stats_bytes, stats_tensors
 from .graph import Unit
 from .groups import group_slices, quota_order
-from .passes import Passes
 from .refit import gate_fit
 from .sampling import _mix, layer_key
 from .scores import channel_scores
 from .select import SCORE_METHODS, channel_order, obs_shared
-from .solve import LSTSQ_MODES, cv_lstsq, lstsq, scale
+from .sensitivity import Delta, linearised_output_errors
+from .solve import LSTSQ_MODES, cv_lstsq, kept_taps, lstsq, patch_error, scale
 from .stats import ChannelStats, GroupedStats, PatchStats
 from .surgery import channel_offset, consumer_weight, prune_unit
 
-__all__ = ["HELDOUT_IMAGES", "Profile", "UnitProfile", "profile_units"]
+__all__ = ["HELDOUT_IMAGES", "SENSITIVITIES", "Profile", "UnitProfile", "profile_units"]
 
 #: Calibration images kept out of the statistics to measure each unit's sensitivity.
 HELDOUT_IMAGES = 64
+#: How a unit's sensitivity is measured (``profile_units(sensitivity=...)``).
+SENSITIVITIES = ("gradient", "probe")
 #: A probe moves to fewer channels until the layer's error is at least this.
 MIN_PROBE_ERROR = 1e-4
 
@@ -184,12 +187,13 @@ def _curve(stats, A, b, order, counts, mode: str) -> Tensor:
     return rel[counts.to(rel.device) - 1].to(torch.float64)
 
 
-def _probe_fit(stats, A, b, keep: Tensor, w_cons: Tensor, mode: str):
-    """The consumer's re-fitted weight and bias change for ``keep``, as pruning will fit it."""
-    if mode == "lstsq" and isinstance(stats, PatchStats):
+def _probe_fit(stats, A, b, keep: Tensor, w_cons: Tensor, mode: str, *, cv: bool = True):
+    """The consumer's re-fitted weight and bias change for ``keep``, as pruning will fit it
+    (``cv=False``: ``"lstsq"`` without the cross-validated ridge, one solve)."""
+    if mode == "lstsq" and isinstance(stats, PatchStats) and cv:
         fit = cv_lstsq(stats, keep, w_cons.double())
         return fit.weight, fit.bias_delta
-    if mode == "lstsq_plain" and isinstance(stats, PatchStats):
+    if mode in LSTSQ_MODES and isinstance(stats, PatchStats):
         return lstsq(stats, keep, fit_bias=True)
     if mode == "none":
         return None, None
@@ -252,70 +256,147 @@ def profile_units(
     block_dtype: torch.dtype = torch.float64,
     ctx: _dist.Context | None = None,
     show: bool = False,
+    sensitivity: str = "gradient",
 ) -> Profile:
     """Profile ``units`` of the (eval-mode) ``original`` network; see the module docstring.
 
     ``uniform`` gives each unit's uniform count (its probe unless the layer loses less
-    than ``MIN_PROBE_ERROR`` there). In a distributed run the statistics and the output
-    errors are summed over ranks, so every rank computes the same profile.
+    than ``MIN_PROBE_ERROR`` there). ``sensitivity``: ``"gradient"`` (the default) from
+    one backward pass (:mod:`recon.sensitivity`), the statistics from every image;
+    ``"probe"`` the older per-unit probe on ``HELDOUT_IMAGES`` held-out images (kept to
+    compare the two). In a distributed run the statistics, the Fisher weights and the
+    output errors are summed over ranks, so every rank computes the same profile.
     """
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(
+            f"The 'sensitivity' argument must be one of {SENSITIVITIES}. Got {sensitivity!r}."
+        )
     total = sum(b.shape[0] for b in batches)
     if ctx is not None:  # the held-out images are the last of the whole calibration set
         total = int(ctx.sum([total], "calibration image count")[0])
-    held = min(HELDOUT_IMAGES, total // 5)
-    fit, fit_offsets, x_held = _split(batches, offsets, total - held)
-    if held == 0 and batches:  # too few images to hold any out: measure on the fitted ones
-        x_held = torch.cat(batches)[:HELDOUT_IMAGES]
+    gradient = sensitivity == "gradient"
+    if gradient:  # every image for the statistics; the sensitivities need none held out
+        held, fit, fit_offsets, x_held = 0, batches, offsets, None
+    else:
+        held = min(HELDOUT_IMAGES, total // 5)
+        fit, fit_offsets, x_held = _split(batches, offsets, total - held)
+        if held == 0 and batches:  # too few images to hold any out: measure on the fitted ones
+            x_held = torch.cat(batches)[:HELDOUT_IMAGES]
     timer = PhaseTimer()  # the caller charges all of it to "profile"
+    folds = CV_FOLDS if reconstruct == "lstsq" and not gradient else 1
+    measured: dict[str, _Measured] = {}
+    zeros = method == "apoz"  # the channels' zeros are only needed for APoZ scores
     with torch.no_grad():
         ref = _flat_output(original(x_held)) if x_held is not None else None
-        passes = Passes(
-            gm_o, gm_o, fit, list(units), {u.name: None for u in units}, [],
-            samples_per_image=samples_per_image, seed=seed, cache_bytes=cache_bytes,
-            final=False, timer=timer, image_offsets=fit_offsets,
-        )  # fmt: skip
-        out: dict[str, UnitProfile] = {}
+        starts = {c[0].name: c for c in _chunks(units, original, folds, cache_bytes)}
+        all_stats: dict = {}
         bar = progress_bar(units, desc="profile", disable=not show, unit="layer", log="each")
-        for step, unit in enumerate(bar):
+        for unit in bar:
             bar.set_postfix_str(unit.name)
-            stats = _accumulate(
-                unit, gm_o, gm_o, fit, target=None, samples_per_image=samples_per_image,
-                seed=seed, progress=False, passes=passes, step=step, timer=timer,
-                folds=CV_FOLDS if reconstruct == "lstsq" else 1, block_dtype=block_dtype,
-            )  # fmt: skip
-            passes.drop_targets(step)
-            passes.kept(step, None)  # the profiled network is never pruned
+            if unit.name in starts:  # one pass of the original for the whole run of units
+                all_stats = accumulate_all(
+                    starts[unit.name], gm_o, fit, fit_offsets, samples_per_image=samples_per_image,
+                    seed=seed, folds=folds, block_dtype=block_dtype, zeros=zeros, timer=timer,
+                )  # fmt: skip
+            stats = all_stats.pop(unit.name)
             if ctx is not None:
                 ctx.all_reduce_(stats_tensors(stats), f"profile of {unit.name}")
-            out[unit.name] = _profile_one(
-                unit, stats, original, x_held, ref, uniform[unit.name],
-                method=method, reconstruct=reconstruct, round_to=round_to, seed=seed, ctx=ctx,
+            m = _profile_one(
+                unit, stats, original, uniform[unit.name], method=method,
+                reconstruct=reconstruct, round_to=round_to, seed=seed, cv=not gradient,
             )  # fmt: skip
-            del stats
-        del passes
-    return Profile(out, total - held, held)
+            if not gradient:  # the probe: the unit alone pruned in a copy, on held-out images
+                m = m._replace(output_error=_probe_error(original, m, x_held, ref, ctx, unit))
+            measured[unit.name] = m._replace(prune=None)
+            del stats, m
+    images = held
+    if gradient:
+        reduce = None
+        if ctx is not None:
+
+            def reduce(ts: list[Tensor]) -> list[Tensor]:
+                ctx.all_reduce_(ts, "output sensitivities")
+                return ts
+
+        todo = {n: m.deltas for n, m in measured.items() if m.deltas}
+        errors, images = linearised_output_errors(
+            original, todo, batches, _flat_output, offsets=offsets, seed=seed, reduce=reduce
+        )
+        measured = {n: m._replace(output_error=errors.get(n, 0.0)) for n, m in measured.items()}
+    out = {n: _unit_profile(m, gradient) for n, m in measured.items()}
+    return Profile(out, total - held, images)
+
+
+class _Measured(NamedTuple):
+    """A unit's curve and its probe, before (or after) the probe's output error is known."""
+
+    counts: Tensor
+    err: Tensor
+    probe: int
+    deltas: list[tuple[str, Delta]]  # how the probe changes each module's output
+    prune: Callable[[nn.Module], None] | None  # prunes a copy of the network as the probe
+    output_error: float = 0.0
+    fitted_error: float | None = None  # the probe fit's own layer error, on its samples
+
+
+def _chunks(units: Sequence[Unit], model: nn.Module, folds: int, budget: int) -> list[list[Unit]]:
+    """``units`` in order, in runs whose statistics fit ``budget`` bytes together (at least
+    one unit each): each run costs one pass of the calibration images."""
+    out: list[list[Unit]] = []
+    held = 0
+    for u in units:
+        size = stats_bytes(u, model, folds)
+        if not out or held + size > budget:
+            out.append([])
+            held = 0
+        out[-1].append(u)
+        held += size
+    return out
+
+
+def _probe_error(original, m: _Measured, x_held, ref, ctx, unit) -> float:
+    sums = [0.0, 0.0]
+    if m.prune is not None and ref is not None:
+        net = copy.deepcopy(original)
+        m.prune(net)
+        sums = _output_error(net, x_held, ref)
+        del net
+    if ctx is not None:
+        sums = ctx.sum(sums, f"sensitivity of {unit.name}")
+    return sums[0] / sums[1] if sums[1] > 0 else 0.0
+
+
+def _unit_profile(m: _Measured, gradient: bool) -> UnitProfile:
+    """The unit's profile. With the ``"gradient"`` sensitivity the output error is that of
+    the probe fit on the images it was fitted on, so it is compared with that fit's own
+    layer error there; the curve's (as expected on other images) stays the cost."""
+    at_probe = float(m.err[m.counts == m.probe][0])
+    if gradient and m.fitted_error is not None:
+        at_probe = m.fitted_error
+    sensitivity = m.output_error / at_probe if at_probe > 0 else 0.0
+    return UnitProfile(m.counts, m.err, m.probe, m.output_error, sensitivity)
 
 
 def _profile_one(
     unit: Unit,
     stats: PatchStats | ChannelStats | GroupedStats,
     original: nn.Module,
-    x_held: Tensor | None,
-    ref: Tensor | None,
     uniform: int,
     *,
     method: str,
     reconstruct: str,
     round_to: int,
     seed: int,
-    ctx: _dist.Context | None,
-) -> UnitProfile:
+    cv: bool,
+) -> _Measured:
+    """The unit's error curve and its probe (re-fitted with the cross-validated ridge if
+    ``cv``, else with one solve), as output perturbations and as a pruning of a copy."""
     counts = count_grid(unit.width, math.lcm(round_to, unit.step))
     scores = channel_scores(method, unit, original, stats) if method in SCORE_METHODS else None
     if unit.readers:
         return _profile_shared(
-            unit, stats, original, x_held, ref, uniform, counts, scores,
-            method=method, reconstruct=reconstruct, seed=seed, ctx=ctx,
+            unit, stats, original, uniform, counts, scores,
+            method=method, reconstruct=reconstruct, seed=seed, cv=cv,
         )  # fmt: skip
     consumer = original.get_submodule(unit.consumer)
     # (n, c, k): block diagonal when grouped, the unit's slice when concatenated
@@ -336,40 +417,67 @@ def _profile_one(
     yy = torch.tensor([float(p.stats.yy) for p in parts], dtype=torch.float64)
     err = errs[0] if G == 1 else (errs * yy[:, None]).sum(0) / yy.sum().clamp_min(1e-300)
     probe = _probe_count(counts, err, uniform)
-    sums = [0.0, 0.0]
-    if probe < unit.width and ref is not None:
-        keeps = [p.order[: probe // G].sort().values for p in parts]
-        fits = [
-            _probe_fit(p.stats, p.A, p.b, k, p.weight, reconstruct)
-            for p, k in zip(parts, keeps, strict=True)
-        ]
-        cpg = unit.width // G
-        keep = torch.cat([k.cpu() + g * cpg for g, k in enumerate(keeps)])
-        weight = bias_delta = None
-        if fits[0][0] is not None:
-            weight = torch.cat([w.reshape(w.shape[0], -1) for w, _ in fits])
-        if fits[0][1] is not None:
-            bias_delta = torch.cat([d for _, d in fits])
-        gate = gate_fit(unit, stats, keep, original, reconstruct)
-        net = copy.deepcopy(original)
+    if probe >= unit.width:
+        return _Measured(counts, err, probe, [], None)
+    keeps = [p.order[: probe // G].sort().values for p in parts]
+    fits = [
+        _probe_fit(p.stats, p.A, p.b, k, p.weight, reconstruct, cv=cv)
+        for p, k in zip(parts, keeps, strict=True)
+    ]
+    cpg = unit.width // G
+    keep = torch.cat([k.cpu() + g * cpg for g, k in enumerate(keeps)])
+    weight = bias_delta = None
+    if fits[0][0] is not None:  # (n, m*k): each group's rows, its kept channels' columns
+        weight = torch.cat([w.reshape(w.shape[0], -1) for w, _ in fits])
+    if fits[0][1] is not None:
+        bias_delta = torch.cat([d for _, d in fits])
+    gate = gate_fit(unit, stats, keep, original, reconstruct)
+    dense = weight if G == 1 or weight is None else _block_diagonal(fits, probe // G, unit.taps)
+    deltas = [(unit.consumer, _consumer_delta(original, unit, keep, dense, bias_delta))]
+    if gate is not None:
+        deltas.append(
+            (unit.gate[0], _conv1x1_delta(original.get_submodule(unit.gate[0]), keep, *gate))
+        )
+
+    def prune(net: nn.Module) -> None:
         prune_unit(net, unit, keep, weight=weight, bias_delta=bias_delta, gate=gate)
-        sums = _output_error(net, x_held, ref)
-        del net
-    return _unit_profile(unit, counts, err, probe, sums, ctx)
+
+    fitted = _fitted_error([(p, k, f) for p, k, f in zip(parts, keeps, fits, strict=True)])
+    return _Measured(counts, err, probe, deltas, prune, fitted_error=fitted)
 
 
-def _unit_profile(unit, counts, err, probe, sums, ctx) -> UnitProfile:
-    if ctx is not None:
-        sums = ctx.sum(sums, f"sensitivity of {unit.name}")
-    output_error = sums[0] / sums[1] if sums[1] > 0 else 0.0
-    at_probe = float(err[counts == probe][0])
-    sensitivity = output_error / at_probe if at_probe > 0 else 0.0
-    return UnitProfile(counts, err, probe, output_error, sensitivity)
+def _fitted_error(problems) -> float | None:
+    """``Σ‖Y − Ŷ‖² / Σ‖Y‖²`` of the probe's fits ``(part, keep, (weight, bias_delta))`` on
+    their own samples, from the statistics; None if a part has no patch statistics."""
+    err = yy = 0.0
+    for part, keep, (w, d) in problems:
+        if not isinstance(part.stats, PatchStats):
+            return None
+        if float(part.stats.yy) <= 0:
+            continue
+        weight = part.weight[:, keep.to(part.weight.device)] if w is None else w
+        rel = patch_error(part.stats, keep, weight.reshape(weight.shape[0], -1), d)
+        err += rel * float(part.stats.yy)
+        yy += float(part.stats.yy)
+    return err / yy if yy > 0 else None
+
+
+def _block_diagonal(fits, per_group: int, taps: int) -> Tensor:
+    """Groups' re-fitted weights (each (n_g, per_group*taps)) as one dense (n, m*taps)."""
+    G = len(fits)
+    rows = [w.reshape(w.shape[0], per_group, taps) for w, _ in fits]
+    n = sum(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(n, G * per_group, taps)
+    at = 0
+    for g, r in enumerate(rows):
+        out[at : at + r.shape[0], g * per_group : (g + 1) * per_group] = r
+        at += r.shape[0]
+    return out.reshape(n, -1)
 
 
 def _profile_shared(
-    unit, stats, original, x_held, ref, uniform, counts, scores, *, method, reconstruct, seed, ctx
-) -> UnitProfile:
+    unit, stats, original, uniform, counts, scores, *, method, reconstruct, seed, cv
+) -> _Measured:
     """:func:`_profile_one` for a unit with several readers: one order for all of them
     (as :func:`recon.refit._prune_shared` chooses), each reader's error curve along it,
     averaged with weights ``‖Y_r‖²``; the probe re-fits every reader."""
@@ -395,13 +503,83 @@ def _profile_shared(
     errs = torch.stack([_curve(p.stats, p.A, p.b, order, counts, reconstruct).cpu() for p in parts])
     err = (errs * yy[:, None]).sum(0) / yy.sum().clamp_min(1e-300)
     probe = _probe_count(counts, err, uniform)
-    sums = [0.0, 0.0]
-    if probe < unit.width and ref is not None:
-        keep = order[:probe].sort().values
-        fits = [_probe_fit(p.stats, p.A, p.b, keep, p.weight, reconstruct) for p in parts]
-        weights = [None if w is None else w.reshape(w.shape[0], -1) for w, _ in fits]
-        net = copy.deepcopy(original)
-        prune_unit(net, unit, keep.cpu(), weight=weights, bias_delta=[d for _, d in fits])
-        sums = _output_error(net, x_held, ref)
-        del net
-    return _unit_profile(unit, counts, err, probe, sums, ctx)
+    if probe >= unit.width:
+        return _Measured(counts, err, probe, [], None)
+    keep = order[:probe].sort().values.cpu()
+    fits = [_probe_fit(p.stats, p.A, p.b, keep, p.weight, reconstruct, cv=cv) for p in parts]
+    weights = [None if w is None else w.reshape(w.shape[0], -1) for w, _ in fits]
+    biases = [d for _, d in fits]
+    deltas = [
+        (r.consumer, _consumer_delta(original, r, keep, w, d))
+        for r, w, d in zip(readers, weights, biases, strict=True)
+    ]
+
+    def prune(net: nn.Module) -> None:
+        prune_unit(net, unit, keep, weight=weights, bias_delta=biases)
+
+    fitted = _fitted_error([(p, keep, f) for p, f in zip(parts, fits, strict=True)])
+    return _Measured(counts, err, probe, deltas, prune, fitted_error=fitted)
+
+
+def _consumer_delta(
+    model: nn.Module, unit: Unit, keep: Tensor, weight: Tensor | None, bias_delta: Tensor | None
+) -> Delta:
+    """``δ(x, y)``: how the consumer's output ``y`` changes when it reads only the unit's
+    ``keep`` channels of its input ``x`` with ``weight`` (n, m*k; None: its original
+    weights on them) and its bias moved by ``bias_delta``."""
+    consumer = model.get_submodule(unit.consumer)
+    offset = channel_offset(model, unit)
+    w_unit = consumer_weight(consumer, unit, offset)  # (n, width, k), dense if grouped
+    n, k = w_unit.shape[0], unit.taps
+    keep = keep.to(w_unit.device)
+    w_new = (w_unit[:, keep] if weight is None else weight.reshape(n, len(keep), k)).detach()
+    beta = None if bias_delta is None else bias_delta.detach()
+    if isinstance(consumer, nn.Conv2d):
+        shape = consumer.weight.shape[2:]
+        w_old = w_unit.reshape(n, unit.width, *shape)
+        w_new = w_new.reshape(n, len(keep), *shape)
+
+        def run(x: Tensor, w: Tensor) -> Tensor:
+            return _conv(consumer, x, w.to(x.dtype))
+
+        def delta(x: Tensor, y: Tensor) -> Tensor:
+            xu = x[:, offset : offset + unit.width]
+            d = run(xu.index_select(1, keep.to(x.device)), w_new.to(x.device))
+            d -= run(xu, w_old.to(x.device))
+            if beta is not None:
+                d += beta.to(d)[None, :, None, None]
+            return d
+
+        return delta
+
+    rows = kept_taps(keep, k)
+
+    def delta_linear(x: Tensor, y: Tensor) -> Tensor:
+        xu = x[..., offset * k : (offset + unit.width) * k]
+        wn = w_new.reshape(n, -1).to(x)
+        d = xu.index_select(-1, rows.to(x.device)) @ wn.T - xu @ w_unit.reshape(n, -1).to(x).T
+        return d + beta.to(d) if beta is not None else d
+
+    return delta_linear
+
+
+def _conv1x1_delta(conv: nn.Conv2d, keep: Tensor, weight: Tensor, bias_delta: Tensor) -> Delta:
+    """``δ`` of a squeeze conv (a gate's fc1) re-fitted on the kept channels."""
+    n = conv.out_channels
+    w_old = conv.weight.detach().reshape(n, -1)
+    w_new, beta = weight.reshape(n, -1).detach(), bias_delta.detach()
+
+    def delta(x: Tensor, y: Tensor) -> Tensor:
+        p = x.reshape(x.shape[0], -1)  # (B, c): the pooled channels
+        d = p.index_select(1, keep.to(x.device)) @ w_new.to(p).T - p @ w_old.to(p).T
+        return (d + beta.to(d)).reshape(y.shape)
+
+    return delta
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, w: Tensor) -> Tensor:
+    """``conv`` applied with weight ``w`` (dense: one group), no bias."""
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.conv2d(x, w, None, conv.stride, 0, conv.dilation)
+    return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation)
