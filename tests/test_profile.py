@@ -1,87 +1,97 @@
-"""The allocation profile (recon.profile): one pass for every unit's statistics, and the
-output sensitivities from one backward pass against the per-unit probes they replace."""
+"""recon.profile: the error curves allocation='auto' trades, as expected held out."""
+
+from __future__ import annotations
 
 import pytest
 import torch
-from nets import randomize_bn
-from test_allocation_api import _images, _redundant_chain
-from test_sensitivity import _models
 
 import recon
-from recon.gather import CV_FOLDS, _accumulate, accumulate_all, stats_bytes, stats_tensors
-from recon.graph import find_units, trace
-from recon.passes import Passes
-from recon.profile import _chunks
+from recon.allocate import count_grid, lstsq_error_curve, scale_error_curve
+from recon.profile import _curve, _flat_output, _probe_fit
+from recon.solve import cv_lstsq, lstsq
+from recon.stats import PatchStats
+
+C, TAPS, N_OUT = 8, 4, 6  # p = k*TAPS + 1 unknowns per output, up to 33
 
 
-@pytest.mark.parametrize("name", ["grouped", "resnet", "fire", "dense"])
-@pytest.mark.parametrize("folds", [1, CV_FOLDS])
-def test_one_pass_gives_every_unit_the_statistics_of_its_own_pass(name, folds):
-    net = randomize_bn(_models()[name]).eval()
-    gm = trace(net)
-    units = find_units(net, gm).units
-    x = torch.randn(10, 3, 12, 12, generator=torch.Generator().manual_seed(6))
-    batches, offsets = [x[:4], x[4:]], [0, 4]
-    kw = dict(samples_per_image=3, seed=7, folds=folds)
-    together = accumulate_all(units, gm, batches, offsets, zeros=True, **kw)
-    passes = Passes(
-        gm, gm, batches, list(units), {u.name: None for u in units}, [],
-        samples_per_image=3, seed=7, cache_bytes=1 << 30, final=False,
-    )  # fmt: skip
-    for step, unit in enumerate(units):
-        alone = _accumulate(
-            unit, gm, gm, batches, target=None, passes=passes, step=step, progress=False, **kw
-        )
-        passes.drop_targets(step)
-        passes.kept(step, None)
-        mine, theirs = stats_tensors(together[unit.name]), stats_tensors(alone)
-        assert len(mine) == len(theirs)
-        for a, b in zip(mine, theirs, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=unit.name)
-
-
-def test_units_are_chunked_to_fit_the_budget():
-    net = _models()["resnet"]
-    units = find_units(net, trace(net)).units
-    sizes = [stats_bytes(u, net, 1) for u in units]
-    assert all(s > 0 for s in sizes)
-    assert [len(c) for c in _chunks(units, net, 1, 0)] == [1] * len(units)  # one pass each
-    assert [len(c) for c in _chunks(units, net, 1, sum(sizes))] == [len(units)]
-    half = _chunks(units, net, 1, sum(sizes) // 2)
-    assert 2 <= len(half) <= 3 and [u for c in half for u in c] == list(units)
-
-
-@pytest.mark.parametrize("sensitivity", ["gradient", "probe"])
-def test_both_sensitivities_prune_the_redundant_layer_harder(sensitivity, monkeypatch):
-    import functools
-
-    from recon import api, profile
-
-    monkeypatch.setattr(
-        api, "profile_units", functools.partial(profile.profile_units, sensitivity=sensitivity)
+def _stats(samples: int, seed: int = 0) -> tuple[PatchStats, torch.Tensor]:
+    """y = W x + noise from ``samples`` patches in 4 folds; W uses every channel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, C * TAPS, generator=g, dtype=torch.float64)
+    w = torch.randn(N_OUT, C, TAPS, generator=g, dtype=torch.float64)
+    y = x @ w.reshape(N_OUT, -1).T + 0.3 * torch.randn(
+        samples, N_OUT, generator=g, dtype=torch.float64
     )
-    net, x = _redundant_chain(), _images()
-    auto = recon.prune(net, x, speedup=2.0, allocation="auto", progress=False)
-    uniform = recon.prune(net, x, speedup=2.0, allocation="uniform", progress=False)
-    assert auto.channels["conv1"] < uniform.channels["conv1"]
-    assert auto.channels["conv1"] <= 10  # 8 distinct filters (and rounding)
-    rows = {r.name: r for r in auto.report.allocation.rows}
-    assert all(r.sensitivity > 0 for r in rows.values())
+    stats = PatchStats(C, TAPS, N_OUT, folds=4)
+    stats.update(x, y, fold=torch.arange(samples) % 4)
+    return stats, w
 
 
-def test_the_gradient_sensitivity_needs_no_held_out_images():
-    net, x = _redundant_chain(), _images(40)
-    res = recon.prune(net, x, speedup=2.0, allocation="auto", progress=False)
-    alloc = res.report.allocation
-    assert alloc.images == 40  # every image behind the statistics
-    assert alloc.heldout_images == 40  # and the sensitivities from the same images
+@pytest.mark.parametrize("samples", [24, 40, 400])
+def test_the_lstsq_curve_is_the_held_out_estimate_capped_by_the_scale_fit(samples):
+    stats, w = _stats(samples)
+    A, b = stats.channel_problem(w)
+    order, counts = torch.arange(C), count_grid(C, 1)
+    inside = lstsq_error_curve(stats, order, counts)
+    capped = scale_error_curve(A, b, stats.yy, order, counts)
+    curve = _curve(stats, A, b, order, counts, "lstsq")
+    assert curve.shape == counts.shape
+    assert bool((curve[1:] <= curve[:-1]).all())  # never increasing in k
+    assert bool((curve <= capped + 1e-12).all())
+    assert bool((curve >= inside.cummin(0).values - 1e-12).all())  # held out >= in-sample
+    p = counts * TAPS + 1
+    over = p >= samples  # interpolating counts: at most the scale fit's error, not 0
+    if over.any():
+        assert bool((curve[over] > 0).all()) and bool((inside[over] < 1e-4).all())
+    if samples == 400:  # well determined: in-sample error times (N + p) / (N - p)
+        expected = torch.minimum(inside * (400 + p) / (400 - p), capped).cummin(0).values
+        assert torch.allclose(curve, expected, rtol=1e-12)
 
 
-def test_a_bad_sensitivity_is_a_clear_error():
-    from recon.profile import profile_units
+def test_the_plain_curve_charges_interpolation_a_relative_error_of_one():
+    stats, w = _stats(24)
+    A, b = stats.channel_problem(w)
+    order, counts = torch.arange(C), count_grid(C, 1)
+    curve = _curve(stats, A, b, order, counts, "lstsq_plain")
+    over = counts * TAPS + 1 >= 24
+    assert over.any() and bool((curve[over] <= 1).all())
+    assert float(curve[~over][-1]) > float(lstsq_error_curve(stats, order, counts)[~over][-1])
 
-    with pytest.raises(ValueError, match="'sensitivity'"):
-        profile_units(
-            None, None, [], [], [], {}, method="obs", reconstruct="lstsq", round_to=1,
-            samples_per_image=10, seed=0, cache_bytes=0, sensitivity="hessian",
-        )  # fmt: skip
+
+def test_the_probe_is_fitted_as_pruning_fits_it():
+    stats, w = _stats(40)
+    A, b = stats.channel_problem(w)
+    keep = torch.tensor([0, 2, 3, 5, 7])
+    weight, bias = _probe_fit(stats, A, b, keep, w, "lstsq")
+    fit = cv_lstsq(stats, keep, w)
+    assert torch.equal(weight, fit.weight) and torch.equal(bias, fit.bias_delta)
+    weight, bias = _probe_fit(stats, A, b, keep, w, "lstsq_plain")
+    plain = lstsq(stats, keep, fit_bias=True)
+    assert torch.equal(weight, plain[0]) and torch.equal(bias, plain[1])
+
+
+class _TwoHeads(torch.nn.Module):
+    """A small CNN whose output is a dict of two tensors, as multi-head models return."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+        return {"logits": h.mean((2, 3)), "aux": (h[:, :2].flatten(1),)}
+
+
+def test_auto_measures_an_output_made_of_several_tensors():
+    torch.manual_seed(0)
+    net, x = _TwoHeads().eval(), torch.randn(40, 3, 8, 8)
+    result = recon.prune(net, x, speedup=1.6, progress=False)  # auto: the default
+    assert result.report.allocation is not None
+    assert result.report.speedup == pytest.approx(1.6, rel=0.02)
+    out = _flat_output({"a": torch.ones(5, 2, 3), "b": [torch.zeros(5, 4)]})
+    assert out.shape == (5, 10) and out.dtype == torch.float64
+    assert float(out[:, :6].sum()) == 30 and float(out[:, 6:].abs().sum()) == 0
+    with pytest.raises(TypeError, match="allocation='uniform'"):
+        _flat_output("not a tensor")
