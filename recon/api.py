@@ -212,11 +212,11 @@ def prune(
     allocation : {"uniform", "auto", "global", "global_normalized"} or None, default None
         How ``speedup`` is split into channels per unit. ``"uniform"``: one keep ratio
         for every unit, scaled to meet the FLOPs target. ``"auto"``: profile the
-        original network first (:mod:`recon.profile`: each unit's re-fitted error at
-        every allowed count along the method's own order, converted to output error
-        by a sensitivity measured on held-out calibration images; the ``"profile"``
-        phase of the report, on the shipped models about as long again as the pruning
-        itself), then choose the
+        original network first (:mod:`recon.profile`: one pass for every unit's
+        re-fitted error at every allowed count along the method's own order, converted
+        to output error by a sensitivity from one backward pass; units whose re-fit
+        has nearly as many unknowns as samples stay near the uniform count; the
+        ``"profile"`` phase of the report), then choose the
         counts that minimise the summed predicted output error under the FLOPs
         target (:func:`recon.allocate.allocate`), within 2 % of it. ``"global"``
         (score methods only: ``l1``, ``max_response``, ``apoz``, ``bn_gamma``):
@@ -698,6 +698,7 @@ def _allocate_channels(
             cost=at_chosen[u.name],
             counts=curves[u.name][0].tolist(),
             costs=curves[u.name][1].tolist(),
+            trust=prof.units[u.name].trust,
         )
         for u in free
     ]

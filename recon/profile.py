@@ -3,28 +3,39 @@
 ``recon.prune(..., allocation="auto")`` chooses the channel counts from this profile
 (:func:`recon.allocate.allocate`). For every unit to be allocated:
 
-1. **Layer error curve.** One pass of the *original* network over the calibration
-   images (:class:`recon.passes.Passes`, both sides the original: about two forward
-   passes in all) gives the unit's consumer statistics. From them come the channel
-   problem ``A, b``, the method's nested order (:func:`recon.select.channel_order`)
-   and the relative error ``e_u(k)`` of the consumer's output when only the first
-   ``k`` channels of the order are kept and the consumer is re-fitted as
-   ``reconstruct`` does, for every allowed ``k`` (:func:`recon.allocate.count_grid`):
-   :func:`~recon.allocate.lstsq_error_curve` for the least-squares modes,
-   :func:`~recon.allocate.scale_error_curve` for ``"scale"`` and for consumers too
-   wide for patch statistics, and the error of the original weights for ``"none"``.
+1. **Layer error curve.** One forward pass of the *original* network over the
+   calibration images gives every unit's consumer statistics at once
+   (:func:`recon.gather.accumulate_all`; units whose statistics do not fit the cache
+   budget together take a pass per run of units). From them come the channel problem
+   ``A, b``, the method's nested order (:func:`recon.select.channel_order`) and the
+   relative error ``e_u(k)`` of the consumer's output when only the first ``k``
+   channels of the order are kept and the consumer is re-fitted as ``reconstruct``
+   does, for every allowed ``k`` (:func:`recon.allocate.count_grid`), as expected on
+   samples the fit did not see: :func:`~recon.allocate.lstsq_error_curve` for the
+   least-squares modes, :func:`~recon.allocate.scale_error_curve` for ``"scale"`` and
+   for consumers too wide for patch statistics, and the error of the original weights
+   for ``"none"``.
 2. **Sensitivity.** A layer's error is not comparable across layers. The unit alone
    is pruned at its *probe* count ``p_u`` (the uniform count, or fewer channels if the
-   layer loses almost nothing there) in a copy of the original network, with the
-   re-fit of step 1, and the relative output error ``o_u = ‖f'(x) − f(x)‖² / ‖f(x)‖²``
-   is measured on ``HELDOUT_IMAGES`` calibration images that step 1 did not see.
-   ``s_u = o_u / e_u(p_u)``.
+   layer loses almost nothing there), re-fitted by one least-squares solve, and the
+   relative output error ``o_u = ‖f'(x) − f(x)‖² / ‖f(x)‖²`` that this causes is
+   estimated to first order for every unit from one forward and one backward pass of
+   the first ``SENSITIVITY_IMAGES`` calibration images (:mod:`recon.sensitivity`),
+   with the probe's own layer error ``ẽ_u`` on the same images and positions:
+   ``s_u = o_u / ẽ_u``. (``sensitivity="probe"``, the older way kept for comparison,
+   prunes a copy per unit and runs ``HELDOUT_IMAGES`` held-out images through it.)
 3. **Cost.** ``c_u(k) = s_u · e_u(k)``: the predicted output error of keeping ``k``
    channels, assuming it is proportional to the layer's error and that the units'
    errors add.
+4. **Trust.** Where the re-fit at the uniform count has nearly as many unknowns per
+   output ``p`` as the statistics have samples ``N`` (few calibration images, wide
+   layers), curve and sensitivity measure the fit's luck more than the layer: the
+   unit may move from its uniform count only a fraction ``trust = 1 − p/N`` of the way
+   to either end of its grid (:func:`trust`, :attr:`UnitProfile.allowed`).
 
 This module sees the original network, its trace and the calibration batches; it
-changes neither (the probes prune copies).
+changes neither (the sensitivities come from hooks removed afterwards, the older
+probes prune copies).
 """
 
 from __future__ import annotations
@@ -51,7 +62,7 @@ from .sampling import _mix, layer_key
 from .scores import channel_scores
 from .select import SCORE_METHODS, channel_order, obs_shared
 from .sensitivity import Delta, linearised_output_errors
-from .solve import LSTSQ_MODES, cv_lstsq, kept_taps, lstsq, patch_error, scale
+from .solve import LSTSQ_MODES, cv_lstsq, kept_taps, lstsq, scale
 from .stats import ChannelStats, GroupedStats, PatchStats
 from .surgery import channel_offset, consumer_weight, prune_unit
 
@@ -81,6 +92,11 @@ class UnitProfile:
         Relative output error of the network with this unit alone pruned to ``probe``.
     sensitivity : float
         ``output_error / layer_error`` at the probe.
+    uniform : int
+        The unit's count under the uniform split (0: not known).
+    trust : float in [0, 1]
+        How far the allocation may move the unit from ``uniform``
+        (:func:`trust`): 1 anywhere on its grid, 0 not at all.
     """
 
     counts: Tensor
@@ -88,11 +104,28 @@ class UnitProfile:
     probe: int
     output_error: float
     sensitivity: float
+    uniform: int = 0
+    trust: float = 1.0
 
     @property
     def cost(self) -> Tensor:
         """Predicted output error at each count: ``sensitivity * layer_error``."""
         return self.sensitivity * self.layer_error
+
+    @property
+    def allowed(self) -> Tensor:
+        """Which of ``counts`` the allocation may choose, (m,) bool: those within
+        ``trust`` of the way from ``uniform`` to either end of the grid, and always
+        the count nearest ``uniform``."""
+        counts = self.counts
+        if self.uniform <= 0 or self.trust >= 1:
+            return torch.ones_like(counts, dtype=torch.bool)
+        u, t = float(self.uniform), max(self.trust, 0.0)
+        lo = u - t * (u - float(counts[0]))
+        hi = u + t * (float(counts[-1]) - u)
+        ok = (counts >= lo - 1e-9) & (counts <= hi + 1e-9)
+        ok[int(torch.argmin((counts.double() - u).abs()))] = True
+        return ok
 
 
 @dataclass(frozen=True)
@@ -113,8 +146,28 @@ class Profile:
     heldout: int
 
     def curves(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{unit: (counts, costs)}``, as :func:`recon.allocate.allocate` takes them."""
-        return {name: (p.counts, p.cost) for name, p in self.units.items()}
+        """``{unit: (counts, costs)}`` on the counts each unit is allowed, as
+        :func:`recon.allocate.allocate` takes them."""
+        out = {}
+        for name, p in self.units.items():
+            ok = p.allowed
+            out[name] = (p.counts[ok], p.cost[ok.to(p.cost.device)])
+        return out
+
+
+def trust(samples: int, unknowns: int) -> float:
+    """How much a unit's profile can move its count away from the uniform split.
+
+    ``1 − p / N`` for ``N`` samples behind its statistics and ``p`` unknowns per output
+    of its re-fit at the uniform count, clipped to [0, 1]: least squares' expected error
+    on samples it was not fitted to is about ``(N + p) / (N − p)`` times its error on
+    its own, so where ``p`` nears ``N`` the error curve and the sensitivity measure the
+    fit's luck more than the layer. With few calibration images the wide layers' counts
+    stay near the uniform split; with many, the allocation is free.
+    """
+    if samples <= 0:
+        return 0.0
+    return min(max(1.0 - unknowns / samples, 0.0), 1.0)
 
 
 def _split(batches: list[Tensor], offsets: list[int], first_held: int):
@@ -305,6 +358,9 @@ def profile_units(
                 unit, stats, original, uniform[unit.name], method=method,
                 reconstruct=reconstruct, round_to=round_to, seed=seed, cv=not gradient,
             )  # fmt: skip
+            m = m._replace(
+                uniform=uniform[unit.name], trust=_trust(unit, stats, uniform, reconstruct)
+            )
             if not gradient:  # the probe: the unit alone pruned in a copy, on held-out images
                 m = m._replace(output_error=_probe_error(original, m, x_held, ref, ctx, unit))
             measured[unit.name] = m._replace(prune=None)
@@ -319,10 +375,13 @@ def profile_units(
                 return ts
 
         todo = {n: m.deltas for n, m in measured.items() if m.deltas}
-        errors, images = linearised_output_errors(
+        errors, layer, images = linearised_output_errors(
             original, todo, batches, _flat_output, offsets=offsets, seed=seed, reduce=reduce
         )
-        measured = {n: m._replace(output_error=errors.get(n, 0.0)) for n, m in measured.items()}
+        measured = {
+            n: m._replace(output_error=errors.get(n, 0.0), fitted_error=layer.get(n))
+            for n, m in measured.items()
+        }
     out = {n: _unit_profile(m, gradient) for n, m in measured.items()}
     return Profile(out, total - held, images)
 
@@ -336,7 +395,20 @@ class _Measured(NamedTuple):
     deltas: list[tuple[str, Delta]]  # how the probe changes each module's output
     prune: Callable[[nn.Module], None] | None  # prunes a copy of the network as the probe
     output_error: float = 0.0
-    fitted_error: float | None = None  # the probe fit's own layer error, on its samples
+    fitted_error: float | None = None  # the probe's layer error where output_error was measured
+    uniform: int = 0
+    trust: float = 1.0
+
+
+def _trust(unit: Unit, stats, uniform: dict[str, int], reconstruct: str) -> float:
+    """:func:`trust` of ``unit``: its least-squares re-fit's unknowns per output at the
+    uniform count (the most of its readers') against its samples. Other re-fits have
+    one unknown per channel: trusted."""
+    if reconstruct not in LSTSQ_MODES:
+        return 1.0
+    k = uniform[unit.name]
+    p = max(k // r.groups * r.taps + 1 for r in (unit, *unit.readers))
+    return trust(int(stats.count), p)
 
 
 def _chunks(units: Sequence[Unit], model: nn.Module, folds: int, budget: int) -> list[list[Unit]]:
@@ -367,14 +439,15 @@ def _probe_error(original, m: _Measured, x_held, ref, ctx, unit) -> float:
 
 
 def _unit_profile(m: _Measured, gradient: bool) -> UnitProfile:
-    """The unit's profile. With the ``"gradient"`` sensitivity the output error is that of
-    the probe fit on the images it was fitted on, so it is compared with that fit's own
-    layer error there; the curve's (as expected on other images) stays the cost."""
+    """The unit's profile. With the ``"gradient"`` sensitivity the output error is measured
+    on every position of the first calibration images, partly ones the fit saw, so it is
+    compared with the probe's layer error measured in the same pass on the same
+    positions; the curve (the error expected on other samples) stays the cost."""
     at_probe = float(m.err[m.counts == m.probe][0])
     if gradient and m.fitted_error is not None:
         at_probe = m.fitted_error
     sensitivity = m.output_error / at_probe if at_probe > 0 else 0.0
-    return UnitProfile(m.counts, m.err, m.probe, m.output_error, sensitivity)
+    return UnitProfile(m.counts, m.err, m.probe, m.output_error, sensitivity, m.uniform, m.trust)
 
 
 def _profile_one(
@@ -442,24 +515,7 @@ def _profile_one(
     def prune(net: nn.Module) -> None:
         prune_unit(net, unit, keep, weight=weight, bias_delta=bias_delta, gate=gate)
 
-    fitted = _fitted_error([(p, k, f) for p, k, f in zip(parts, keeps, fits, strict=True)])
-    return _Measured(counts, err, probe, deltas, prune, fitted_error=fitted)
-
-
-def _fitted_error(problems) -> float | None:
-    """``Σ‖Y − Ŷ‖² / Σ‖Y‖²`` of the probe's fits ``(part, keep, (weight, bias_delta))`` on
-    their own samples, from the statistics; None if a part has no patch statistics."""
-    err = yy = 0.0
-    for part, keep, (w, d) in problems:
-        if not isinstance(part.stats, PatchStats):
-            return None
-        if float(part.stats.yy) <= 0:
-            continue
-        weight = part.weight[:, keep.to(part.weight.device)] if w is None else w
-        rel = patch_error(part.stats, keep, weight.reshape(weight.shape[0], -1), d)
-        err += rel * float(part.stats.yy)
-        yy += float(part.stats.yy)
-    return err / yy if yy > 0 else None
+    return _Measured(counts, err, probe, deltas, prune)
 
 
 def _block_diagonal(fits, per_group: int, taps: int) -> Tensor:
@@ -517,8 +573,7 @@ def _profile_shared(
     def prune(net: nn.Module) -> None:
         prune_unit(net, unit, keep, weight=weights, bias_delta=biases)
 
-    fitted = _fitted_error([(p, keep, f) for p, f in zip(parts, fits, strict=True)])
-    return _Measured(counts, err, probe, deltas, prune, fitted_error=fitted)
+    return _Measured(counts, err, probe, deltas, prune)
 
 
 def _consumer_delta(
@@ -526,7 +581,9 @@ def _consumer_delta(
 ) -> Delta:
     """``δ(x, y)``: how the consumer's output ``y`` changes when it reads only the unit's
     ``keep`` channels of its input ``x`` with ``weight`` (n, m*k; None: its original
-    weights on them) and its bias moved by ``bias_delta``."""
+    weights on them) and its bias moved by ``bias_delta``; and, as the reference of the
+    layer's error, the unit's channels' part of ``y`` (``y`` less the bias, and less
+    what the other channels of a concatenation give)."""
     consumer = model.get_submodule(unit.consumer)
     offset = channel_offset(model, unit)
     w_unit = consumer_weight(consumer, unit, offset)  # (n, width, k), dense if grouped
@@ -542,23 +599,23 @@ def _consumer_delta(
         def run(x: Tensor, w: Tensor) -> Tensor:
             return _conv(consumer, x, w.to(x.dtype))
 
-        def delta(x: Tensor, y: Tensor) -> Tensor:
+        def delta(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             xu = x[:, offset : offset + unit.width]
-            d = run(xu.index_select(1, keep.to(x.device)), w_new.to(x.device))
-            d -= run(xu, w_old.to(x.device))
+            ref = run(xu, w_old.to(x.device))  # the unit's channels' part of the output
+            d = run(xu.index_select(1, keep.to(x.device)), w_new.to(x.device)) - ref
             if beta is not None:
                 d += beta.to(d)[None, :, None, None]
-            return d
+            return d, ref
 
         return delta
 
     rows = kept_taps(keep, k)
 
-    def delta_linear(x: Tensor, y: Tensor) -> Tensor:
+    def delta_linear(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         xu = x[..., offset * k : (offset + unit.width) * k]
-        wn = w_new.reshape(n, -1).to(x)
-        d = xu.index_select(-1, rows.to(x.device)) @ wn.T - xu @ w_unit.reshape(n, -1).to(x).T
-        return d + beta.to(d) if beta is not None else d
+        ref = xu @ w_unit.reshape(n, -1).to(x).T
+        d = xu.index_select(-1, rows.to(x.device)) @ w_new.reshape(n, -1).to(x).T - ref
+        return (d + beta.to(d) if beta is not None else d), ref
 
     return delta_linear
 
@@ -569,10 +626,10 @@ def _conv1x1_delta(conv: nn.Conv2d, keep: Tensor, weight: Tensor, bias_delta: Te
     w_old = conv.weight.detach().reshape(n, -1)
     w_new, beta = weight.reshape(n, -1).detach(), bias_delta.detach()
 
-    def delta(x: Tensor, y: Tensor) -> Tensor:
+    def delta(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
         p = x.reshape(x.shape[0], -1)  # (B, c): the pooled channels
         d = p.index_select(1, keep.to(x.device)) @ w_new.to(p).T - p @ w_old.to(p).T
-        return (d + beta.to(d)).reshape(y.shape)
+        return (d + beta.to(d)).reshape(y.shape), None  # the gate: not the layer's error
 
     return delta
 

@@ -235,6 +235,7 @@ _ALLOC_COLUMNS = (
     ("uniform", True),
     ("chosen", True),
     ("sensitivity", True),
+    ("trust", True),
     ("cost uniform", True),
     ("cost chosen", True),
 )
@@ -275,6 +276,10 @@ class AllocationRow:
         The unit's predicted cost curve: every count it was allowed to keep, and the
         predicted output error of keeping it (what the allocation traded between units;
         empty in reports saved before it was recorded).
+    trust : float, default 1.0
+        How far from ``uniform`` the unit could move, 0 (not at all) to 1 (anywhere):
+        less than 1 where its re-fit has nearly as many unknowns as samples
+        (:func:`recon.profile.trust`; 1.0 in reports saved before it was recorded).
     """
 
     name: str
@@ -286,6 +291,7 @@ class AllocationRow:
     cost: float
     counts: list[int] = field(default_factory=list, repr=False)
     costs: list[float] = field(default_factory=list, repr=False)
+    trust: float = 1.0
 
 
 @dataclass
@@ -358,6 +364,7 @@ class AllocationReport:
                 str(r.uniform),
                 str(r.chosen),
                 f"{r.sensitivity:.3g}",
+                f"{r.trust:.2f}",
                 _format_error(r.cost_uniform),
                 _format_error(r.cost),
             ]

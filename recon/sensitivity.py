@@ -40,9 +40,10 @@ SENSITIVITY_IMAGES = 256
 #: Images per backward pass (bounds the activations kept for it).
 CHUNK = 16
 
-#: ``delta(input, output) -> δ``: a perturbation of a module's output, computed from the
-#: module's input and output of the same batch (same shape as the output).
-Delta = Callable[[Tensor, Tensor], Tensor]
+#: ``delta(input, output) -> (δ, reference)``: a perturbation ``δ`` of a module's output
+#: (its shape), computed from the module's input and output of the same batch, and what
+#: it is an error of (the layer's own output, as its statistics measure it), or None.
+Delta = Callable[[Tensor, Tensor], tuple[Tensor, Tensor | None]]
 
 
 class _Tap(torch.autograd.Function):
@@ -70,7 +71,7 @@ def linearised_output_errors(
     images: int = SENSITIVITY_IMAGES,
     seed: int = 0,
     reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
-) -> tuple[dict[str, float], int]:
+) -> tuple[dict[str, float], dict[str, float], int]:
     """Relative output error of each perturbation, to first order, from one backward pass.
 
     Parameters
@@ -99,6 +100,10 @@ def linearised_output_errors(
     -------
     errors : dict of str to float
         ``Σ_x ‖J δ(x)‖² / Σ_x ‖f(x)‖²`` for each key, estimated as above.
+    layer_errors : dict of str to float
+        ``Σ ‖δ‖² / Σ ‖reference‖²`` for each key, exactly, over its perturbations that
+        give a reference, on the same images: the layer error that the output error
+        goes with.
     images : int
         Images behind the estimates (over every process).
     """
@@ -108,6 +113,7 @@ def linearised_output_errors(
         for name, delta in perturbations[key]:
             by_module.setdefault(name, []).append((i, delta))
     dots: list[Tensor] = []  # per key, this chunk's ⟨Jᵀv, δ⟩ per image (B,)
+    layer = torch.zeros(len(keys), 2, dtype=torch.float64)  # per key: Σ‖δ‖², Σ‖reference‖²
 
     def hook(name: str):
         def fn(_mod, inp, out):
@@ -116,7 +122,10 @@ def linearised_output_errors(
             x, y = inp[0].detach(), out.detach()
             for i, delta in by_module[name]:
                 with torch.no_grad():
-                    d = delta(x, y)
+                    d, ref = delta(x, y)
+                    if ref is not None:
+                        layer[i, 0] += float(d.double().square().sum())
+                        layer[i, 1] += float(ref.double().square().sum())
                 out = _Tap.apply(out, d, dots[i])
             return out
 
@@ -143,12 +152,13 @@ def linearised_output_errors(
     finally:
         for h in handles:
             h.remove()
-    sums = [err, out_sq, count]
+    sums = [err, out_sq, count, layer]
     if reduce is not None:
         sums = [t.cpu() for t in reduce(sums)]
-    err, out_sq, count = sums
+    err, out_sq, count, layer = sums
     rel = (err / out_sq).tolist() if float(out_sq) > 0 else [0.0] * len(keys)
-    return dict(zip(keys, rel, strict=True)), int(count)
+    own = torch.where(layer[:, 1] > 0, layer[:, 0] / layer[:, 1].clamp_min(1e-300), 0.0)
+    return dict(zip(keys, rel, strict=True)), dict(zip(keys, own.tolist(), strict=True)), int(count)
 
 
 def _consecutive(batches: Sequence[Tensor]) -> list[int]:

@@ -85,3 +85,44 @@ def test_a_bad_sensitivity_is_a_clear_error():
             None, None, [], [], [], {}, method="obs", reconstruct="lstsq", round_to=1,
             samples_per_image=10, seed=0, cache_bytes=0, sensitivity="hessian",
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------- few calibration images
+
+
+def test_trust_falls_as_the_unknowns_near_the_samples():
+    from recon.profile import trust
+
+    assert trust(100, 50) == pytest.approx(0.5)
+    assert trust(10_000, 577) == pytest.approx(0.9423)
+    assert trust(320, 577) == 0.0 and trust(0, 1) == 0.0
+    assert trust(10, 0) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("trust", "allowed"), [(0.0, [4]), (0.5, [3, 4, 5, 6]), (1.0, list(range(1, 9)))]
+)
+def test_a_unit_moves_from_the_uniform_count_as_far_as_it_is_trusted(trust, allowed):
+    from recon.profile import Profile, UnitProfile
+
+    counts = torch.arange(1, 9)
+    err = torch.linspace(1, 0, 8, dtype=torch.float64)
+    unit = UnitProfile(counts, err, 4, 0.1, 2.0, uniform=4, trust=trust)
+    assert counts[unit.allowed].tolist() == allowed
+    got_counts, got_costs = Profile({"u": unit}, 10, 10).curves()["u"]
+    assert got_counts.tolist() == allowed
+    torch.testing.assert_close(got_costs, 2.0 * err[unit.allowed])
+
+
+def test_with_a_handful_of_images_auto_falls_back_to_the_uniform_split():
+    net = _redundant_chain()
+    few, many = _images(4), _images()
+    auto = recon.prune(net, few, speedup=2.0, allocation="auto", progress=False)
+    uniform = recon.prune(net, few, speedup=2.0, allocation="uniform", progress=False)
+    rows = auto.report.allocation.rows
+    assert all(r.trust == 0.0 for r in rows)  # 40 samples, about 100 unknowns per output
+    assert auto.channels == uniform.channels
+    # with many images it is free again and finds the redundant layer (as before)
+    auto = recon.prune(net, many, speedup=2.0, allocation="auto", progress=False)
+    assert all(r.trust > 0.8 for r in auto.report.allocation.rows)
+    assert auto.channels["conv1"] < uniform.channels["conv1"]

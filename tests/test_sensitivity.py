@@ -24,13 +24,13 @@ def _net(inplace: bool, outputs: int = 1, relu: bool = True) -> nn.Sequential:
 
 
 def _scaled(by: float):
-    return lambda x, y: by * y  # δ = by · (the module's output)
+    return lambda x, y: (by * y, y)  # δ = by · (the module's output)
 
 
 def _perturbed_error(net: nn.Module, x: torch.Tensor, name: str, delta) -> float:
     """‖f' − f‖² / ‖f‖² with ``delta`` added to module ``name``'s output: by running it."""
     ref = net(x).detach()
-    h = net.get_submodule(name).register_forward_hook(lambda m, i, y: y + delta(i[0], y))
+    h = net.get_submodule(name).register_forward_hook(lambda m, i, y: y + delta(i[0], y)[0])
     try:
         out = net(x).detach()
     finally:
@@ -42,8 +42,9 @@ def test_a_linear_network_with_one_output_gives_the_exact_output_errors():
     net = _net(False, relu=False)
     x = torch.randn(10, 2, 5, 5, generator=torch.Generator().manual_seed(1))
     perturb = {"first": [("0", _scaled(0.1))], "second": [("2", _scaled(-0.3))]}
-    errors, images = linearised_output_errors(net, perturb, [x[:6], x[6:]], _flat_output)
+    errors, layer, images = linearised_output_errors(net, perturb, [x[:6], x[6:]], _flat_output)
     assert images == 10
+    assert layer == pytest.approx({"first": 0.1**2, "second": 0.3**2}, rel=1e-6)
     assert errors["first"] == pytest.approx(_perturbed_error(net, x, "0", _scaled(0.1)), rel=1e-5)
     assert errors["second"] == pytest.approx(_perturbed_error(net, x, "2", _scaled(-0.3)), rel=1e-5)
 
@@ -51,12 +52,14 @@ def test_a_linear_network_with_one_output_gives_the_exact_output_errors():
 def test_a_key_perturbing_two_modules_measures_them_together():
     net = _net(False, relu=False)
     x = torch.randn(8, 2, 5, 5, generator=torch.Generator().manual_seed(2))
-    d0 = lambda x_in, y: torch.full_like(y, 0.1)  # noqa: E731 (constant: exactly linear)
-    d2 = lambda x_in, y: torch.full_like(y, -0.05)  # noqa: E731
-    errors, _ = linearised_output_errors(net, {"both": [("0", d0), ("2", d2)]}, [x], _flat_output)
+    d0 = lambda x_in, y: (torch.full_like(y, 0.1), y)  # noqa: E731 (constant: exactly linear)
+    d2 = lambda x_in, y: (torch.full_like(y, -0.05), None)  # noqa: E731
+    errors, _, _ = linearised_output_errors(
+        net, {"both": [("0", d0), ("2", d2)]}, [x], _flat_output
+    )
     ref = net(x).detach()
-    hooks = [net[0].register_forward_hook(lambda m, i, y: y + d0(i, y))]
-    hooks.append(net[2].register_forward_hook(lambda m, i, y: y + d2(i, y)))
+    hooks = [net[0].register_forward_hook(lambda m, i, y: y + d0(i, y)[0])]
+    hooks.append(net[2].register_forward_hook(lambda m, i, y: y + d2(i, y)[0]))
     out = net(x).detach()
     for h in hooks:
         h.remove()
@@ -70,8 +73,8 @@ def test_a_key_perturbing_two_modules_measures_them_together():
 def test_through_an_in_place_relu_it_is_the_first_order_change(inplace):
     net = _net(inplace)
     x = torch.randn(6, 2, 5, 5, generator=torch.Generator().manual_seed(3))
-    delta = lambda x_in, y: 1e-3 * torch.sin(y)  # noqa: E731 (a small, uneven change)
-    errors, _ = linearised_output_errors(net, {"u": [("0", delta)]}, [x], _flat_output)
+    delta = lambda x_in, y: (1e-3 * torch.sin(y), None)  # noqa: E731 (a small, uneven change)
+    errors, _, _ = linearised_output_errors(net, {"u": [("0", delta)]}, [x], _flat_output)
     # ∂f/∂z of module 0's output z, by brute force, one image at a time
     first_order, ref_sq = 0.0, 0.0
     for img in x:
@@ -80,7 +83,7 @@ def test_through_an_in_place_relu_it_is_the_first_order_change(inplace):
         rest[0].inplace = False
         f = rest(z)
         (g,) = torch.autograd.grad(f.sum(), z)
-        first_order += float((g * delta(None, z.detach())).sum()) ** 2
+        first_order += float((g * delta(None, z.detach())[0]).sum()) ** 2
         ref_sq += float(f.detach().square().sum())
     assert errors["u"] == pytest.approx(first_order / ref_sq, rel=1e-4)
 
@@ -101,7 +104,7 @@ def test_leaves_the_model_as_it_was():
 def test_the_first_images_only_and_the_same_signs_however_the_images_are_split():
     net = _net(False, outputs=3)
     x = torch.randn(12, 2, 5, 5, generator=torch.Generator().manual_seed(4))
-    perturb = {"u": [("2", lambda x_in, y: torch.cos(y))]}
+    perturb = {"u": [("2", lambda x_in, y: (torch.cos(y), y))]}
     seen = []
 
     def total(batches, offsets):
@@ -113,11 +116,11 @@ def test_the_first_images_only_and_the_same_signs_however_the_images_are_split()
             net, perturb, batches, _flat_output, offsets=offsets, images=8, seed=5, reduce=add
         )
 
-    whole, n = total([x], [0])
+    whole, _, n = total([x], [0])
     assert n == 8
     seen.clear()
     total([x[:5]], [0]), total([x[5:]], [5])  # two processes' shares
-    err, out_sq, count = (a + b for a, b in zip(*seen, strict=True))
+    err, out_sq, count, _ = (a + b for a, b in zip(*seen, strict=True))
     assert int(count) == 8
     assert whole["u"] == pytest.approx(float(err[0] / out_sq), rel=1e-5)  # float32 batches
 
@@ -126,7 +129,7 @@ def test_with_many_outputs_the_estimate_is_near_the_exact_value():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 6)).eval()
     x = torch.randn(2000, 5)
-    errors, _ = linearised_output_errors(
+    errors, _, _ = linearised_output_errors(
         net, {"u": [("0", _scaled(0.1))]}, [x], _flat_output, images=2000
     )
     assert errors["u"] == pytest.approx(_perturbed_error(net, x, "0", _scaled(0.1)), rel=0.1)
@@ -216,5 +219,9 @@ def test_each_units_perturbation_is_what_pruning_it_changes(name):
                 inp = inp[:, mask]
             with torch.no_grad():
                 want = new(inp) - seen["y"]
-            got = _consumer_delta(net, r, keep, None, beta)(seen["x"], seen["y"])
+            got, ref = _consumer_delta(net, r, keep, None, beta)(seen["x"], seen["y"])
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=unit.name)
+            if r.cat_lead is None:  # the reference: the consumer's output less its bias
+                bias = net.get_submodule(r.consumer).bias
+                own = seen["y"] - (0 if bias is None else bias.view(1, -1, *[1] * (ref.dim() - 2)))
+                torch.testing.assert_close(ref, own, rtol=1e-4, atol=1e-5, msg=unit.name)
