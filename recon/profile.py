@@ -57,6 +57,7 @@ from .allocate import count_grid, lstsq_error_curve, scale_error_curve
 from .gather import CV_FOLDS, accumulate_all, stats_bytes, stats_tensors
 from .graph import Unit
 from .groups import group_slices, quota_order
+from .layers import SampledConv2d
 from .refit import gate_fit
 from .sampling import _mix, layer_key
 from .scores import channel_scores
@@ -591,6 +592,7 @@ def _consumer_delta(
     keep = keep.to(w_unit.device)
     w_new = (w_unit[:, keep] if weight is None else weight.reshape(n, len(keep), k)).detach()
     beta = None if bias_delta is None else bias_delta.detach()
+    bias = None if consumer.bias is None else consumer.bias.detach()
     if isinstance(consumer, nn.Conv2d):
         shape = consumer.weight.shape[2:]
         w_old = w_unit.reshape(n, unit.width, *shape)
@@ -600,8 +602,15 @@ def _consumer_delta(
             return _conv(consumer, x, w.to(x.dtype))
 
         def delta(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            if isinstance(consumer, SampledConv2d):  # (an already pruned network)
+                x = consumer.sampler(x)
             xu = x[:, offset : offset + unit.width]
-            ref = run(xu, w_old.to(x.device))  # the unit's channels' part of the output
+            if xu.shape[1] == x.shape[1] and bias is None:  # the unit's part: all of y
+                ref = y
+            elif xu.shape[1] == x.shape[1]:
+                ref = y - bias.to(y)[None, :, None, None]
+            else:  # a concatenation's slice: its own part of y
+                ref = run(xu, w_old.to(x.device))
             d = run(xu.index_select(1, keep.to(x.device)), w_new.to(x.device)) - ref
             if beta is not None:
                 d += beta.to(d)[None, :, None, None]
