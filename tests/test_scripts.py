@@ -419,7 +419,7 @@ def test_reproduce_quality_bars(reproduce):
 
 
 def test_calib_size_quick(reproduce, tmp_path):
-    """scripts/calib_size.py: a row per (images, re-fit), the markdown table from them."""
+    """scripts/calib_size.py: a row per (images, re-fit) and the uniform split, the table."""
     del reproduce  # only for its check that Fashion-MNIST is installed
     script = _load("calib_size")
     script.main(
@@ -427,12 +427,15 @@ def test_calib_size_quick(reproduce, tmp_path):
          "--out-dir", str(tmp_path)]
     )  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "calib_size.jsonl").read_text().splitlines()]
-    assert [(r["images"], r["reconstruct"]) for r in rows] == [(16, "lstsq"), (16, "none")]
+    got = [(r["images"], r["column"], r["reconstruct"], r["allocation"]) for r in rows]
+    assert got == [(16, "lstsq", "lstsq", "auto"), (16, "none", "none", "auto"),
+                   (16, "uniform", "lstsq", "uniform")]  # fmt: skip
+    assert {r["method"] for r in rows} == {"obs"}  # recon's defaults
     for r in rows:
         assert 0.0 <= r["acc"] <= 1.0 and r["heldout_err"] >= 0 and 1.8 < r["speedup"] < 2.2
     assert len(rows[0]["ridges"]) == 13  # a chosen ridge per pruned layer of the VGG-16
     text = (tmp_path / "calib_size.md").read_text()
-    assert "| 16 |" in text and "lstsq" in text and "none" in text
+    assert "| 16 |" in text and "lstsq" in text and "none" in text and "auto − uniform" in text
 
 
 def test_model_coverage_rows_and_table(reproduce):
