@@ -464,3 +464,20 @@ def test_obs_cost_prints_a_row_per_width(capsys):
     assert len(rows) == 2 and all(len(r.split("|")) == 9 for r in rows)
     with pytest.raises(SystemExit):
         obs_cost.main(["--widths", "0"])
+
+
+def test_sensitivity_compare_table():
+    """scripts/sensitivity_compare.py: losses per sensitivity, times and the rank agreement."""
+    script = _load("sensitivity_compare")
+    sens = {"a": 0.1, "b": 0.3, "c": 0.2}
+    rows = [
+        {"model": "m", "speedup": 2.0, "mode": mode, "acc": acc, "base": 0.9,
+         "profile_seconds": t, "sensitivity": s, "seconds": 1.0}
+        for mode, acc, t, s in (
+            ("probe", 0.88, 9.0, sens),
+            ("gradient", 0.885, 3.0, {k: 2 * v for k, v in sens.items()}),  # same ranks
+            ("uniform", 0.87, 0.0, {}),
+        )
+    ]  # fmt: skip
+    text = script.markdown(rows, "cmd", 1.0, 1000, 10000, 0)
+    assert "| m | 2× | 2.00 | 1.50 | 3.00 | 9.0 / 3.0 | 1.00 |" in text
