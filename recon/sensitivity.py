@@ -145,7 +145,8 @@ def linearised_output_errors(
                     dots[:] = [torch.zeros(x.shape[0], dtype=torch.float64) for _ in keys]
                     out = flatten(model(x))  # (b, m)
                     v = _signs(off + start, out.shape, seed).to(out.device, out.dtype)
-                    torch.autograd.grad((out * v).sum(), x, allow_unused=True)  # taps add
+                    if out.requires_grad:  # else the output does not depend on the input
+                        torch.autograd.grad((out * v).sum(), x, allow_unused=True)  # taps add
                     err += torch.stack([d.square().sum() for d in dots]) if keys else 0.0
                     out_sq += out.detach().double().square().sum().cpu()
                     count += out.shape[0]
