@@ -151,6 +151,8 @@ def _rank_auto(rank: int, world: int) -> dict:
     return {"channels": result.channels, "kept": result.kept}
 
 
-def test_two_ranks_allocate_the_same_channels():
+def test_two_ranks_allocate_the_same_channels_as_one_process():
     got = values(run_ranks(_rank_auto, world=2))
     assert got[0] == got[1]
+    one = _prune(_redundant_chain(), _images(64), speedup=2.0, allocation="auto")
+    assert got[0]["channels"] == one.channels  # each rank its share of the images, summed
