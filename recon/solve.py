@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .lowrank import pivoted_cholesky
 from .stats import PatchStats
 
 __all__ = [
@@ -223,18 +224,25 @@ class _Sums(NamedTuple):
     N: float
 
 
-def _scale_centre(sums: _Sums, w_S: Tensor, wtw: Tensor, taps: int) -> Tensor:
-    """ThiNet's per-channel scale fit of the kept channels' weights ``w_S`` (n, m*k).
+def _scale_sums(Gf: Tensor, Cf: Tensor, w_S: Tensor, taps: int) -> tuple[Tensor, Tensor]:
+    """Every fold's channel problem of the kept channels' weights ``w_S`` (n, m*k): ``A_f``
+    (K, m, m) and ``b_f`` (K, m) (:func:`recon.stats.channel_gram` of its sums), from which
+    the scale fit of any set of folds follows by summing."""
+    K, mk, n = Cf.shape
+    m = mk // taps
+    wtw = w_S.T @ w_S  # (m*k, m*k)
+    A = torch.stack([(G * wtw).reshape(m, taps, m, taps).sum(dim=(1, 3)) for G in Gf])
+    b = (Cf * w_S.T).reshape(K, m, taps, n).sum(dim=(2, 3))
+    return A, b
 
-    ``wtw`` is ``w_Sᵀ w_S`` (the same for every fold: computed once by the caller).
-    """
-    k, n = taps, w_S.shape[0]
-    m = w_S.shape[1] // k
-    A = (sums.G * wtw).reshape(m, k, m, k).sum(dim=(1, 3))
-    b = (sums.C * w_S.T).reshape(m, k, n).sum(dim=(1, 2))
+
+def _scale_centre(A: Tensor, b: Tensor, w_S: Tensor, taps: int) -> Tensor:
+    """ThiNet's per-channel scale fit of the kept channels' weights ``w_S`` (n, m*k), from
+    their channel problem ``A`` (m, m), ``b`` (m,)."""
+    m = A.shape[0]
     eps = 1e-6 * float(A.diagonal().sum()) / max(m, 1) + 1e-12
     s = _solve_spd(A + eps * torch.eye(m, dtype=A.dtype, device=A.device), b[:, None])[:, 0]
-    return w_S * s.repeat_interleave(k)[None]
+    return w_S * s.repeat_interleave(taps)[None]
 
 
 def _ridge_fits(sums: _Sums, centres: Tensor, grid: tuple[float, ...]) -> tuple[Tensor, Tensor]:
@@ -328,6 +336,134 @@ def _shifted_solves_low_rank(Gc: Tensor, R: Tensor, shifts: Tensor, rank: int) -
     return inside + outside[None] / shifts[:, None, None]
 
 
+def _fold(Gf, Cf, sf, tf, yyf, nf, f: int, out: Tensor | slice = slice(None)) -> _Sums:
+    """Fold ``f``'s sums, the outputs ``out`` of its ``C``, ``t`` and ``yy``."""
+    return _Sums(Gf[f], Cf[f][:, out], sf[f], tf[f][out], yyf[f][out], float(nf[f]))
+
+
+#: :func:`cv_lstsq` works in the span of the samples' patches (:class:`_FoldSpace`) where
+#: the samples times this are at most the unknowns.
+FOLD_SPACE_FACTOR = 1.5
+#: ... factoring each fold's Gram to a residual of at most this times the smallest ridge.
+FOLD_TOL = 1e-9
+
+
+class _FoldSpace(NamedTuple):
+    """The span of every fold's patches, where the samples are fewer than the unknowns.
+
+    Fold ``f``'s Gram is ``G_f = F_fᵀF_f`` with ``F_f`` of at most ``N_f`` rows (a
+    pivoted Cholesky factor); ``Q`` (m, p), ``p ≤ N + K``, is an orthonormal basis of
+    the rows of every ``F_f`` and of every ``s_f``, so every fold's ``G_f``, ``C_f`` and
+    ``s_f`` live in it: with ``Ĝ_f = QᵀG_fQ`` (p, p), the ridge fit of any set of folds
+    is, for ``W = Q a + W_⊥``,
+
+    .. math:: a = (Q^\\top \\bar G Q + λI)^{-1} Q^\\top (\\bar C + λ W_c^\\top), \\qquad
+              W_⊥ = (I - QQ^\\top)(\\bar C / λ + W_c^\\top),
+
+    and ``W_⊥`` is invisible to every fold's sums. One factorisation of the folds serves
+    every fold's complement: ``O(m·p²)`` once, then a Cholesky factorisation of a (p, p)
+    matrix per fold and ``λ`` instead of one of an (m, m) matrix (``O(m³)``).
+    """
+
+    Q: Tensor  # (m, p)
+    G: Tensor  # (K, p, p): QᵀG_fQ
+    s: Tensor  # (K, p): Qᵀs_f
+    diag: Tensor  # (K,): trace of G_f
+
+    def heldout(self, f, QC, tf, yyf, nf, centres, grid, outputs) -> Tensor:
+        """``Σ‖Y_f − X_f Wᵀ − β‖²`` (L, P) of the fits on every fold but ``f``, for the
+        outputs ``outputs``; ``QC`` (K, p, n_out) holds every fold's ``QᵀC_f`` of them."""
+        Q, m = self.Q, self.Q.shape[0]
+        rest = [g for g in range(self.G.shape[0]) if g != f]
+        G, s, C = self.G[rest].sum(0), self.s[rest].sum(0), QC[rest].sum(0)
+        t, N = tf[rest].sum(0)[outputs], float(nf[rest].sum())
+        unit = (float(self.diag[rest].sum()) - float(s @ s) / N) / m
+        eps = 1e-6 * float(self.diag[rest].sum()) / m + 1e-12  # as lstsq()
+        Wc = Q.T @ centres.transpose(1, 2)  # (P, p, n_out)
+        shifts = [lam if math.isinf(lam) else lam * unit + eps for lam in grid]
+        a = _coef_fits(G, s, C, t, N, Wc, shifts)  # (L, P, p, n_out)
+        beta = (t - (a * s[:, None]).sum(-2)) / N  # (L, P, n_out)
+        Ch, Gh, sh = QC[f], self.G[f], self.s[f]
+        tt, yy, Nf = tf[f][outputs], yyf[f][outputs], float(nf[f])
+        err = yy.sum() - 2 * (a * Ch).sum((-2, -1)) + (a * (Gh @ a)).sum((-2, -1))
+        err = err + 2 * (beta * (a * sh[:, None]).sum(-2)).sum(-1) - 2 * beta @ tt
+        return err + Nf * (beta * beta).sum(-1)
+
+    def fit(self, whole: _Sums, centre: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        """The fit on all the data, every output: ``W`` (n, m) and ``β`` (n,)."""
+        Q, m = self.Q, self.Q.shape[0]
+        G, s, N = self.G.sum(0), whole.s, whole.N
+        sh = self.s.sum(0)
+        trace = float(self.diag.sum())
+        unit = (trace - float(s @ s) / N) / m
+        shift = lam * unit + 1e-6 * trace / m + 1e-12
+        Cc = whole.C - torch.outer(s, whole.t) / N  # (m, n)
+        QC, Wc = Q.T @ Cc, Q.T @ centre.T  # (p, n)
+        a = _coef_fits(G, sh, QC + torch.outer(sh, whole.t) / N, whole.t, N, Wc[None], [shift])
+        # W = Q a + (I − QQᵀ)(C̄/λ + W_cᵀ)
+        W = Q @ (a[0, 0] - QC / shift - Wc) + Cc / shift + centre.T  # (m, n)
+        beta = (whole.t - W.T @ s) / N
+        return W.T, beta
+
+
+def _coef_fits(G, s, C, t, N: float, Wc: Tensor, shifts: list[float]) -> Tensor:
+    """Ridge fits in the coordinates of a :class:`_FoldSpace`: ``a`` (L, P, p, n) for the
+    shifts ``λ`` (``inf``: the centre) and centres ``Wc`` (P, p, n), from the uncentred
+    ``G`` (p, p), ``s`` (p,), ``C`` (p, n), ``t`` (n,) of ``N`` samples: one Cholesky
+    factorisation of a (p, p) matrix per finite shift."""
+    Gc = G - torch.outer(s, s) / N
+    Gc = (Gc + Gc.T) / 2
+    Cc = C - torch.outer(s, t) / N
+    P, p, n = Wc.shape
+    finite = [i for i, lam in enumerate(shifts) if not math.isinf(lam)]
+    out = Wc.new_empty(len(shifts), P, p, n)
+    for i, lam in enumerate(shifts):
+        if math.isinf(lam):
+            out[i] = Wc
+    if finite:
+        lam = torch.tensor([shifts[i] for i in finite], dtype=G.dtype, device=G.device)
+        M = Gc + lam[:, None, None] * torch.eye(p, dtype=G.dtype, device=G.device)
+        rhs = torch.cat([Cc, *Wc], dim=1)  # (p, n * (1 + P))
+        L, info = torch.linalg.cholesky_ex(M)  # (F, p, p)
+        if bool((info == 0).all()):
+            X = torch.cholesky_solve(rhs.expand(len(finite), -1, -1), L)
+        else:  # numerically singular: one by one, with the least-squares fallback
+            X = torch.stack([_solve_spd(Mi, rhs) for Mi in M])
+        X = X.reshape(len(finite), p, 1 + P, n)
+        # a = (Ḡ + λI)⁻¹ C̄ + λ (Ḡ + λI)⁻¹ W_c, for each centre
+        out[finite] = (X[:, :, :1] + lam[:, None, None, None] * X[:, :, 1:]).permute(0, 2, 1, 3)
+    return out
+
+
+def _fold_space(
+    Gf: Tensor, sf: Tensor, nf: Tensor, traces: Tensor, whole: _Sums, lam: float
+) -> _FoldSpace | None:
+    """:class:`_FoldSpace` of the folds' sums (``traces``: of each ``G_f``), or None where
+    their Grams are not of low rank to within :data:`FOLD_TOL` of the smallest ridge
+    ``lam`` (relative) applies."""
+    K, m, _ = Gf.shape
+    N = whole.N
+    trace = float(traces.sum())
+    unit = (trace - float(whole.s @ whole.s) / N) / m
+    tol = FOLD_TOL * (lam * unit + 1e-6 * trace / m + 1e-12) / K
+    factors = []
+    for f in range(K):
+        F = pivoted_cholesky(Gf[f].__getitem__, Gf[f].diagonal(), max_rank=int(nf[f]) + 8, tol=tol)
+        if F is None:
+            return None
+        factors.append(F)
+    S = torch.cat([F.T for F in factors] + [sf.T], dim=1)  # (m, p0)
+    if S.shape[1] >= m:
+        return None
+    Q, R = torch.linalg.qr(S)  # (m, p0), (p0, p0)
+    G, start = [], 0
+    for F in factors:  # F_f Q = R's columns of fold f, transposed
+        Rf = R[:, start : start + F.shape[0]]
+        G.append(Rf @ Rf.T)
+        start += F.shape[0]
+    return _FoldSpace(Q, torch.stack(G), R[:, -K:].T.contiguous(), traces)
+
+
 def _sq_errors(sums: _Sums, W: Tensor, beta: Tensor) -> Tensor:
     """``‖Y − X_S Wᵀ − β‖²`` (absolute) of each fit, from the sums: W (..., n, m)."""
     err = sums.yy.sum() - 2 * (W * sums.C.T).sum((-2, -1)) + ((W @ sums.G) * W).sum((-2, -1))
@@ -397,44 +533,56 @@ def cv_lstsq(
     if not grid or any(not (lam >= 0) for lam in grid):
         raise ValueError(f"The 'grid' argument must hold ridge strengths >= 0. Got {grid!r}.")
     centers = tuple(centers)
-    idx = kept_taps(keep.to(stats.G.device), stats.taps)
+    idx = kept_taps(keep.to(stats.Cf.device), stats.taps)
     n = weight.shape[0]
     w_S = weight.reshape(n, stats.channels, stats.taps)[:, keep.to(weight.device)]
-    w_S = w_S.reshape(n, -1).to(stats.G.device, torch.float64)  # (n, m*k)
+    w_S = w_S.reshape(n, -1).to(stats.Cf.device, torch.float64)  # (n, m*k)
     outputs = torch.arange(n, device=w_S.device)
     if max_outputs is not None and n > max_outputs:
         outputs = torch.linspace(0, n - 1, max_outputs, device=w_S.device).round().long()
     # The kept-tap blocks of every fold's sums: (K, m*k, m*k) and so on; then no d×d work.
     Gf = stats.kept_blocks(idx)
     Cf, sf, tf, yyf, nf = stats.Cf[:, idx], stats.sf[:, idx], stats.tf, stats.yyf, stats.nf
+    K = stats.folds
+    # Every fold's sums, once: a set of folds is then a sum (its complement a subtraction).
+    # The whole Gram only where it is used (not in the span of the samples, see below).
+    whole = _Sums(None, Cf.sum(0), sf.sum(0), tf.sum(0), yyf.sum(0), float(nf.sum()))
+    traces = Gf.diagonal(dim1=1, dim2=2).sum(1)  # (K,)
+    if "scale" in centers:
+        Af, bf = _scale_sums(Gf, Cf, w_S, stats.taps)  # (K, m, m), (K, m)
+        A_all, b_all = Af.sum(0), bf.sum(0)
 
-    # Every fold's sums, once: a fold's complement is then one subtraction (K - 1 folds
-    # summed again for each held-out fold would cost K - 2 more passes over the Grams).
-    whole = _Sums(Gf.sum(0), Cf.sum(0), sf.sum(0), tf.sum(0), yyf.sum(0), float(nf.sum()))
-
-    def fold(f: int, out: Tensor | slice = slice(None)) -> _Sums:
-        return _Sums(Gf[f], Cf[f][:, out], sf[f], tf[f][out], yyf[f][out], float(nf[f]))
-
-    def rest(f: int) -> _Sums:
-        return _Sums(*(a - b for a, b in zip(whole[:5], fold(f)[:5], strict=True)),
-                     whole.N - float(nf[f]))  # fmt: skip
-
-    def centres(data: _Sums, names: tuple[str, ...]) -> Tensor:  # (P, n, m*k)
+    def centres(names: tuple[str, ...], f: int | None = None) -> Tensor:  # (P, n, m*k)
+        """The centres fitted on every fold but ``f`` (None: on all the data)."""
         made = {"original": w_S}
         if "scale" in names:
-            made["scale"] = _scale_centre(data, w_S, wtw, stats.taps)
+            A, b = (A_all, b_all) if f is None else (A_all - Af[f], b_all - bf[f])
+            made["scale"] = _scale_centre(A, b, w_S, stats.taps)
         return torch.stack([made[c] for c in names])
 
-    wtw = w_S.T @ w_S if "scale" in centers else None  # (m*k, m*k), shared by the folds
-    live = [f for f in range(stats.folds) if float(nf[f]) > 0]
+    live = [f for f in range(K) if float(nf[f]) > 0]
+    finite = [lam for lam in grid if not math.isinf(lam)]
+    space = None
+    if len(live) >= 2 and finite and whole.N * FOLD_SPACE_FACTOR <= m_taps:
+        space = _fold_space(Gf, sf, nf, traces, whole, min(finite))
+    if space is None:
+        whole = whole._replace(G=Gf.sum(0))
+    else:
+        QC = space.Q.T @ Cf[:, :, outputs]  # (K, p, n_out)
     heldout: dict[tuple[str, float], float] = {}
     if len(live) >= 2:
         total = torch.zeros(len(grid), len(centers), dtype=torch.float64, device=w_S.device)
         for f in live:
-            train = rest(f)
+            cen = centres(centers, f)[:, outputs]  # (P, n_out, m*k)
+            if space is not None:  # in the span of the samples' patches
+                total += space.heldout(f, QC, tf, yyf, nf, cen, grid, outputs)
+                continue
+            held = _fold(Gf, Cf, sf, tf, yyf, nf, f)
+            train = _Sums(*(a - b for a, b in zip(whole[:5], held[:5], strict=True)),
+                          whole.N - held.N)  # fmt: skip
             sub = train._replace(C=train.C[:, outputs], t=train.t[outputs], yy=train.yy[outputs])
-            W, beta = _ridge_fits(sub, centres(train, centers)[:, outputs], grid)
-            total += _sq_errors(fold(f, outputs), W, beta)
+            W, beta = _ridge_fits(sub, cen, grid)
+            total += _sq_errors(_fold(Gf, Cf, sf, tf, yyf, nf, f, outputs), W, beta)
         yy = float(yyf[:, outputs].sum())
         for i, lam in enumerate(grid):
             for j, c in enumerate(centers):
@@ -444,8 +592,14 @@ def cv_lstsq(
         center, lam = min(heldout, key=lambda key: (heldout[key], -key[1], order[key[0]]))
     else:
         center, lam = centers[0], 0.0
-    W, beta = _ridge_fits(whole, centres(whole, (center,)), (lam,))
-    w, beta = W[0, 0], beta[0, 0]
+    if math.isinf(lam):  # the centre, its intercept re-fitted
+        w = centres((center,))[0]
+        beta = (whole.t - w @ whole.s) / whole.N
+    elif space is not None:
+        w, beta = space.fit(whole, centres((center,))[0], lam)
+    else:
+        W, beta = _ridge_fits(whole, centres((center,)), (lam,))
+        w, beta = W[0, 0], beta[0, 0]
     return CVFit(
         weight=w.contiguous(),
         bias_delta=beta.contiguous(),

@@ -188,3 +188,135 @@ def test_shared_removal_is_the_brute_force_greedy_choice_on_the_weighted_sum():
         obs_shared([stats_of(X1, Y1, 3), stats_of(X2, Y2, 1)], weights, 2),
         torch.tensor(sorted([*kept, got[-1].item()])),  # the survivor and the last removed
     )
+
+
+# --------------------------------------------------------------------------- wide problems
+
+
+def wide(seed: int = 0, N: int = 12, c: int = 16, taps: int = 3, n: int = 40):
+    """Fewer samples (N) than patch entries (c*taps) and than outputs (n): the centred
+    Gram has rank N - 1, and the greedy works on a factor of it."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, c * taps, generator=g, dtype=torch.float64) + 0.3
+    W = torch.randn(c * taps, n, generator=g, dtype=torch.float64)
+    return X, X @ W + 0.1 * torch.randn(N, n, generator=g, dtype=torch.float64)
+
+
+def ridge_error(X, Y, kept, taps, eps) -> float:
+    """``min ‖Y − X_S W − β‖² + ε‖W‖²`` on materialised samples (β free), explicitly."""
+    cols = [i * taps + j for i in kept for j in range(taps)]
+    Xc, Yc = X[:, cols] - X[:, cols].mean(0), Y - Y.mean(0)
+    W = torch.linalg.solve(Xc.T @ Xc + eps * torch.eye(len(cols), dtype=X.dtype), Xc.T @ Yc)
+    return float(((Yc - Xc @ W) ** 2).sum() + eps * (W**2).sum())
+
+
+def modes(monkeypatch, mode: str) -> None:
+    """Force one of the three forms of the greedy's state."""
+    import recon.obs as obs_module
+
+    if mode == "dense":
+        monkeypatch.setattr(obs_module, "LOW_RANK_FACTOR", 1e9)
+    else:
+        monkeypatch.setattr(obs_module, "LOW_RANK_FACTOR", 1.0)
+        monkeypatch.setattr(obs_module, "LOW_RANK_UPDATES", 1.0 if mode == "factor" else 1e9)
+
+
+@pytest.mark.parametrize("mode", ["dense", "factor", "inverse from factor"])
+@pytest.mark.parametrize("seed", range(3))
+def test_wide_removal_is_the_brute_force_greedy_choice(monkeypatch, mode, seed):
+    """With fewer samples than unknowns every form of the state makes the brute-force
+    greedy choice on the ridge-regularised error (the ridge decides among fits that all
+    interpolate), with its cost."""
+    modes(monkeypatch, mode)
+    X, Y = wide(seed)
+    taps, c = 3, 16
+    Xc = X - X.mean(0)
+    eps = 1e-3 * float((Xc**2).sum()) / X.shape[1] + 1e-12
+    order, increase = removal_order(**_problem(X, Y, taps), ridge=1e-3)
+    alive = list(range(c))
+    for g, rise in zip(order.tolist(), increase.tolist(), strict=True):
+        now = ridge_error(X, Y, alive, taps, eps)
+        costs = {h: ridge_error(X, Y, [a for a in alive if a != h], taps, eps) - now for h in alive}
+        best = min(costs, key=costs.get)
+        assert g == best or costs[g] <= costs[best] * (1 + 1e-9) + 1e-12
+        assert rise == pytest.approx(costs[g], rel=1e-6, abs=1e-9 * float((Y**2).sum()))
+        alive.remove(g)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_factor_forms_give_the_dense_order_and_increases(monkeypatch, seed):
+    X, Y = wide(seed, N=20, c=24, taps=4, n=48)
+    results = {}
+    for mode in ("dense", "factor", "inverse from factor"):
+        modes(monkeypatch, mode)
+        results[mode] = removal_order(**_problem(X, Y, 4))
+    order, increase = results["dense"]
+    for mode in ("factor", "inverse from factor"):
+        assert torch.equal(results[mode][0], order), mode
+        torch.testing.assert_close(results[mode][1], increase, rtol=1e-6, atol=1e-12)
+
+
+def test_factor_form_is_used_for_few_samples_and_not_for_many(monkeypatch):
+    import recon.obs as obs_module
+
+    X, Y = wide(0, N=10, c=24, taps=4, n=30)
+    assert isinstance(obs_module._state(**_problem(X, Y, 4)), obs_module._LowRank)
+    X, Y = wide(0, N=200, c=24, taps=4, n=30)
+    assert isinstance(obs_module._state(**_problem(X, Y, 4)), obs_module._Greedy)
+    # a Gram of full rank (rounding noise above the ridge's scale): the dense form
+    X, Y = wide(0, N=10, c=24, taps=4, n=30)
+    problem = _problem(X, Y, 4)
+    noise = torch.randn(96, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    problem["G"] = problem["G"] + 1e-3 * noise @ noise.T
+    assert isinstance(obs_module._state(**problem), obs_module._Greedy)
+    # no intercept (no sample count): the dense form
+    X, Y = wide(0, N=10, c=24, taps=4, n=30)
+    assert isinstance(obs_module._state(X.T @ X, X.T @ Y, 4), obs_module._Greedy)
+
+
+def test_outputs_are_compressed_to_the_rank_of_the_cross_term(monkeypatch):
+    """More outputs than samples: the greedy runs on ``B̃`` with ``B̃B̃ᵀ = BBᵀ`` and as
+    many columns as ``B``'s rank, and chooses as with every output."""
+    import recon.obs as obs_module
+
+    X, Y = wide(1, N=10, c=16, taps=3, n=40)
+    B = (X - X.mean(0)).T @ (Y - Y.mean(0))
+    small = obs_module._compress_outputs(B)
+    assert small.shape == (48, 9)  # rank N - 1 of the centred samples
+    scale = float(B.norm()) ** 2
+    torch.testing.assert_close(small @ small.T, B @ B.T, rtol=1e-9, atol=1e-9 * scale)
+    order, increase = removal_order(**_problem(X, Y, 3))
+    monkeypatch.setattr(obs_module, "_compress_outputs", lambda B: B)
+    full_order, full_increase = removal_order(**_problem(X, Y, 3))
+    assert torch.equal(order, full_order)
+    torch.testing.assert_close(increase, full_increase, rtol=1e-7, atol=1e-12)
+
+
+def test_shared_removal_mixes_the_forms():
+    """A wide consumer (factor form) and a narrow one (dense form) read the same channels."""
+    (X1, Y1), (X2, Y2) = wide(2, N=10, c=12, taps=3, n=20), patches(seed=4, c=12, taps=1)
+    weights = [1.0 / float((Y1**2).sum()), 1.0 / float((Y2**2).sum())]
+    got = removal_order_shared([_problem(X1, Y1, 3), _problem(X2, Y2, 1)], weights)
+    survivor = set(range(12)).difference(got.tolist()).pop()
+    assert sorted([*got.tolist(), survivor]) == list(range(12))
+    import recon.obs as obs_module
+
+    states = [obs_module._state(**_problem(X1, Y1, 3)), obs_module._state(**_problem(X2, Y2, 1))]
+    assert isinstance(states[0], obs_module._LowRank) and isinstance(states[1], obs_module._Greedy)
+    for g in got.tolist():  # each step: the least weighted sum of the forms' own costs
+        cost = weights[0] * states[0].costs() + weights[1] * states[1].costs()
+        assert g == int(torch.argmin(cost))
+        states = [st.remove(g) for st in states]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N", [10, 300])
+def test_removal_order_on_cuda_equals_cpu(N):
+    X, Y = wide(3, N=N, c=16, taps=3, n=24)
+    order, increase = removal_order(**_problem(X, Y, 3))
+    problem = _problem(X, Y, 3)
+    on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in problem.items()}
+    got, got_increase = removal_order(**on_gpu)
+    assert torch.equal(got, order)
+    torch.testing.assert_close(got_increase, increase, rtol=1e-6, atol=1e-12)

@@ -259,13 +259,12 @@ def test_few_samples_solve_in_the_range_of_the_gram_as_cholesky_would(monkeypatc
     st = accumulate(X, Y, c, k, 4, torch.arange(24) % 4)
     keep = torch.arange(c)
     calls = []
-    low_rank = solve._shifted_solves_low_rank
-    monkeypatch.setattr(
-        solve, "_shifted_solves_low_rank", lambda *a: calls.append(1) or low_rank(*a)
-    )
+    low_rank = solve._fold_space
+    monkeypatch.setattr(solve, "_fold_space", lambda *a: calls.append(1) or low_rank(*a))
     fast = cv_lstsq(st, keep, W)
     assert calls  # the range was used
-    monkeypatch.setattr(solve, "RANGE_FACTOR", 10**9)  # never: a Cholesky per λ
+    monkeypatch.setattr(solve, "FOLD_SPACE_FACTOR", 10**9)  # never: a Cholesky per λ
+    monkeypatch.setattr(solve, "RANGE_FACTOR", 10**9)
     calls.clear()
     slow = cv_lstsq(st, keep, W)
     assert not calls

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from recon.solve import RECONSTRUCT, channel_error, kept_taps, lstsq, patch_error, scale
+from recon.solve import (
+    RECONSTRUCT,
+    channel_error,
+    cv_lstsq,
+    kept_taps,
+    lstsq,
+    patch_error,
+    scale,
+)
 from recon.stats import PatchStats
 
 
@@ -290,3 +300,169 @@ def test_all_zero_inputs_give_finite_weights():
 
 def test_reconstruct_modes_listed():
     assert set(RECONSTRUCT) == {"lstsq", "lstsq_plain", "scale", "none"}
+
+
+# --- cross-validated re-fit in the span of the samples ---------------------------------------
+
+
+def cv_stats(seed: int, N: int, c: int, k: int, n: int, folds: int = 4, empty: int | None = None):
+    """Patches X (N, c*k) with an offset, Y = X Wᵀ + 0.3 + noise, folds by sample; the
+    consumer's current weights (not the truth)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, c * k, generator=g, dtype=torch.float64) + 0.5
+    W = torch.randn(n, c, k, generator=g, dtype=torch.float64)
+    Y = X @ W.reshape(n, -1).T + 0.3 + 0.5 * torch.randn(N, n, generator=g, dtype=torch.float64)
+    fold = torch.arange(N) % folds
+    if empty is not None:
+        fold[fold == empty] = (empty + 1) % folds
+    st = PatchStats(c, k, n, folds=folds)
+    for xs, ys, fs in zip(X.split(7), Y.split(7), fold.split(7), strict=True):
+        st.update(xs, ys, fs)
+    w0 = W + 0.3 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+    return st, w0
+
+
+def dense_cv(monkeypatch, *args, **kwargs):
+    """cv_lstsq with a Cholesky factorisation per fold and ridge (the path for many samples)."""
+    import recon.solve as solve
+
+    with monkeypatch.context() as m:
+        m.setattr(solve, "FOLD_SPACE_FACTOR", 10**9)
+        m.setattr(solve, "RANGE_FACTOR", 10**9)
+        return cv_lstsq(*args, **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    ("N", "c", "k", "n", "kwargs"),
+    [
+        (24, 12, 9, 5, {}),  # 108 unknowns, 24 samples
+        (40, 12, 9, 40, {"max_outputs": None}),
+        (30, 20, 4, 3, {"grid": (0.01, 0.5, 2.0, math.inf), "centers": ("original",)}),
+        (36, 16, 9, 6, {"empty": 2}),  # a fold without samples
+    ],
+)
+def test_cv_in_the_span_of_the_samples_equals_the_dense_solve(
+    monkeypatch, seed, N, c, k, n, kwargs
+):
+    import recon.solve as solve
+
+    kwargs = dict(kwargs)
+    st, w0 = cv_stats(seed, N, c, k, n, empty=kwargs.pop("empty", None))
+    keep = torch.arange(c)[torch.arange(c) % 5 != 1]  # not every channel
+    calls = []
+    space = solve._fold_space
+    monkeypatch.setattr(solve, "_fold_space", lambda *a: calls.append(space(*a)) or calls[-1])
+    fast = cv_lstsq(st, keep, w0, **kwargs)
+    assert calls and calls[0] is not None  # the span was used
+    slow = dense_cv(monkeypatch, st, keep, w0, **kwargs)
+    assert (fast.center, fast.ridge) == (slow.center, slow.ridge)
+    assert fast.heldout.keys() == slow.heldout.keys()
+    for key, err in slow.heldout.items():
+        assert fast.heldout[key] == pytest.approx(err, rel=1e-7), key
+    torch.testing.assert_close(fast.weight, slow.weight, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(fast.bias_delta, slow.bias_delta, rtol=1e-7, atol=1e-9)
+
+
+def test_cv_with_many_samples_stays_dense(monkeypatch):
+    import recon.solve as solve
+
+    st, w0 = cv_stats(0, 200, 4, 9, 3)  # 36 unknowns, 200 samples
+    calls = []
+    monkeypatch.setattr(solve, "_fold_space", lambda *a: calls.append(1))
+    fit = cv_lstsq(st, torch.arange(4), w0)
+    assert not calls and fit.ridge in solve.RIDGE_GRID
+
+
+def test_cv_span_falls_back_where_the_grams_are_not_of_low_rank(monkeypatch):
+    """Noise above the ridge's scale in every direction (a float32-rounded Gram): no low-rank
+    factor within tolerance, and the dense solve is used."""
+    import recon.solve as solve
+
+    st, w0 = cv_stats(1, 24, 12, 9, 4)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(st.Gf.shape, generator=g, dtype=torch.float64)
+    noise = noise @ noise.transpose(1, 2) * 1e-3  # positive semidefinite, full rank
+    st.Gf = st.Gf + noise
+    st._totals.clear()
+    keep = torch.arange(12)
+    assert solve._fold_space(
+        st.Gf, st.sf, st.nf, st.Gf.diagonal(dim1=1, dim2=2).sum(1),
+        solve._Sums(None, st.C, st.s, st.t, st.yy_out, float(st.count)), 0.1,
+    ) is None  # fmt: skip
+    fit = cv_lstsq(st, keep, w0)
+    slow = dense_cv(monkeypatch, st, keep, w0)
+    assert (fit.center, fit.ridge) == (slow.center, slow.ridge)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N", [24, 400])
+def test_cv_lstsq_on_cuda_equals_cpu(N):
+    st, w0 = cv_stats(2, N, 12, 9, 6)
+    keep = torch.arange(0, 12, 2)
+    cpu = cv_lstsq(st, keep, w0)
+    on_gpu = PatchStats(12, 9, 6, device="cuda", folds=4)
+    on_gpu.merge_(st)
+    gpu = cv_lstsq(on_gpu, keep.cuda(), w0.cuda())
+    assert (gpu.center, gpu.ridge) == (cpu.center, cpu.ridge)
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("center", ["scale", "original"])
+@pytest.mark.parametrize("lam", [0.05, 2.0, math.inf])
+def test_cv_in_the_span_equals_explicit_fits_on_materialised_folds(monkeypatch, center, lam):
+    """Under-determined (30 samples, 54 unknowns): the held-out error of the fit in the span
+    of the samples equals explicit ridge fits on the materialised training folds."""
+    import recon.solve as solve
+
+    c, k, n, N, K = 6, 9, 3, 30, 3
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(N, c * k, generator=g, dtype=torch.float64) + 0.5
+    W = torch.randn(n, c, k, generator=g, dtype=torch.float64)
+    Y = X @ W.reshape(n, -1).T + 0.3 + 0.5 * torch.randn(N, n, generator=g, dtype=torch.float64)
+    fold = torch.arange(N) % K
+    st = PatchStats(c, k, n, folds=K)
+    st.update(X, Y, fold)
+    keep, w0 = torch.arange(c), 0.7 * W
+    calls = []
+    space = solve._fold_space
+    monkeypatch.setattr(solve, "_fold_space", lambda *a: calls.append(space(*a)) or calls[-1])
+    fit = cv_lstsq(st, keep, w0, grid=(lam,), centers=(center,), max_outputs=None)
+    assert math.isinf(lam) or (calls and calls[0] is not None)  # inf: nothing to solve
+    total = 0.0
+    for f in range(K):
+        tr, te = fold != f, fold == f
+        x, y = X[tr].numpy(), Y[tr].numpy()
+        w_S = w0.reshape(n, -1).numpy()
+        if center == "scale":  # ThiNet's scale fit on the training rows, by channel
+            Z = np.stack([x[:, j * k : (j + 1) * k] @ w_S[:, j * k : (j + 1) * k].T
+                          for j in range(c)], -1)  # fmt: skip
+            A = np.einsum("ron,rom->nm", Z, Z)
+            b = np.einsum("ron,ro->n", Z, y)
+            s = np.linalg.solve(A + 1e-6 * np.trace(A) / c * np.eye(c), b)
+            wc = w_S * np.repeat(s, k)[None]
+        else:
+            wc = w_S
+        if math.isinf(lam):
+            w = wc
+        else:
+            xc, yc = x - x.mean(0), y - y.mean(0)
+            unit = np.trace(xc.T @ xc) / (c * k)
+            lam_abs = lam * unit + 1e-6 * np.trace(x.T @ x) / (c * k) + 1e-12
+            w = np.linalg.solve(xc.T @ xc + lam_abs * np.eye(c * k), xc.T @ yc + lam_abs * wc.T).T
+        beta = (y - x @ w.T).mean(0)
+        total += float(((Y[te].numpy() - X[te].numpy() @ w.T - beta) ** 2).sum())
+    assert fit.heldout[(center, lam)] == pytest.approx(total / float((Y**2).sum()), rel=1e-7)
+
+
+def test_cv_in_the_span_with_one_sample_per_fold_is_finite():
+    """Training folds of one sample: the centred Gram is zero (its unit of ridge too)."""
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(2, 40, generator=g, dtype=torch.float64)
+    Y = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    st = PatchStats(10, 4, 3, folds=4)
+    st.update(X, Y, torch.tensor([1, 2]))
+    fit = cv_lstsq(st, torch.arange(10), torch.randn(3, 10, 4, generator=g, dtype=torch.float64))
+    assert torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias_delta).all()
+    assert all(math.isfinite(v) for v in fit.heldout.values())
