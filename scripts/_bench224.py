@@ -53,6 +53,8 @@ def side(config: dict[str, Any]) -> dict[str, Any]:
             x,
             name=config["model"],
             speedup=config["speedup"],
+            method=config.get("method", "lasso"),
+            reconstruct=config.get("reconstruct", "lstsq"),
             allocation=config["allocation"],
             samples_per_image=config["samples_per_image"],
             batch_size=config["batch_size"],

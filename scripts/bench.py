@@ -6,11 +6,16 @@ inference speed-up of the pruned models. Writes docs/benchmarks.md.
     python scripts/bench.py latency          # original vs pruned, VGG and ResNet, 2x and 4x
     python scripts/bench.py scale224 --out docs/benchmarks_224.md   # torchvision, 224 px
     python scripts/bench.py all --out docs/benchmarks.md   # all four (224 px: its own page)
+    python scripts/bench.py methods --out docs/benchmarks.md    # recon's default beside LASSO
+    python scripts/bench.py methods --method-models torchvision:vgg16@224x64,\
+        torchvision:resnet50@224x64 --out docs/benchmarks_224.md   # the same at 224 px
 
 Each measured side of ``compare`` and ``scale`` runs in its own child process, so that
 peak memories are not mixed (``--in-process`` runs them here, for tests). The naive
 reference lives in ``scripts/_naive.py``, not in the library. ``--quick`` shrinks
 everything to a tiny model and a few images (seconds; what tests/test_bench.py runs).
+``methods`` writes its table into a section of the ``--out`` page (replaced on a rerun),
+leaving the rest of the page as it was.
 """
 
 from __future__ import annotations
@@ -117,8 +122,9 @@ def _side(config: dict[str, Any]) -> dict[str, Any]:
             x,
             name=config["model"],
             speedup=config["speedup"],
+            method=config.get("method", "lasso"),
             # The naive reference re-fits by plain least squares: the same algorithm.
-            reconstruct="lstsq_plain",
+            reconstruct=config.get("reconstruct", "lstsq_plain"),
             samples_per_image=config["samples_per_image"],
             batch_size=config["batch_size"],
             cache_bytes=int(config["cache_mb"] * MiB),
@@ -416,6 +422,119 @@ def scale224(args: argparse.Namespace) -> dict[str, Any]:
             spec, args.size, args.speedup, batches, args.repeats, device=args.device, ops=ops
         )
     return {"runs": runs, "latency": lat, "operators": ops}
+
+
+def _method_model(entry: str) -> tuple[str, int | None, int | None]:
+    """``MODEL`` or ``MODEL@SIZExIMAGES`` (random images of SIZE px, as ``scale224``)."""
+    spec, _, shape = entry.partition("@")
+    if not shape:
+        return spec, None, None
+    size, _, images = shape.partition("x")
+    return spec, int(size), int(images)
+
+
+def methods(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """recon's default method (obs) beside LASSO, both with the cross-validated re-fit
+    (the default), uniform split: time per phase, each run in its own process."""
+    runs = []
+    for entry in args.method_models.split(","):
+        spec, size, images = _method_model(entry)
+        for method in args.methods.split(","):
+            over = {"model": spec, "method": method, "reconstruct": "lstsq"}
+            if size is None:  # a shipped model on its own data
+                config = _config(args, "recon", **over)
+            else:
+                config = _config(
+                    args, "recon224", **over, images=images, size=size, allocation="uniform",
+                    single_pass=True, block_dtype="float64", device=args.device,
+                )  # fmt: skip
+            out = _run_side(config, args.in_process)
+            out.update(model=spec, method=method, size=size, images=config["images"], config=config)
+            runs.append(out)
+            ph = out["phases"]
+            print(
+                f"{entry:<34} {method:<6} {out['prune_seconds']:8.1f} s = {out['ratio']:5.1f} "
+                f"forward passes of {out['forward_seconds']:.3f} s   select+solve / "
+                f"(forward+stats) {_fixed_over(ph):.1f}   "
+                + ", ".join(f"{k} {v:.2f}" for k, v in ph.items())
+            )
+    return runs
+
+
+def _fixed_over(phases: dict[str, float]) -> float:
+    """The linear algebra's time (select, solve) over the data passes' (forward, stats)."""
+    data = phases.get("forward", 0.0) + phases.get("stats", 0.0)
+    return (phases.get("select", 0.0) + phases.get("solve", 0.0)) / data if data else 0.0
+
+
+METHODS_START = "<!-- scripts/bench.py methods: start -->"
+METHODS_END = "<!-- scripts/bench.py methods: end -->"
+
+
+def methods_markdown(args: argparse.Namespace, runs: list[dict], seconds: float) -> str:
+    """The ``methods`` section: one row per model and method."""
+    m = runs[0]["machine"] if runs else bench.machine()
+    cmd = " ".join(["python scripts/bench.py", *args.argv])
+    lines = [
+        METHODS_START,
+        "## recon's default (obs) beside LASSO",
+        "",
+        f"Written by `scripts/bench.py methods` ({_dt.date.today().isoformat()}, "
+        f"{seconds / 60:.1f} minutes), the rest of this page left as it was; rerun it to "
+        "check every number in this section:",
+        "",
+        "```",
+        cmd,
+        "```",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch "
+        f"threads, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']}"
+        + (f"; GPU {m['cuda']}" if m.get("cuda") else "")
+        + f". Run on `{args.device}`"
+        + (
+            f"; load average {args.load:.1f} at the start (other jobs share the machine: "
+            "compare the rows of one run, not runs of different days)."
+            if getattr(args, "load", None) is not None
+            else "."
+        ),
+        "",
+        f"Each model pruned {args.speedup:g}x with the uniform split by recon's default "
+        '(`method="obs"`) and by LASSO, both re-fitted by the cross-validated least '
+        'squares (`reconstruct="lstsq"`, the default), each run in its own process. '
+        "Shipped models: the Fashion-MNIST calibration images; torchvision models: random "
+        "weights (seeded, BatchNorm statistics re-estimated on the images) and random "
+        "images, timings only. *Forward passes*: time in units of one plain forward pass "
+        "of the calibration images through the original model, measured in the same "
+        "process; *linear algebra / data*: the select and solve phases over the forward "
+        "and stats phases.",
+        "",
+        "| model | images | method | forward pass (s) | pruning (s) | forward passes | "
+        "phases (forward passes) | linear algebra / data | peak RSS (MiB) | FLOPs ratio |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in runs:
+        fwd = r["forward_seconds"]
+        phases = ", ".join(f"{k} {v / fwd:.2f}" for k, v in r["phases"].items())
+        what = f"{r['images']} random, {r['size']} px" if r["size"] else r["source"]
+        lines.append(
+            f"| `{r['model']}` | {what} | {r['method']} | {fwd:.2f} | {r['prune_seconds']:.1f} "
+            f"| {r['ratio']:.1f} | {phases} | {_fixed_over(r['phases']):.1f} | "
+            f"{r['peak_rss'] / MiB:,.0f} | {r['flops_ratio']:.2f} |"
+        )
+    lines += ["", METHODS_END, ""]
+    return "\n".join(lines)
+
+
+def merge_section(page: Path, section: str) -> None:
+    """Put ``section`` into ``page`` in place of its previous version (or at the end)."""
+    text = page.read_text(encoding="utf-8") if page.exists() else ""
+    if METHODS_START in text and METHODS_END in text:
+        head, rest = text.split(METHODS_START, 1)
+        tail = rest.split(METHODS_END, 1)[1].lstrip("\n")
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    page.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- markdown
@@ -737,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "command", choices=("compare", "scale", "latency", "scale224", "all", "_child")
+        "command",
+        choices=("compare", "scale", "latency", "scale224", "methods", "all", "_child"),
     )
     parser.add_argument("child", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="pretrained:vgg16_fmnist", help="recon prune --model")
@@ -759,6 +879,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-models",
         default=_bench224.MODELS,
         help="comma-separated model specs for 'scale224' (torchvision VGG-16, ResNet-50)",
+    )
+    parser.add_argument(
+        "--method-models",
+        default="pretrained:vgg16_fmnist,pretrained:resnet20_fmnist,torchvision:resnet18@64x40",
+        help="'methods': comma-separated MODEL (a shipped model on --data) or "
+        "MODEL@SIZExIMAGES (random images, as 'scale224')",
+    )
+    parser.add_argument(
+        "--methods", default="obs,lasso", help="'methods': selection methods (obs,lasso)"
     )
     parser.add_argument("--size", type=int, default=224, help="'scale224' image size (224)")
     parser.add_argument(
@@ -799,7 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         help="'all': write the Markdown here (docs/benchmarks.md; the 224-px page beside "
-        "it, as benchmarks_224.md); 'scale224': write its page here",
+        "it, as benchmarks_224.md); 'scale224': write its page here; 'methods': put its "
+        "section into this page",
     )
     return parser
 
@@ -825,6 +955,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["scale"] = scale(args)
     if args.command in ("latency", "all"):
         out["latency"] = latency(args)
+    if args.command == "methods":
+        args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        if args.quick:
+            args.method_models = "recon.models:digits_vgg,recon.models:digits_resnet20@8x16"
+        out["methods"] = methods(args)
+        if args.out:
+            section = methods_markdown(args, out["methods"], time.perf_counter() - t0)
+            merge_section(Path(args.out), section)
+            print(f"written to {args.out}")
     if args.command == "scale224" or (args.command == "all" and not args.skip_224):
         t224 = time.perf_counter()
         out["scale224"] = scale224(args)

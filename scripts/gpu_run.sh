@@ -9,7 +9,10 @@
 #    phase, peak memory (the uniform runs again with float32 block products in the
 #    statistics, --float32, TF32 off), and the latency of the pruned models (batch 1
 #    and 32, round_to 1/8/16, contiguous and channels_last) -> OUT_DIR/benchmarks_gpu.md,
-#    which goes into docs/benchmarks_gpu.md with the machine named on the page.
+#    which goes into docs/benchmarks_gpu.md with the machine named on the page;
+# 3. recon's default (obs + cross-validated re-fit) beside LASSO on the same models, on the
+#    GPU (`bench.py methods`: the factored greedy removal and the re-fit in the span of
+#    the samples run there too) -> a section of OUT_DIR/benchmarks_gpu.md.
 # Each step is bounded by `timeout`, so one slow step cannot eat the others' time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,8 +25,13 @@ print("GPU:", torch.cuda.get_device_name(), "torch", torch.__version__)
 EOF
 status=0
 timeout 150 python -m pytest -q -x -n 0 -k "cuda or device" tests/test_allocate.py tests/test_hostile.py \
-    tests/test_api.py tests/test_bench.py tests/test_finetune.py 2>&1 | tail -n 30 | tee "$out/cuda_tests.log" || status=1
+    tests/test_api.py tests/test_bench.py tests/test_finetune.py tests/test_obs.py tests/test_solve.py \
+    2>&1 | tail -n 30 | tee "$out/cuda_tests.log" || status=1
 timeout 400 python scripts/bench.py scale224 --device cuda --scale-images 256 --float32 \
     --json "$out/benchmarks_gpu.json" --out "$out/benchmarks_gpu.md" 2>&1 \
     | tee "$out/bench.log" || status=1
+timeout 240 python scripts/bench.py methods --device cuda \
+    --method-models torchvision:vgg16@224x256,torchvision:resnet50@224x256 \
+    --json "$out/methods_gpu.json" --out "$out/benchmarks_gpu.md" 2>&1 \
+    | tee "$out/methods.log" || status=1
 exit $status
