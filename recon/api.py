@@ -43,7 +43,7 @@ from ._plan import attach, make_plan
 from ._progress import progress_bar
 from ._timing import PhaseTimer
 from ._utils import model_device, model_dtype
-from .allocate import allocate, cost_at
+from .allocate import Allocation, allocate, cost_at
 from .gather import (  # noqa: F401  (_image_folds, _accumulate: used by tests)
     CV_FOLDS,
     MAX_PATCH_DIM,
@@ -675,15 +675,7 @@ def _allocate_channels(
             show=show,
         )
         curves = prof.curves()
-        alloc = allocate(
-            net.budget_units,
-            curves,
-            speedup=speedup,
-            module_flops=net.module_flops,
-            total_flops=net.flops_before,
-            ignored_layers=ignored,
-            round_to=round_to,
-        )
+        alloc = _allocate_trusted(net, curves, prof, uniform, speedup, ignored, round_to)
     targets = _agreed(alloc.channels, net, ctx)
     at_uniform = cost_at(curves, uniform)
     at_chosen = cost_at(curves, targets)
@@ -714,6 +706,28 @@ def _allocate_channels(
         solver=alloc.solver,
     )
     return targets, report
+
+
+def _allocate_trusted(net: _Network, curves, prof, uniform, speedup, ignored, round_to):
+    """:func:`recon.allocate.allocate` on the counts each unit is trusted with; the uniform
+    split where they cannot reach the target together (units so little trusted that the
+    uniform counts, a little over the target, are all they may keep). A target that no
+    counts at all can reach is the error of the whole grid."""
+    kw = dict(
+        speedup=speedup, module_flops=net.module_flops, total_flops=net.flops_before,
+        ignored_layers=ignored, round_to=round_to,
+    )  # fmt: skip
+    try:
+        return allocate(net.budget_units, curves, **kw)
+    except ValueError:
+        whole = {n: (p.counts, p.cost) for n, p in prof.units.items()}
+        allocate(net.budget_units, whole, **kw)  # raises if the target is out of reach
+    flops = _budget.predict_flops(net.budget_units, uniform, net.module_flops, net.flops_before)
+    costs = cost_at(curves, uniform)
+    return Allocation(
+        dict(uniform), sum(costs.values()), costs, flops, net.flops_before / speedup, 0.0,
+        "uniform (no trusted counts reach the target)",
+    )  # fmt: skip
 
 
 def _agreed(channels: dict[str, int], net: _Network, ctx) -> dict[str, int]:

@@ -114,14 +114,15 @@ def test_a_unit_moves_from_the_uniform_count_as_far_as_it_is_trusted(trust, allo
     torch.testing.assert_close(got_costs, 2.0 * err[unit.allowed])
 
 
-def test_with_a_handful_of_images_auto_falls_back_to_the_uniform_split():
+@pytest.mark.parametrize("images", [1, 4])
+def test_with_a_handful_of_images_auto_falls_back_to_the_uniform_split(images):
     net = _redundant_chain()
-    few, many = _images(4), _images()
+    few, many = _images(images), _images()
     auto = recon.prune(net, few, speedup=2.0, allocation="auto", progress=False)
     uniform = recon.prune(net, few, speedup=2.0, allocation="uniform", progress=False)
     rows = auto.report.allocation.rows
-    assert all(r.trust == 0.0 for r in rows)  # 40 samples, about 100 unknowns per output
-    assert auto.channels == uniform.channels
+    assert all(r.trust == 0.0 for r in rows)  # 10 or 40 samples, ~100 unknowns per output
+    assert auto.channels == uniform.channels  # (also where uniform is just over the target)
     # with many images it is free again and finds the redundant layer (as before)
     auto = recon.prune(net, many, speedup=2.0, allocation="auto", progress=False)
     assert all(r.trust > 0.8 for r in auto.report.allocation.rows)
