@@ -318,8 +318,8 @@ def profile_units(
     than ``MIN_PROBE_ERROR`` there). ``sensitivity``: ``"gradient"`` (the default) from
     one backward pass (:mod:`recon.sensitivity`), the statistics from every image;
     ``"probe"`` the older per-unit probe on ``HELDOUT_IMAGES`` held-out images (kept to
-    compare the two). In a distributed run the statistics, the Fisher weights and the
-    output errors are summed over ranks, so every rank computes the same profile.
+    compare the two). In a distributed run the statistics and the sums behind the output
+    errors are summed over ranks, so every rank computes the same profile.
     """
     if sensitivity not in SENSITIVITIES:
         raise ValueError(
