@@ -287,12 +287,7 @@ def _ridge_fits(sums: _Sums, centres: Tensor, grid: tuple[float, ...]) -> tuple[
         if rank * RANGE_FACTOR <= m and bool((lam_abs > 0).all()):
             X = _shifted_solves_low_rank(Gc, rhs, lam_abs, rank)
         else:
-            M = Gc + lam_abs[:, None, None] * torch.eye(m, dtype=G.dtype, device=G.device)
-            L, info = torch.linalg.cholesky_ex(M)  # (F, m, m)
-            if bool((info == 0).all()):
-                X = torch.cholesky_solve(rhs.expand(len(finite), -1, -1), L)
-            else:  # numerically singular: one by one, with the least-squares fallback
-                X = torch.stack([_solve_spd(Mi, rhs) for Mi in M])
+            X = _shifted_solves(Gc, rhs, lam_abs)
         X = X.reshape(len(finite), m, 1 + P, n)
         # W = (Ḡ + λI)⁻¹ C̄ + λ (Ḡ + λI)⁻¹ W_cᵀ, for each centre
         fits = X[:, :, :1] + lam_abs[:, None, None, None] * X[:, :, 1:]  # (F, m, P, n)
@@ -304,6 +299,17 @@ def _ridge_fits(sums: _Sums, centres: Tensor, grid: tuple[float, ...]) -> tuple[
 #: :func:`_ridge_fits` works in the range of the centred Gram when its rank bound
 #: (samples + 8) times this is at most the number of unknowns.
 RANGE_FACTOR = 4
+
+
+def _shifted_solves(Gc: Tensor, rhs: Tensor, shifts: Tensor) -> Tensor:
+    """``(Gc + λ_f I)⁻¹ rhs`` for each shift ``λ_f``: (F, m, r), one batched Cholesky
+    factorisation; where one is numerically singular, each by :func:`_solve_spd`."""
+    eye = torch.eye(Gc.shape[0], dtype=Gc.dtype, device=Gc.device)
+    M = Gc + shifts[:, None, None] * eye
+    L, info = torch.linalg.cholesky_ex(M)  # (F, m, m)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(rhs.expand(len(shifts), -1, -1), L)
+    return torch.stack([_solve_spd(Mi, rhs) for Mi in M])  # least-squares fallback
 
 
 def _shifted_solves_low_rank(Gc: Tensor, R: Tensor, shifts: Tensor, rank: int) -> Tensor:
@@ -422,13 +428,8 @@ def _coef_fits(G, s, C, t, N: float, Wc: Tensor, shifts: list[float]) -> Tensor:
             out[i] = Wc
     if finite:
         lam = torch.tensor([shifts[i] for i in finite], dtype=G.dtype, device=G.device)
-        M = Gc + lam[:, None, None] * torch.eye(p, dtype=G.dtype, device=G.device)
         rhs = torch.cat([Cc, *Wc], dim=1)  # (p, n * (1 + P))
-        L, info = torch.linalg.cholesky_ex(M)  # (F, p, p)
-        if bool((info == 0).all()):
-            X = torch.cholesky_solve(rhs.expand(len(finite), -1, -1), L)
-        else:  # numerically singular: one by one, with the least-squares fallback
-            X = torch.stack([_solve_spd(Mi, rhs) for Mi in M])
+        X = _shifted_solves(Gc, rhs, lam)
         X = X.reshape(len(finite), p, 1 + P, n)
         # a = (Ḡ + λI)⁻¹ C̄ + λ (Ḡ + λI)⁻¹ W_c, for each centre
         out[finite] = (X[:, :, :1] + lam[:, None, None, None] * X[:, :, 1:]).permute(0, 2, 1, 3)
