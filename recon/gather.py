@@ -29,7 +29,7 @@ from ._timing import PhaseTimer
 from .graph import Unit, _node_of
 from .groups import group_slices
 from .layers import SampledConv2d
-from .passes import GraphRunner, Passes
+from .passes import GraphRunner, Passes, consumer_target
 from .sampling import _mix, gather_patches, gather_targets, layer_key, sample_positions
 from .stats import ChannelStats, GroupedStats, PatchStats
 from .surgery import channel_offset, consumer_weight
@@ -185,21 +185,8 @@ def _accumulate(
             timer=timer,
         )
         step = 0
-    accs = [
-        _ReaderStats(r, gm_o, gm_p, target if i == 0 else None, folds, block_dtype, zeros)
-        for i, r in enumerate((unit, *unit.readers))
-    ]
-    stats = accs[0].stats
-    if unit.readers:  # the other readers' statistics ride along (recon.refit)
-        stats.readers = [a.stats for a in accs[1:]]
-    c = unit.width
-    gate = gate_node = None
-    if unit.gate is not None:  # fc1's input and output, for its re-fit on kept channels
-        fc1 = gm_p.get_submodule(unit.gate[0])
-        w_fc1 = fc1.weight.detach().reshape(fc1.out_channels, -1).double()
-        gate_node = _node_of(gm_p, unit.gate[0]).args[0].name
-        gate = PatchStats(c, 1, fc1.out_channels, device=w_fc1.device, folds=folds)
-        stats.gate = gate
+    acc = _UnitStats(unit, gm_o, gm_p, target, folds, block_dtype, zeros)
+    accs = acc.readers
     bar = progress_bar(
         batches, desc=f"  {unit.name}", leave=False, disable=not progress, unit="batch", log="none"
     )
@@ -220,8 +207,8 @@ def _accumulate(
         ]
         if target is not None:
             watch.append((target.shortcut, on_shortcut))
-        if gate is not None:
-            watch.append((gate_node, on_gate))
+        if acc.gate is not None:
+            watch.append((acc.gate_node, on_gate))
         passes.pruned(step, b, watch)
         with timer("stats"):
             images = batches[b].shape[0]
@@ -231,13 +218,11 @@ def _accumulate(
                 if i == 0 and target is not None:
                     y = y * target.scale.to(y.device, y.dtype) + (orig.shortcut - got["sc"])
                 a.add(got[f"x{i}"], y, fold, images)
-            if gate is not None:  # fc1's own output on its input, before the cut
-                p = got["gate"]
-                gate.update(p, p @ w_fc1.T, 0 if fold is None else fold)
+            if acc.gate is not None:
+                acc.add_gate(got["gate"], fold)
     with timer("stats"):
-        for a in accs:
-            a.rows.flush()
-    return stats
+        acc.flush()
+    return acc.stats
 
 
 def stats_bytes(unit: Unit, model: nn.Module, folds: int) -> int:
@@ -277,51 +262,36 @@ def accumulate_all(
     """
     timer = timer or PhaseTimer()
     runner = GraphRunner(gm)
-    accs = {
-        u.name: [_ReaderStats(r, gm, gm, None, folds, block_dtype, zeros) for r in (u, *u.readers)]
-        for u in units
-    }
-    gates = {}
-    for u in units:
-        stats = accs[u.name][0].stats
-        if u.readers:
-            stats.readers = [a.stats for a in accs[u.name][1:]]
-        if u.gate is not None:
-            fc1 = gm.get_submodule(u.gate[0])
-            w_fc1 = fc1.weight.detach().reshape(fc1.out_channels, -1).double()
-            node = runner.index[_node_of(gm, u.gate[0]).args[0].name]
-            stats.gate = PatchStats(u.width, 1, fc1.out_channels, device=w_fc1.device, folds=folds)
-            gates[u.name] = (stats.gate, w_fc1, node)
+    accs = {u.name: _UnitStats(u, gm, gm, None, folds, block_dtype, zeros) for u in units}
     for b, xb in enumerate(batches):
         got: dict = {}
         watch: dict[int, list] = {}
         for u in units:
-            for i, a in enumerate(accs[u.name]):
+            acc = accs[u.name]
+            for i, a in enumerate(acc.readers):
                 _watch_reader(a, (u.name, i), got, watch, runner, gm, b, offsets[b],
                               samples_per_image, seed, timer)  # fmt: skip
-            if u.name in gates:
+            if acc.gate is not None:
 
                 def on_gate(v: Tensor, key=(u.name, "gate"), got=got) -> None:
                     got[key] = v.detach().reshape(v.shape[0], -1).double()
 
-                watch.setdefault(gates[u.name][2], []).append(on_gate)
+                watch.setdefault(runner.index[acc.gate_node], []).append(on_gate)
         with timer("forward"):
             runner.run(xb, 0, max(watch, default=-1) + 1, watch=watch)
         with timer("stats"):
             images = xb.shape[0]
             fold = _image_folds(offsets[b], images, folds, seed) if folds > 1 else None
             for u in units:
-                for i, a in enumerate(accs[u.name]):
+                acc = accs[u.name]
+                for i, a in enumerate(acc.readers):
                     a.add(got.pop((u.name, i, "x")), got.pop((u.name, i, "y")), fold, images)
-                if u.name in gates:
-                    gate, w_fc1, _ = gates[u.name]
-                    p = got.pop((u.name, "gate"))
-                    gate.update(p, p @ w_fc1.T, 0 if fold is None else fold)
+                if acc.gate is not None:
+                    acc.add_gate(got.pop((u.name, "gate")), fold)
     with timer("stats"):
-        for u in units:
-            for a in accs[u.name]:
-                a.rows.flush()
-    return {u.name: accs[u.name][0].stats for u in units}
+        for acc in accs.values():
+            acc.flush()
+    return {name: acc.stats for name, acc in accs.items()}
 
 
 def _watch_reader(a, key, got, watch, runner, gm, b, offset, per_image, seed, timer) -> None:
@@ -345,12 +315,7 @@ def _watch_reader(a, key, got, watch, runner, gm, b, offset, per_image, seed, ti
 
     def on_output(v: Tensor) -> None:
         with timer("stats"):
-            y = v.detach()
-            if bias is not None:
-                y = y - bias.view((1, -1) + (1,) * (y.dim() - 2))
-            got[(*key, "y")] = (
-                y.clone() if orig.positions is None else gather_targets(y, orig.positions)
-            )
+            got[(*key, "y")] = consumer_target(v, bias, orig.positions)
 
     watch.setdefault(runner.index[a.in_node], []).append(on_input)
     watch.setdefault(out_node, []).append(on_output)
@@ -369,6 +334,39 @@ def _out_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
     return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (
         w + left + right - dw * (kw - 1) - 1
     ) // sw + 1
+
+
+class _UnitStats:
+    """A unit's accumulators: one :class:`_ReaderStats` per conv reading its channels
+    (its consumer's first; the others' statistics ride along as ``stats.readers``, for
+    :mod:`recon.refit`) and, with a squeeze-and-excitation gate, its squeeze conv fc1's
+    pooled input and own output (``stats.gate``, for fc1's re-fit on kept channels)."""
+
+    def __init__(self, unit, gm_o, gm_p, target, folds, block_dtype, zeros) -> None:
+        self.readers = [
+            _ReaderStats(r, gm_o, gm_p, target if i == 0 else None, folds, block_dtype, zeros)
+            for i, r in enumerate((unit, *unit.readers))
+        ]
+        self.stats = self.readers[0].stats
+        if unit.readers:
+            self.stats.readers = [a.stats for a in self.readers[1:]]
+        self.gate = self.gate_node = None
+        if unit.gate is not None:
+            fc1 = gm_p.get_submodule(unit.gate[0])
+            self.w_fc1 = fc1.weight.detach().reshape(fc1.out_channels, -1).double()
+            self.gate_node = _node_of(gm_p, unit.gate[0]).args[0].name  # fx node name
+            self.gate = PatchStats(
+                unit.width, 1, fc1.out_channels, device=self.w_fc1.device, folds=folds
+            )
+            self.stats.gate = self.gate
+
+    def add_gate(self, p: Tensor, fold: Tensor | None) -> None:
+        """fc1's pooled input ``p`` (B, c) and its own output on it, before the cut."""
+        self.gate.update(p, p @ self.w_fc1.T, 0 if fold is None else fold)
+
+    def flush(self) -> None:
+        for a in self.readers:
+            a.rows.flush()
 
 
 class _ReaderStats:

@@ -65,7 +65,7 @@ from ._timing import PhaseTimer
 from .graph import Block, Unit, _node_of
 from .sampling import gather_targets, layer_key, sample_positions
 
-__all__ = ["DEFAULT_CACHE_BYTES", "GraphRunner", "Original", "Passes"]
+__all__ = ["DEFAULT_CACHE_BYTES", "GraphRunner", "Original", "Passes", "consumer_target"]
 
 #: Default of ``recon.prune(cache_bytes=...)``: 1 GiB of cached activations.
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -206,6 +206,16 @@ class GraphRunner:
         finally:
             interp.env = {}
         return snap
+
+
+def consumer_target(out: Tensor, bias: Tensor | None, positions: Tensor | None) -> Tensor:
+    """A consumer's output ``out`` less its ``bias``, at the sampled ``positions`` ((B*S, n);
+    None: a linear consumer, every row). A copy either way: later in-place ops in the
+    graph cannot change it."""
+    y = out.detach()
+    if bias is not None:
+        y = y - bias.view((1, -1) + (1,) * (y.dim() - 2))
+    return y.clone() if positions is None else gather_targets(y, positions)
 
 
 @dataclass
@@ -480,11 +490,7 @@ class Passes:
 
         def on_out(v: Tensor) -> None:
             with self.timer("stats"):
-                y = v.detach()
-                if bias is not None:
-                    y = y - bias.view((1, -1) + (1,) * (y.dim() - 2))
-                p = pos(y)  # a copy either way: later in-place ops cannot change it
-                entry[("y", *at)] = y.clone() if p is None else gather_targets(y, p)
+                entry[("y", *at)] = consumer_target(v, bias, pos(v))
 
         def on_sc(v: Tensor) -> None:
             with self.timer("stats"):
