@@ -157,6 +157,16 @@ def _operators(spec, batch, fmt, model, pruned, x, repeats) -> list[dict[str, An
     ]
 
 
+def machine_line(m: dict[str, Any], device: str) -> str:
+    """A page's machine sentence (no final stop) from ``bench``'s machine facts ``m``."""
+    return (
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch "
+        f"threads, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']}"
+        + (f"; GPU {m['cuda']}" if m.get("cuda") else "")
+        + f". Run on `{device}`"
+    )
+
+
 def markdown(
     args: Any, runs: list[dict], lat: list[dict], seconds: float, ops: list[dict] = ()
 ) -> str:
@@ -174,10 +184,7 @@ def markdown(
         cmd,
         "```",
         "",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch "
-        f"threads, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']}"
-        + (f"; GPU {m['cuda']}" if m.get("cuda") else "")
-        + f". Run on `{getattr(args, 'device', 'cpu')}`.",
+        machine_line(m, getattr(args, "device", "cpu")) + ".",
         "",
         "Models with random weights (seeded) and BatchNorm statistics re-estimated on the "
         f"images; {args.scale_images} random {size}-px images, batches of "

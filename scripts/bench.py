@@ -487,10 +487,7 @@ def methods_markdown(args: argparse.Namespace, runs: list[dict], seconds: float)
         cmd,
         "```",
         "",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch "
-        f"threads, {m['memory_gib']} GiB, Python {m['python']}, torch {m['torch']}"
-        + (f"; GPU {m['cuda']}" if m.get("cuda") else "")
-        + f". Run on `{args.device}`"
+        _bench224.machine_line(m, args.device)
         + (
             f"; load average {args.load:.1f} at the start (other jobs share the machine: "
             "compare the rows of one run, not runs of different days)."
