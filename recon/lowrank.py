@@ -19,11 +19,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["pivoted_cholesky"]
+__all__ = ["Gram", "pivoted_cholesky"]
+
+
+class Gram(NamedTuple):
+    """A symmetric ``d × d`` Gram matrix read as a factorisation reads it: its diagonal,
+    some of its rows, or (for a dense factorisation) the whole of it. Statistics kept
+    per fold (:class:`recon.stats.PatchStats`) give their total this way without
+    summing whole Grams."""
+
+    diag: Tensor  # (d,)
+    rows: Callable[[Tensor], Tensor]  # index (b,) -> G[index], (b, d)
+    full: Callable[[], Tensor]  # () -> G, (d, d)
+
+    @staticmethod
+    def of(G: Tensor) -> Gram:
+        """A Gram held whole."""
+        return Gram(G.diagonal(), G.__getitem__, lambda: G)
+
 
 #: Candidate rows examined per block of :func:`pivoted_cholesky`.
 BLOCK = 32

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .lowrank import pivoted_cholesky
+from .lowrank import Gram, pivoted_cholesky
 
 __all__ = ["removal_order", "removal_order_shared"]
 
@@ -59,7 +59,7 @@ OUTPUT_TOL = 1e-13
 
 
 def removal_order(
-    G: Tensor,
+    G: Tensor | Gram,
     C: Tensor,
     taps: int,
     *,
@@ -73,9 +73,10 @@ def removal_order(
 
     Parameters
     ----------
-    G : Tensor, shape (c*taps, c*taps)
+    G : Tensor, shape (c*taps, c*taps), or Gram
         ``Σ x xᵀ`` of the consumer's input patches, channel-major (channel ``i`` owns
-        rows ``i*taps .. i*taps+taps-1``).
+        rows ``i*taps .. i*taps+taps-1``); as a :class:`recon.lowrank.Gram`, read by rows
+        where the low-rank form needs only some (fewer samples than patch entries).
     C : Tensor, shape (c*taps, n)
         ``Σ x yᵀ`` with the target outputs.
     taps : int
@@ -134,18 +135,19 @@ def _greedy(states: list, weights: list[float], steps: int) -> tuple[Tensor, Ten
     return order, increase
 
 
-def _check(G: Tensor, C: Tensor, taps: int) -> int:
-    d = G.shape[0]
-    if taps < 1 or d % taps or G.shape != (d, d) or C.shape[0] != d:
+def _check(G: Tensor | Gram, C: Tensor, taps: int) -> int:
+    shape = tuple(G.shape) if isinstance(G, Tensor) else (G.diag.shape[0],) * 2
+    d = shape[0]
+    if taps < 1 or d % taps or shape != (d, d) or C.shape[0] != d:
         raise ValueError(
             f"G must be (c*taps, c*taps) and C (c*taps, n) with taps={taps}. "
-            f"Got {tuple(G.shape)} and {tuple(C.shape)}."
+            f"Got {shape} and {tuple(C.shape)}."
         )
     return d // taps
 
 
 def _state(
-    G: Tensor,
+    G: Tensor | Gram,
     C: Tensor,
     taps: int,
     *,
@@ -156,15 +158,16 @@ def _state(
 ) -> _Greedy | _LowRank:
     """The greedy's state for one consumer: :class:`_LowRank` where the centred Gram's
     rank (below ``count``) is well below its size ``d``, else :class:`_Greedy`."""
-    d = G.shape[0]
+    gram = G if isinstance(G, Gram) else Gram.of(G)
+    d = gram.diag.shape[0]
     centred = s is not None and t is not None and bool(count)
-    Gd, Bd = G.double(), C.double()
+    Bd = C.double()
     if centred:
         s64, t64, N = s.double(), t.double(), float(count)
-        diag = Gd.diagonal() - s64 * s64 / N
+        diag = gram.diag.double() - s64 * s64 / N
         B = Bd - torch.outer(s64, t64) / N
     else:
-        diag, B = Gd.diagonal().clone(), Bd.clone()
+        diag, B = gram.diag.double().clone(), Bd.clone()
     mean_diag = float(diag.sum()) / d
     eps = ridge * mean_diag + 1e-12
     if centred and 4 * (float(count) - 1) <= 3 * B.shape[1]:  # rank(B) < N: fewer outputs
@@ -172,7 +175,7 @@ def _state(
     if centred and float(count) * LOW_RANK_FACTOR <= d:
 
         def rows(index: Tensor) -> Tensor:
-            return Gd[index] - torch.outer(s64[index], s64) / N
+            return gram.rows(index).double() - torch.outer(s64[index], s64) / N
 
         F = pivoted_cholesky(
             rows, diag, max_rank=int(count) + 8, tol=LOW_RANK_TOL * eps
@@ -181,7 +184,7 @@ def _state(
             return _LowRank(F, B, taps, eps)
         if F is not None:  # H⁻¹ = (I − Fᵀ K⁻¹ F)/ε: O(d²·r) instead of O(d³)
             return _Greedy(_inverse_low_rank(F, eps), B, taps)
-    H = Gd.clone()
+    H = gram.full().double().clone()
     if centred:
         H -= torch.outer(s64, s64) / N
     return _Greedy(_inverse(H, eps, mean_diag), B, taps)

@@ -312,33 +312,44 @@ def _fit_part(
     timer.swap("select")
     n = w_cons.shape[0]
     width = w_cons.shape[1]
-    if a is not None:
-        A, b = stats.channel_problem(w_cons.double() * a[:, None, None])
+    w_units = w_cons if a is None else w_cons.double() * a[:, None, None]  # (n, c, k)
+    patches = isinstance(stats, PatchStats)
+    refit = reconstruct in LSTSQ_MODES and patches
+    # Before a least-squares re-fit, the whole channel problem only where the selection
+    # reads it (obs reads the patch statistics); the errors need only the kept channels'.
+    A = b = None
+    if not refit or (keep is None and _reads_channel_problem(method)):
+        A, b = stats.channel_problem(w_units)
+        _check_finite((A, b), unit, w_cons)
     else:
-        A, b = stats.channel_problem(w_cons)
-    if not (_finite(A) and _finite(b)):  # activations overflowed on some image
-        raise FloatingPointError(
-            f"the statistics of '{unit.consumer}' are not finite (NaN or inf): the "
-            f"activations around it overflow {w_cons.dtype} on some calibration image"
-        )
+        _check_finite(_patch_sums(stats), unit, w_cons)
     note = "block target" if a is not None else ""
     obs_stats = stats if reconstruct in LSTSQ_MODES else None  # obs: its re-fit
+    device = stats.Cf.device if patches else A.device
     given = keep is not None
     if given:
-        keep = keep.to(A.device)
+        keep = keep.to(device)
     elif unit.producer_groups > 1:  # each group of the producer keeps as many
         order = channel_order(
             method, A=A, b=b, scores=scores, width=width, seed=seed, stats=obs_stats
         )
-        keep = quota_order(order.to(A.device), width, unit.producer_groups)[:target].sort().values
+        keep = quota_order(order.to(device), width, unit.producer_groups)[:target].sort().values
     else:
         keep = select_channels(
             method, target, A=A, b=b, scores=scores, width=width, seed=seed, stats=obs_stats
-        ).to(A.device)
+        ).to(device)
     if ctx is not None and not given:
         keep = ctx.broadcast_(keep, f"channels of {label}")
-    err_before = channel_error(A, b, stats.yy, keep)
     timer.swap("solve")
+    chosen = keep
+    err_before = math.nan if A is None else channel_error(A, b, stats.yy, keep)
+    if reconstruct == "lstsq_plain" and patches:  # gathered once for the error and the fit
+        stats = stats.restrict(keep)
+        w_units = w_units[:, keep.to(w_units.device)]
+        w_cons = w_cons[:, keep.to(w_cons.device)]
+        keep = torch.arange(int(keep.numel()), device=device)
+        if A is None:  # ‖Y − X_S W_Sᵀ‖², the kept channels' channel_error
+            err_before = patch_error(stats, keep, w_units.reshape(n, -1))
     weight = bias_delta = None
     mode = reconstruct
     ridge = heldout = math.nan
@@ -348,9 +359,11 @@ def _fit_part(
     if mode in LSTSQ_MODES:
         unknowns = int(keep.numel()) * unit.taps + 1
         if mode == "lstsq":
-            w_units = w_cons.double() if a is None else w_cons.double() * a[:, None, None]
-            fit = cv_lstsq(stats, keep, w_units)
+            fit = cv_lstsq(stats, keep, w_units.double())
             weight, bias_delta = fit.weight, fit.bias_delta
+            err_after = fit.error
+            if A is None:  # the error of the kept channels' weights, from the same sums
+                err_before = fit.error_given
             ridge, heldout = fit.ridge, fit.heldout_error
             if math.isinf(ridge):
                 note = _join(note, f"{fit.center} fit (held out, least squares did worse)")
@@ -362,6 +375,7 @@ def _fit_part(
             )
         else:
             weight, bias_delta = lstsq(stats, keep, fit_bias=True)
+            err_after = patch_error(stats, keep, weight, bias_delta)
             done = "plain least squares may not generalise; reconstruct='lstsq' guards against this"
         if warn and stats.count < unknowns:
             warnings.warn(
@@ -370,7 +384,6 @@ def _fit_part(
                 "or samples_per_image give a better fit",
                 stacklevel=5,  # _fit_part <- _prune_one <- _prune_units <- prune <- caller
             )
-        err_after = patch_error(stats, keep, weight, bias_delta)
         if a is not None:  # back from units of the block's sum to the conv's output
             live = a.abs() > 1e-12 * a.abs().max()
             safe = torch.where(live, a, torch.ones_like(a))
@@ -384,8 +397,29 @@ def _fit_part(
     else:
         err_after = err_before
     return _Part(
-        keep, weight, bias_delta, err_before, err_after, float(stats.yy), ridge, heldout, note
+        chosen, weight, bias_delta, err_before, err_after, float(stats.yy), ridge, heldout, note
     )
+
+
+def _reads_channel_problem(method: str) -> bool:
+    """Whether selecting by ``method`` before a least-squares re-fit reads the channel
+    problem ``A, b``: ``obs`` then reads the patch statistics, the score methods and
+    ``first_k``, ``random`` read neither."""
+    return method in ("lasso", "thinet")
+
+
+def _patch_sums(stats: PatchStats) -> tuple[Tensor, ...]:
+    """What makes every sum of ``stats`` finite if it is: ``Σ x²`` per entry (a Gram's
+    diagonal bounds the rest of it), ``Σ y²``, ``Σ x yᵀ`` and ``Σ x``."""
+    return stats.Gf.diagonal(dim1=1, dim2=2), stats.yyf, stats.Cf, stats.sf
+
+
+def _check_finite(sums: tuple[Tensor, ...], unit: Unit, w_cons: Tensor) -> None:
+    if not all(_finite(t) for t in sums):  # activations overflowed on some image
+        raise FloatingPointError(
+            f"the statistics of '{unit.consumer}' are not finite (NaN or inf): the "
+            f"activations around it overflow {w_cons.dtype} on some calibration image"
+        )
 
 
 def _join(note: str, more: str) -> str:

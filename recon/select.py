@@ -23,6 +23,7 @@ from torch import Tensor
 from .obs import removal_order, removal_order_shared
 
 if TYPE_CHECKING:
+    from .lowrank import Gram
     from .stats import ChannelStats, PatchStats
 
 __all__ = [
@@ -275,13 +276,18 @@ def _obs_removals(
     """The first ``steps`` channels :func:`obs` removes, in removal order."""
     if getattr(stats, "G", None) is not None:  # patch statistics: the least-squares re-fit
         order, _ = removal_order(
-            stats.G, stats.C, stats.taps, s=stats.s, t=stats.t, count=stats.count, steps=steps
+            _gram(stats), stats.C, stats.taps, s=stats.s, t=stats.t, count=stats.count, steps=steps
         )
         return order
     if A is None or b is None:
         raise ValueError("The 'stats' (or 'A' and 'b') argument is required for method 'obs'.")
     order, _ = removal_order(A, b[:, None], 1, steps=steps)  # per-channel scales
     return order
+
+
+def _gram(stats: PatchStats) -> Tensor | Gram:
+    """The statistics' ``G``, read by rows where they can (no sum of whole Grams)."""
+    return stats.gram() if hasattr(stats, "gram") else stats.G
 
 
 def _obs_width(stats: PatchStats | ChannelStats | None, A: Tensor | None) -> int:
@@ -399,7 +405,7 @@ def obs_shared(stats: list[PatchStats], weights: list[float], k: int | None = No
     ``k``, the nested order (as :func:`obs_order`)."""
     c = int(stats[0].channels)
     problems = [
-        {"G": st.G, "C": st.C, "taps": st.taps, "s": st.s, "t": st.t, "count": st.count}
+        {"G": _gram(st), "C": st.C, "taps": st.taps, "s": st.s, "t": st.t, "count": st.count}
         for st in stats
     ]
     if k is not None:

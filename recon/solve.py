@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .lowrank import pivoted_cholesky
+from .lowrank import Gram, pivoted_cholesky
 from .stats import PatchStats
 
 __all__ = [
@@ -202,6 +202,12 @@ class CVFit:
         than two non-empty folds.
     heldout : dict of (str, float) to float
         The same error for every centre and ``λ`` tried.
+    error : float
+        Relative error ``Σ‖Y − X_S Wᵀ − β‖² / Σ‖Y‖²`` of the returned fit on all the data,
+        every output (:func:`patch_error`'s).
+    error_given : float
+        The same for the kept channels' weights as given (no intercept change): the
+        error before the re-fit.
     """
 
     weight: Tensor
@@ -210,6 +216,8 @@ class CVFit:
     center: str
     heldout_error: float
     heldout: dict[tuple[str, float], float] = field(default_factory=dict)
+    error: float = math.nan
+    error_given: float = math.nan
 
 
 class _Sums(NamedTuple):
@@ -375,6 +383,27 @@ class _FoldSpace(NamedTuple):
     G: Tensor  # (K, p, p): QᵀG_fQ
     s: Tensor  # (K, p): Qᵀs_f
     diag: Tensor  # (K,): trace of G_f
+    F: tuple[Tensor, ...]  # F_f (r_f, m): G_f ≈ F_fᵀF_f
+
+    def scale_sums(self, Cf: Tensor, w_S: Tensor, taps: int) -> tuple[Tensor, Tensor]:
+        """:func:`_scale_sums` from the factors: ``A_f = Σ_{r,o} z_{ro} z_{ro}ᵀ`` with
+        ``z_{ro,i} = Σ_p F_f[r, (i,p)] W[o, (i,p)]``, channel ``i``'s contribution to
+        output ``o`` of the factor's row ``r`` (as of a sample): ``O(r_f·n·m²)`` instead
+        of ``O(n·m²k²)`` and no (m·k)² products."""
+        K, mk, n = Cf.shape
+        m = mk // taps
+        wv = w_S.reshape(n, m, taps).permute(1, 2, 0)  # (m, k, n)
+        A = Cf.new_empty(K, m, m)
+        for f, F in enumerate(self.F):
+            Fv = F.reshape(-1, m, taps).transpose(0, 1)  # (m, r, k)
+            Z = torch.bmm(Fv, wv).reshape(m, -1)  # (m, r·n)
+            torch.mm(Z, Z.T, out=A[f])
+        b = (Cf * w_S.T).reshape(K, m, taps, n).sum(dim=(2, 3))
+        return A, b
+
+    def quad(self, W: Tensor) -> Tensor:
+        """``tr(W G Wᵀ)`` of the whole Gram ``G = Σ_f G_f`` for ``W`` (n, m)."""
+        return sum(torch.linalg.matrix_norm(F @ W.T).square() for F in self.F)
 
     def heldout(self, f, QC, tf, yyf, nf, centres, grid, outputs) -> Tensor:
         """``Σ‖Y_f − X_f Wᵀ − β‖²`` (L, P) of the fits on every fold but ``f``, for the
@@ -437,19 +466,19 @@ def _coef_fits(G, s, C, t, N: float, Wc: Tensor, shifts: list[float]) -> Tensor:
 
 
 def _fold_space(
-    Gf: Tensor, sf: Tensor, nf: Tensor, traces: Tensor, whole: _Sums, lam: float
+    grams: list[Gram], sf: Tensor, nf: Tensor, traces: Tensor, whole: _Sums, lam: float
 ) -> _FoldSpace | None:
-    """:class:`_FoldSpace` of the folds' sums (``traces``: of each ``G_f``), or None where
-    their Grams are not of low rank to within :data:`FOLD_TOL` of the smallest ridge
-    ``lam`` (relative) applies."""
-    K, m, _ = Gf.shape
+    """:class:`_FoldSpace` of the folds' sums (``grams``: each fold's ``G_f``, read by
+    rows; ``traces``: their traces), or None where their Grams are not of low rank to
+    within :data:`FOLD_TOL` of the smallest ridge ``lam`` (relative) applies."""
+    K, m = sf.shape
     N = whole.N
     trace = float(traces.sum())
     unit = (trace - float(whole.s @ whole.s) / N) / m
     tol = FOLD_TOL * (lam * unit + 1e-6 * trace / m + 1e-12) / K
     factors = []
     for f in range(K):
-        F = pivoted_cholesky(Gf[f].__getitem__, Gf[f].diagonal(), max_rank=int(nf[f]) + 8, tol=tol)
+        F = pivoted_cholesky(grams[f].rows, grams[f].diag, max_rank=int(nf[f]) + 8, tol=tol)
         if F is None:
             return None
         factors.append(F)
@@ -462,7 +491,7 @@ def _fold_space(
         Rf = R[:, start : start + F.shape[0]]
         G.append(Rf @ Rf.T)
         start += F.shape[0]
-    return _FoldSpace(Q, torch.stack(G), R[:, -K:].T.contiguous(), traces)
+    return _FoldSpace(Q, torch.stack(G), R[:, -K:].T.contiguous(), traces, tuple(factors))
 
 
 def _sq_errors(sums: _Sums, W: Tensor, beta: Tensor) -> Tensor:
@@ -542,15 +571,31 @@ def cv_lstsq(
     if max_outputs is not None and n > max_outputs:
         outputs = torch.linspace(0, n - 1, max_outputs, device=w_S.device).round().long()
     # The kept-tap blocks of every fold's sums: (K, m*k, m*k) and so on; then no d×d work.
-    Gf = stats.kept_blocks(idx)
     Cf, sf, tf, yyf, nf = stats.Cf[:, idx], stats.sf[:, idx], stats.tf, stats.yyf, stats.nf
     K = stats.folds
     # Every fold's sums, once: a set of folds is then a sum (its complement a subtraction).
     # The whole Gram only where it is used (not in the span of the samples, see below).
     whole = _Sums(None, Cf.sum(0), sf.sum(0), tf.sum(0), yyf.sum(0), float(nf.sum()))
-    traces = Gf.diagonal(dim1=1, dim2=2).sum(1)  # (K,)
+    live = [f for f in range(K) if float(nf[f]) > 0]
+    finite = [lam for lam in grid if not math.isinf(lam)]
+    space = None
+    if len(live) >= 2 and finite and whole.N * FOLD_SPACE_FACTOR <= m_taps:
+        # every fold's kept-tap block read by rows: no (K, m*k, m*k) gather
+        grams = [_kept_rows(stats, f, idx) for f in range(K)]
+        traces = torch.stack([g.diag.sum() for g in grams])  # (K,)
+        space = _fold_space(grams, sf, nf, traces, whole, min(finite))
+    if space is None:
+        Gf = stats.kept_blocks(idx)  # (K, m*k, m*k)
+        whole = whole._replace(G=Gf.sum(0))
+        quad = lambda W: ((W @ whole.G) * W).sum()  # noqa: E731
+    else:
+        QC = space.Q.T @ Cf[:, :, outputs]  # (K, p, n_out)
+        quad = space.quad
     if "scale" in centers:
-        Af, bf = _scale_sums(Gf, Cf, w_S, stats.taps)  # (K, m, m), (K, m)
+        if space is None:
+            Af, bf = _scale_sums(Gf, Cf, w_S, stats.taps)  # (K, m, m), (K, m)
+        else:
+            Af, bf = space.scale_sums(Cf, w_S, stats.taps)
         A_all, b_all = Af.sum(0), bf.sum(0)
 
     def centres(names: tuple[str, ...], f: int | None = None) -> Tensor:  # (P, n, m*k)
@@ -561,15 +606,6 @@ def cv_lstsq(
             made["scale"] = _scale_centre(A, b, w_S, stats.taps)
         return torch.stack([made[c] for c in names])
 
-    live = [f for f in range(K) if float(nf[f]) > 0]
-    finite = [lam for lam in grid if not math.isinf(lam)]
-    space = None
-    if len(live) >= 2 and finite and whole.N * FOLD_SPACE_FACTOR <= m_taps:
-        space = _fold_space(Gf, sf, nf, traces, whole, min(finite))
-    if space is None:
-        whole = whole._replace(G=Gf.sum(0))
-    else:
-        QC = space.Q.T @ Cf[:, :, outputs]  # (K, p, n_out)
     heldout: dict[tuple[str, float], float] = {}
     if len(live) >= 2:
         total = torch.zeros(len(grid), len(centers), dtype=torch.float64, device=w_S.device)
@@ -601,6 +637,7 @@ def cv_lstsq(
     else:
         W, beta = _ridge_fits(whole, centres((center,)), (lam,))
         w, beta = W[0, 0], beta[0, 0]
+    yy = float(whole.yy.sum())
     return CVFit(
         weight=w.contiguous(),
         bias_delta=beta.contiguous(),
@@ -608,4 +645,25 @@ def cv_lstsq(
         center=center,
         heldout_error=heldout.get((center, lam), math.nan),
         heldout=heldout,
+        error=_relative(_whole_error(whole, quad, w, beta), yy),
+        error_given=_relative(_whole_error(whole, quad, w_S, None), yy),
     )
+
+
+def _kept_rows(stats: PatchStats, f: int, idx: Tensor) -> Gram:
+    """Fold ``f``'s Gram of the patch entries ``idx``, ``G_f[idx][:, idx]``, read by rows."""
+    Gf = stats.Gf
+    return Gram(
+        Gf[f].diagonal()[idx],
+        lambda index: Gf[f, idx[index][:, None], idx[None, :]],
+        lambda: Gf[f, idx[:, None], idx[None, :]],
+    )
+
+
+def _whole_error(whole: _Sums, quad, W: Tensor, beta: Tensor | None) -> Tensor:
+    """``Σ‖y − W x_S − β‖²`` (absolute) on all the data, as :func:`patch_error`, with
+    ``quad(W) = tr(W G Wᵀ)``; no intercept change where ``beta`` is None."""
+    err = whole.yy.sum() - 2 * (W.T * whole.C).sum() + quad(W)
+    if beta is not None:
+        err = err + 2 * beta @ (W @ whole.s) - 2 * beta @ whole.t + whole.N * beta @ beta
+    return err

@@ -320,3 +320,22 @@ def test_removal_order_on_cuda_equals_cpu(N):
     got, got_increase = removal_order(**on_gpu)
     assert torch.equal(got, order)
     torch.testing.assert_close(got_increase, increase, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("folds", [1, 4])
+@pytest.mark.parametrize(
+    ("N", "mode"), [(12, "factor"), (12, "inverse from factor"), (200, "dense")]
+)
+def test_statistics_read_by_rows_give_the_order_of_their_summed_gram(monkeypatch, folds, N, mode):
+    """obs reads a fold-kept Gram by rows (:meth:`PatchStats.gram`, no whole sum) where
+    its factor form needs only some rows: the same order and increases as from the total
+    ``G``, with fewer samples than patch entries and with many."""
+    modes(monkeypatch, mode)
+    X, Y = wide(5, N=N, c=16, taps=3, n=40)
+    st = PatchStats(16, 3, 40, folds=folds)
+    st.update(X, Y, torch.arange(N) % folds)
+    kw = {"taps": 3, "s": st.s, "t": st.t, "count": st.count}
+    rows_order, rows_rise = removal_order(st.gram(), st.C, **kw)
+    order, rise = removal_order(st.G.clone(), st.C, **kw)
+    assert torch.equal(rows_order, order)
+    torch.testing.assert_close(rows_rise, rise, rtol=1e-9, atol=1e-12 * float(st.yy))

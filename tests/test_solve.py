@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from recon.lowrank import Gram
 from recon.solve import (
     RECONSTRUCT,
     channel_error,
@@ -387,7 +388,7 @@ def test_cv_span_falls_back_where_the_grams_are_not_of_low_rank(monkeypatch):
     st._totals.clear()
     keep = torch.arange(12)
     assert solve._fold_space(
-        st.Gf, st.sf, st.nf, st.Gf.diagonal(dim1=1, dim2=2).sum(1),
+        [Gram.of(G) for G in st.Gf], st.sf, st.nf, st.Gf.diagonal(dim1=1, dim2=2).sum(1),
         solve._Sums(None, st.C, st.s, st.t, st.yy_out, float(st.count)), 0.1,
     ) is None  # fmt: skip
     fit = cv_lstsq(st, keep, w0)
@@ -466,3 +467,43 @@ def test_cv_in_the_span_with_one_sample_per_fold_is_finite():
     fit = cv_lstsq(st, torch.arange(10), torch.randn(3, 10, 4, generator=g, dtype=torch.float64))
     assert torch.isfinite(fit.weight).all() and torch.isfinite(fit.bias_delta).all()
     assert all(math.isfinite(v) for v in fit.heldout.values())
+
+
+@pytest.mark.parametrize(("N", "dense"), [(24, False), (24, True), (400, True)])
+def test_cv_fit_reports_the_errors_patch_error_gives(monkeypatch, N, dense):
+    """CVFit.error and error_given are patch_error's of the fit and of the given weights,
+    from the factors of the folds' Grams (N < unknowns) or from the whole Gram; and the
+    error of the given weights is channel_error's of the whole channel problem."""
+    st, w0 = cv_stats(3, N, 12, 9, 6)
+    keep = torch.arange(0, 12, 2)
+    fit = dense_cv(monkeypatch, st, keep, w0) if dense else cv_lstsq(st, keep, w0)
+    assert fit.error == pytest.approx(
+        patch_error(st, keep, fit.weight, fit.bias_delta), rel=1e-9, abs=1e-12
+    )
+    w_S = w0[:, keep].reshape(6, -1)
+    assert fit.error_given == pytest.approx(patch_error(st, keep, w_S), rel=1e-9)
+    A, b = st.channel_problem(w0)
+    assert fit.error_given == pytest.approx(channel_error(A, b, st.yy, keep), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scale_sums_from_the_fold_factors_equal_those_of_the_blocks(seed):
+    """The per-fold channel problems of the scale centre, from the folds' low-rank factors
+    (no (m·k)² blocks), equal those of the gathered blocks."""
+    import recon.solve as solve
+
+    st, w0 = cv_stats(seed, 24, 12, 9, 6)
+    keep = torch.tensor([1, 2, 5, 7, 8, 11])
+    idx = solve.kept_taps(keep, 9)
+    grams = [solve._kept_rows(st, f, idx) for f in range(4)]
+    traces = torch.stack([g.diag.sum() for g in grams])
+    Cf, sf = st.Cf[:, idx], st.sf[:, idx]
+    whole = solve._Sums(None, Cf.sum(0), sf.sum(0), st.t, st.yy_out, float(st.count))
+    space = solve._fold_space(grams, sf, st.nf, traces, whole, 0.1)
+    assert space is not None
+    w_S = w0[:, keep].reshape(6, -1)
+    A, b = space.scale_sums(Cf, w_S, 9)
+    A0, b0 = solve._scale_sums(st.kept_blocks(idx), Cf, w_S, 9)
+    scale = float(A0.abs().max())
+    torch.testing.assert_close(A, A0, rtol=1e-9, atol=1e-11 * scale)
+    torch.testing.assert_close(b, b0, rtol=1e-12, atol=0)

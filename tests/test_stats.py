@@ -213,3 +213,38 @@ def test_channel_gram_rejects_flat_weight_naming_it():
     st = PatchStats(2, 3, 4)
     with pytest.raises(ValueError, match=r"'weight'.*\(4, 6\)"):
         channel_gram(st.G, st.C, torch.zeros(4, 6))  # c cannot be told from (n, c*k)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (3, 300, 300), (2, 129, 129)])
+def test_mirror_equals_the_transposed_copy_bit_for_bit(shape):
+    """mirror_ copies the lower triangle tile by tile: the same as tril + tril(-1)ᵀ, for
+    sizes on and off the tile size, one Gram or a stack of them."""
+    from recon.stats import MIRROR_TILE, mirror_
+
+    assert MIRROR_TILE < 300
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = G.tril() + G.tril(-1).mT
+    assert torch.equal(mirror_(G.clone()), expected)
+
+
+def test_gram_rows_and_restricted_statistics_equal_the_totals():
+    """gram() reads rows of the total G without summing whole Grams; restrict(keep) holds
+    the kept channels' sums of every fold."""
+    X, Y = data(3, N=40, c=6, k=3)
+    st = PatchStats(6, 3, Y.shape[1], folds=3)
+    for xs, ys, fs in zip(X.split(7), Y.split(7), (torch.arange(40) % 3).split(7), strict=True):
+        st.update(xs, ys, fs)  # folds left dirty (lower triangles only)
+    gram = st.gram()
+    index = torch.tensor([17, 2, 9])
+    torch.testing.assert_close(gram.rows(index), st.G[index], rtol=1e-14, atol=0)
+    torch.testing.assert_close(gram.diag, st.G.diagonal(), rtol=1e-14, atol=0)
+    assert torch.equal(gram.full(), st.G)
+    keep = torch.tensor([0, 3, 4])
+    idx = (keep[:, None] * 3 + torch.arange(3)).flatten()
+    sub = st.restrict(keep)
+    assert (sub.channels, sub.taps, sub.folds, sub.count) == (3, 3, 3, 40)
+    assert torch.equal(sub.Gf, st.Gf[:, idx][:, :, idx])
+    for name in ("C", "s"):
+        assert torch.equal(getattr(sub, name + "f"), getattr(st, name + "f")[:, idx])
+    assert torch.equal(sub.G, st.G[idx][:, idx]) and float(sub.yy) == float(st.yy)
+    assert st.kept_blocks(torch.arange(18)) is st.Gf  # every entry in order: no copy
