@@ -95,3 +95,24 @@ def test_auto_measures_an_output_made_of_several_tensors():
     assert float(out[:, :6].sum()) == 30 and float(out[:, 6:].abs().sum()) == 0
     with pytest.raises(TypeError, match="allocation='uniform'"):
         _flat_output("not a tensor")
+
+
+def test_profile_follows_a_wide_lasso_path_for_its_first_steps_only(monkeypatch):
+    """Past LASSO_ORDER_STEPS channels the profile's LASSO order is the fallback score's
+    (a whole 2,048-channel LARS path costs tens of seconds); narrower units are exact."""
+    from recon import profile
+    from recon.select import lasso_order
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 12, dtype=torch.float64, generator=g)
+    y = (
+        X @ torch.randn(12, dtype=torch.float64, generator=g)
+        + torch.randn(200, generator=g).double()
+    )
+    A, b = X.T @ X, X.T @ y
+    whole = lasso_order(A, b)
+    assert torch.equal(profile._order(A, b, None, None, "lasso", 0, "lstsq", "u"), whole)
+    monkeypatch.setattr(profile, "LASSO_ORDER_STEPS", 3)
+    capped = profile._order(A, b, None, None, "lasso", 0, "lstsq", "u")
+    assert torch.equal(capped, lasso_order(A, b, max_active=3))
+    assert torch.equal(capped[:3], whole[:3]) and not torch.equal(capped, whole)
