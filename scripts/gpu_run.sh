@@ -13,24 +13,27 @@
 # 3. recon's default (obs + cross-validated re-fit) beside LASSO on the same models, on the
 #    GPU (`bench.py methods`: the factored greedy removal and the re-fit in the span of
 #    the samples run there too) -> a section of OUT_DIR/benchmarks_gpu.md.
-# Each step is bounded by `timeout`, so one slow step cannot eat the others' time.
+# Each step is bounded by `timeout` (110 + 260 + 150 s together), so one slow step cannot
+# eat the others' time and the whole run fits one 10-minute device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_out}}"
 mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python() { command "${PYTHON:-python3}" "$@"; }
 python - <<'EOF' || { echo "no CUDA device: nothing to do" >&2; exit 1; }
 import torch
 assert torch.cuda.is_available()
 print("GPU:", torch.cuda.get_device_name(), "torch", torch.__version__)
 EOF
 status=0
-timeout 150 python -m pytest -q -x -n 0 -k "cuda or device" tests/test_allocate.py tests/test_hostile.py \
+timeout 110 "${PYTHON:-python3}" -m pytest -q -n 0 -p no:cacheprovider -k "cuda or device" tests/test_allocate.py tests/test_hostile.py tests/test_stats.py \
     tests/test_api.py tests/test_bench.py tests/test_finetune.py tests/test_obs.py tests/test_solve.py \
-    2>&1 | tail -n 30 | tee "$out/cuda_tests.log" || status=1
-timeout 400 python scripts/bench.py scale224 --device cuda --scale-images 256 --float32 \
+    2>&1 | tee "$out/cuda_tests.log" | tail -n 40 || status=1
+timeout 260 "${PYTHON:-python3}" scripts/bench.py scale224 --device cuda --scale-images 256 --float32 \
     --json "$out/benchmarks_gpu.json" --out "$out/benchmarks_gpu.md" 2>&1 \
     | tee "$out/bench.log" || status=1
-timeout 240 python scripts/bench.py methods --device cuda \
+timeout 150 "${PYTHON:-python3}" scripts/bench.py methods --device cuda \
     --method-models torchvision:vgg16@224x256,torchvision:resnet50@224x256 \
     --json "$out/methods_gpu.json" --out "$out/benchmarks_gpu.md" 2>&1 \
     | tee "$out/methods.log" || status=1

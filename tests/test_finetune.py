@@ -262,8 +262,12 @@ def test_bad_checkpoint_arguments(kwargs, error, match):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_dropout_resumes_bit_for_bit(tmp_path):
-    """On a GPU the dropout masks come from the CUDA generator, which the state holds."""
+def test_cuda_dropout_resumes_with_the_same_masks(tmp_path):
+    """On a GPU the dropout masks come from the CUDA generator, which the state holds.
+
+    cuDNN's convolution gradients are not bit-reproducible from run to run (seen on an
+    H200: two equal runs differ in the last bits), so the weights are compared to 1e-5;
+    a resumed run that drew other masks would differ by orders of magnitude more."""
     x, y = _problem(64)
     path = tmp_path / "run.pt"
     whole = _train(_dropout_net().cuda(), x, y)
@@ -272,4 +276,4 @@ def test_cuda_dropout_resumes_bit_for_bit(tmp_path):
     torch.cuda.manual_seed(123)
     resumed = _train(_dropout_net().cuda(), x, y, checkpoint=path, checkpoint_every=2)
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
