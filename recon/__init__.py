@@ -23,17 +23,21 @@ from ._plan import apply_plan
 from ._version import __version__
 from .api import PruneResult, prune
 from .io import load, save
-from .report import LayerReport, Report
+from .recovery import RecoverResult, recover
+from .report import LayerReport, RecoverReport, Report
 from .scratch import reinit
 
 __all__ = [
     "LayerReport",
     "PruneResult",
+    "RecoverReport",
+    "RecoverResult",
     "Report",
     "__version__",
     "apply_plan",
     "load",
     "prune",
+    "recover",
     "reinit",
     "save",
 ]

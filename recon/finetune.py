@@ -34,16 +34,24 @@ __all__ = ["finetune"]
 
 def _augment(x: Tensor, generator: torch.Generator, shift: int) -> Tensor:
     """Random shifts by up to ``shift`` pixels (zero fill) and horizontal flips."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (shift, shift, shift, shift))
+    n = x.shape[0]
     dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return shift_flip(x, dy, dx, flip, shift)
+
+
+def shift_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, shift: int) -> Tensor:
+    """Each image ``i`` moved by ``(dy[i] − shift, dx[i] − shift)`` pixels (zero fill),
+    then mirrored left-right where ``flip[i]``."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift))
     rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)  # (n, h)
     cols = (dx[:, None] + torch.arange(w)[None, :]).to(x.device)  # (n, w)
     idx = torch.arange(n, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
     out = out.permute(0, 3, 1, 2)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    flip = flip.to(x.device)
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 

@@ -15,7 +15,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AllocationReport", "AllocationRow", "LayerReport", "Report", "format_count"]
+__all__ = [
+    "AllocationReport",
+    "AllocationRow",
+    "LayerReport",
+    "RecoverReport",
+    "Report",
+    "format_count",
+]
 
 _PREFIXES = ("", "K", "M", "G", "T", "P")
 
@@ -379,6 +386,70 @@ class AllocationReport:
         return lines
 
 
+@dataclass
+class RecoverReport:
+    """What :func:`recon.recover` did.
+
+    Attributes
+    ----------
+    mode : str
+        ``"distill"`` or ``"blockwise"``.
+    steps : int
+        Optimiser steps run.
+    best_step : int
+        The step whose weights were kept (0: none improved the held-out error, the
+        one-shot weights were kept).
+    seconds : float
+        Wall time of the recovery.
+    images, heldout_images : int
+        Calibration images trained on, and held out to measure the error.
+    error_before, error_after : float
+        Relative output error ``Σ‖f_θ(x) − f(x)‖² / Σ‖f(x)‖²`` on the held-out images,
+        of the one-shot and of the returned model.
+    points : int
+        Matched feature points (block outputs) in the loss besides the output.
+    """
+
+    mode: str
+    steps: int
+    best_step: int
+    seconds: float
+    images: int
+    heldout_images: int
+    error_before: float
+    error_after: float
+    points: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the recovered weights were kept (some step lowered the error)."""
+        return self.best_step > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("seconds", "error_before", "error_after"):
+            d[k] = _json_float(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecoverReport:
+        kwargs = _pick_fields(cls, d, "RecoverReport")
+        for k in ("seconds", "error_before", "error_after"):
+            kwargs[k] = _from_json_float(kwargs[k])
+        return cls(**kwargs)
+
+    def to_text(self) -> str:
+        if not self.accepted:
+            what = "no step lowered it: the one-shot weights kept"
+        else:
+            what = f"{_format_error(self.error_after)} (step {self.best_step})"
+        return (
+            f"recovered ({self.mode}, {self.steps} steps on {self.images} images, "
+            f"{self.seconds:.1f} s): held-out output error {_format_error(self.error_before)}"
+            f" → {what}"
+        )
+
+
 @dataclass(eq=False)
 class Report:
     """Summary of a pruning run.
@@ -418,6 +489,9 @@ class Report:
         The channel allocation of an ``allocation="auto"`` run: per unit, channels under
         the uniform split and chosen, and their predicted cost. Shown as a table by
         :meth:`to_text`.
+    recover : RecoverReport or None, default None
+        Set on the result :func:`recon.recover` returns (its time is also the
+        ``recover`` phase): steps and the held-out output error before and after.
 
     Examples
     --------
@@ -443,6 +517,7 @@ class Report:
     blocks: dict[str, float] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)
     allocation: AllocationReport | None = None
+    recover: RecoverReport | None = None
 
     @property
     def speedup(self) -> float:
@@ -543,6 +618,8 @@ class Report:
         ]
         if self.output_error is not None:
             items.append(("output error", _format_error(self.output_error)))
+        if self.recover is not None:
+            items.append(("recovery", self.recover.to_text()))
         measured = [
             (name, err)
             for name, err in self.blocks.items()
@@ -578,6 +655,7 @@ class Report:
             "phases": {name: _json_float(sec) for name, sec in self.phases.items()},
             "speedup": _json_float(self.speedup),
             "allocation": None if self.allocation is None else self.allocation.to_dict(),
+            "recover": None if self.recover is None else self.recover.to_dict(),
         }
 
     @classmethod
@@ -609,6 +687,8 @@ class Report:
         kwargs["phases"] = {str(name): _from_json_float(sec) for name, sec in phases.items()}
         if kwargs.get("allocation") is not None:  # absent from reports saved before it
             kwargs["allocation"] = AllocationReport.from_dict(kwargs["allocation"])
+        if kwargs.get("recover") is not None:  # absent from reports saved before it
+            kwargs["recover"] = RecoverReport.from_dict(kwargs["recover"])
         return cls(**kwargs)
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
