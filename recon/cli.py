@@ -231,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a process waits for the others before giving up with an error (1800)",
     )
 
+    r = p.add_argument_group("label-free recovery")
+    r.add_argument(
+        "--recover",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after pruning, train the pruned model for STEPS steps to the original's "
+        "outputs on the calibration images (no labels; recon.recover). A quarter of the "
+        "images is held out, and the one-shot model is kept unless the held-out output "
+        "error drops. 300 is a good start; 0 (default): none",
+    )
+
     o = p.add_argument_group("output")
     o.add_argument(
         "--out",
@@ -533,6 +545,8 @@ def _prune_command(args: argparse.Namespace) -> int:
         raise ValueError(f"The '--batch-size' must be >= 1. Got {args.batch_size} instead.")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"The '--max-images' must be >= 1. Got {args.max_images} instead.")
+    if args.recover < 0:
+        raise ValueError(f"The '--recover' must be >= 0 steps. Got {args.recover} instead.")
     _check_out(args.out)
     model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
     folder = None
@@ -576,6 +590,13 @@ def _prune_command(args: argparse.Namespace) -> int:
         min_keep=args.min_keep,
         **target,
     )
+    if args.recover:
+        from .recovery import recover
+
+        result = recover(
+            result, model, calib, steps=args.recover, seed=args.seed,
+            max_images=args.max_images, progress=not args.quiet,
+        ).result  # fmt: skip
     print(result.report)
     if folder is not None:
         print(f"\ncalibration: {folder.summary()}")

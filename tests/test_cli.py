@@ -375,3 +375,23 @@ def test_finetune_bad_arguments(tmp_path, capsys, extra, message):
     assert main([*argv, "--out", str(tmp_path / "o.pt"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore:re-fitting")
+def test_prune_with_recover_reports_and_saves_the_recovered_model(tmp_path, capsys):
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(0)), calib)
+    out, report = tmp_path / "small.pt", tmp_path / "report.json"
+    args = ["prune", "--model", "tests.test_cli:make_vgg", "--data", str(calib)]
+    args += ["--speedup", "2", "--allocation", "uniform", "--quiet", "--recover", "8"]
+    assert main([*args, "--out", str(out), "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "recovery" in printed and "held-out output error" in printed
+    data = json.loads(report.read_text())
+    rec = data["recover"]
+    assert rec["steps"] == 8 and rec["images"] + rec["heldout_images"] == 24
+    assert "recover" in data["phases"]
+    assert rec["error_after"] <= rec["error_before"]
+    assert recon.load(out, make_vgg)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert main([*args[:-1], "-1"]) == 2  # refused before anything runs
+    assert "The '--recover' must be >= 0 steps. Got -1" in capsys.readouterr().err
