@@ -75,6 +75,8 @@ RESULTS, TABLE = "results.jsonl", "results.md"
 # al.'s (BAR_METHODS): (model, target speed-up, after fine-tuning?, largest accepted loss
 # of top-1 in points).
 BAR_METHODS = ("obs", "lasso")
+# The runs --recover recovers by default (with reconstruct="lstsq"): those of the bars.
+RECOVER_METHODS = BAR_METHODS
 QUALITY_BARS = (
     ("vgg16_fmnist", 2.0, False, 0.5),
     ("vgg16_fmnist", 4.0, False, 1.5),
@@ -176,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="distillation temperature, used when --ft-distill > 0 (4)",
     )
     parser.add_argument("--no-finetune", action="store_true", help="skip fine-tuning")
+    parser.add_argument(
+        "--recover",
+        type=_args.int_at_least(0),
+        default=0,
+        metavar="STEPS",
+        help="also recover the --recover-methods runs without labels (recon.recover, "
+        "STEPS steps on the calibration images): one-shot, recovered and fine-tuned side by "
+        "side; with --resume, runs already made get their recovery added (0: none)",
+    )
+    parser.add_argument(
+        "--recover-methods",
+        type=_args.names(METHODS, "methods"),
+        default=RECOVER_METHODS,
+        help="the methods whose runs --recover recovers (obs,lasso; re-fit lstsq only)",
+    )
     parser.add_argument(
         "--scratch",
         type=_args.names(_scratch.KINDS, "scratch kinds"),
@@ -366,21 +383,7 @@ def _run(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        res = recon.prune(
-            net,
-            data.calib(args.calib).split(100),
-            method=method,
-            reconstruct=rec,
-            speedup=target,
-            allocation=allocation,
-            **_min_keep(allocation, args),
-            # a residual block's input has no BatchNorm of its own: bn_gamma prunes the
-            # blocks' inner channels only
-            sampler_layers=method != "bn_gamma",
-            seed=args.seed,
-            device=args.device,
-            progress=False,
-        )
+        res = _prune(net, data, args, target, method, rec, allocation)
         prune_seconds = time.perf_counter() - t0
     acc = evaluate(res.model, x_test, y_test)
     acc_ft = ft_seconds = None
@@ -403,7 +406,7 @@ def _run(
         ft_seconds = time.perf_counter() - t0
         acc_ft = evaluate(tuned, x_test, y_test)
     report = res.report
-    return {
+    row = {
         "model": model,
         "target": target,
         "method": method,
@@ -426,6 +429,52 @@ def _run(
             for layer in report.layers
         },
         "warnings": sorted({str(w.message) for w in caught}),
+    }
+    if _recovers(row, args):
+        row.update(_recovery(net, res, data, args))
+    return row
+
+
+def _prune(net, data, args, target: float, method: str, rec: str, allocation: str):
+    return recon.prune(
+        net,
+        data.calib(args.calib).split(100),
+        method=method,
+        reconstruct=rec,
+        speedup=target,
+        allocation=allocation,
+        **_min_keep(allocation, args),
+        # a residual block's input has no BatchNorm of its own: bn_gamma prunes the
+        # blocks' inner channels only
+        sampler_layers=method != "bn_gamma",
+        seed=args.seed,
+        device=args.device,
+        progress=False,
+    )
+
+
+def _recovers(row: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Whether ``--recover`` applies to ``row`` and it has no recovery of that length."""
+    return (
+        args.recover > 0
+        and "train" not in row
+        and row["method"] in args.recover_methods
+        and row["reconstruct"] == "lstsq"
+        and row.get("rec_steps") != args.recover
+    )
+
+
+def _recovery(net, res, data, args: argparse.Namespace) -> dict[str, Any]:
+    """``recon.recover`` of a pruned result on the run's calibration images, evaluated."""
+    out = recon.recover(
+        res, net, data.calib(args.calib), steps=args.recover, seed=args.seed, progress=False
+    )
+    r = out.report
+    return {
+        "acc_rec": evaluate(out.model, *data.test),
+        "rec_steps": args.recover,
+        "rec_seconds": r.seconds,
+        "rec_heldout": [_finite(r.error_before), _finite(r.error_after)],
     }
 
 
@@ -652,6 +701,40 @@ def _plot(model: str, rows: list[dict[str, Any]], base: float, path: Path, args)
     return True
 
 
+def _recovered_table(rows: list[dict[str, Any]], bases: dict[str, float]) -> list[str]:
+    """One-shot, recovered (``--recover``, no labels) and fine-tuned (labels) side by side."""
+    mine = [r for r in rows if r.get("acc_rec") is not None]
+    if not mine:
+        return []
+    steps = sorted({r["rec_steps"] for r in mine})
+    lines = [
+        "### One-shot, recovered without labels, fine-tuned with labels",
+        "",
+        f"Recovered: `recon.recover(result, model, calib, steps={'/'.join(map(str, steps))})` "
+        "on the run's calibration images only (no labels; the weights with the lowest output "
+        "error on a held-out quarter of them, the one-shot ones if no step lowered it). "
+        "Fine-tuned: the column above, on the labelled train split. Loss in points.",
+        "",
+        "| model | FLOPs | method | allocation | one-shot | recovered | fine-tuned | "
+        "held-out output error | recover (s) |",
+        "|---|---:|---|---|---:|---:|---:|---|---:|",
+    ]
+    order = sorted(mine, key=lambda r: (r["model"], r["target"], r["method"], _alloc(r)))
+    for r in order:
+        base = bases.get(r["model"], r.get("acc_original"))
+
+        def loss(key: str, r=r, base=base) -> str:
+            return "" if r.get(key) is None else f"{100 * (base - r[key]):.2f}"
+
+        before, after = r["rec_heldout"]
+        lines.append(
+            f"| {r['model']} | {r['target']:g}× | {r['method']} | {_alloc(r)} | {loss('acc')} | "
+            f"{loss('acc_rec')} | {loss('acc_ft')} | {before:.4f} → {after:.4f} | "
+            f"{r['rec_seconds']:.0f} |"
+        )
+    return [*lines, ""]
+
+
 def _quality_bars(
     rows: list[dict[str, Any]], bases: dict[str, float], folder: Path = Path("docs")
 ) -> list[str]:
@@ -784,6 +867,7 @@ def _write_markdown(
             "",
         ]
     lines += _quality_bars(rows, bases, path.parent)
+    lines += _recovered_table(rows, bases)
     for model in models:
         lines += _model_table(model, [r for r in rows if r["model"] == model], bases[model], args)
         lines += _paper_findings(model, [r for r in rows if r["model"] == model])
@@ -938,8 +1022,27 @@ def _reproduce(
             + f"({row['prune_seconds']:.1f} s + {row['ft_seconds'] or 0:.1f} s)"
         )
     bar.close()
+    topup = [r for r in rows if _recovers(r, args)]  # resumed rows without the recovery
+    for row in progress_bar(topup, desc="recovering", unit="run", disable=not lead):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same run as the row's: warned there
+            res = _prune(
+                nets[row["model"]], data, args, row["target"], row["method"],
+                row["reconstruct"], _alloc(row),
+            )  # fmt: skip
+        row.update(_recovery(nets[row["model"]], res, data, args))
+        say(
+            f"{row['model']} {row['target']:g}x {row['method']}/{_alloc(row)}: one-shot "
+            f"{_pct(row['acc'])}, recovered {_pct(row['acc_rec'])} ({row['rec_seconds']:.0f} s)"
+        )
     if not lead:
         return 0
+    if topup:  # the file again: its rows (the recovered ones updated), then this run's
+        known = {id(r) for r in old}
+        every = old + [r for r in rows if id(r) not in known]
+        results.write_text(
+            "".join(json.dumps(r, allow_nan=False) + "\n" for r in every), encoding="utf-8"
+        )
 
     for model in models:
         _plot(

@@ -196,6 +196,30 @@ def test_reproduce_quick_and_resume(reproduce, tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
 
 
+def test_reproduce_recover_adds_recovery_to_resumed_runs(reproduce, tmp_path):
+    """--recover on a finished table recovers its obs/lasso lstsq runs without re-running
+    their fine-tuning, keeps every other row as it was, and shows the three side by side."""
+    argv = ["--quick", "--models", "vgg16_fmnist", "--methods", "thinet,lasso"]
+    argv += ["--reconstruct", "lstsq", "--out-dir", str(tmp_path)]
+    assert reproduce.main(argv) == 0
+    before = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert reproduce.main([*argv, "--resume", "--recover", "3"]) == 0
+    after = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(after) == len(before)
+    thinet = [r for r in after if r["method"] == "thinet"]
+    lasso = [r for r in after if r["method"] == "lasso"]
+    assert thinet == [r for r in before if r["method"] == "thinet"]  # not recovered
+    (old,) = [r for r in before if r["method"] == "lasso"]
+    (new,) = lasso
+    assert new["rec_steps"] == 3 and 0 <= new["acc_rec"] <= 1 and new["rec_seconds"] > 0
+    assert new["acc_ft"] == old["acc_ft"] and new["acc"] == old["acc"]  # not re-run
+    before_err, after_err = new["rec_heldout"]
+    assert after_err <= before_err
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert "### One-shot, recovered without labels, fine-tuned with labels" in md
+    assert "| vgg16_fmnist | 2× | lasso | uniform |" in md
+
+
 def test_reproduce_allocations_and_rows_recorded_before_them(reproduce, tmp_path):
     argv = ["--quick", "--models", "vgg16_fmnist", "--methods", "thinet", "--reconstruct", "lstsq"]
     argv += ["--no-finetune", "--out-dir", str(tmp_path)]
