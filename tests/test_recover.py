@@ -177,3 +177,35 @@ def test_bad_models_and_data_are_refused():
         recon.recover(pruned, None, x)
     with pytest.raises(ValueError, match="at least 2 images"):
         recon.recover(pruned, original, x[:1])
+
+
+def test_pruned_layers_are_compared_on_the_channels_they_kept():
+    """A VGG has no block whose output keeps its shape: its points are the pruned layers'
+    BatchNorms, the original's outputs taken at the plan's kept channels."""
+    from recon._plan import plan_of
+    from recon.models import digits_vgg
+    from recon.recovery import channel_points
+
+    torch.manual_seed(0)
+    net = digits_vgg(width=0.25).eval()
+    x = torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = quiet_prune(net, x, speedup=2.0, allocation="uniform")
+    channels = channel_points(plan_of(result.model), net)
+    assert channels and all(name in dict(net.named_modules()) for name in channels)
+    points = matched_points(result.model, net, x[:2], channels)
+    assert points and all(idx is not None for idx in points.values())
+    small, big = dict(result.model.named_modules()), dict(net.named_modules())
+    for name, idx in points.items():
+        assert type(big[name]).__name__ == "BatchNorm2d"
+        assert len(idx) == small[name].num_features < big[name].num_features
+        # the pruned network's first BatchNorm is the original's at the kept channels
+    first = next(iter(points))
+    a, b = {}, {}
+    from recon.recovery import _taps
+
+    with torch.no_grad(), _taps(net, [first], a), _taps(result.model, [first], b):
+        net(x[:4])
+        result.model(x[:4])
+    torch.testing.assert_close(b[first], a[first][:, points[first]])
+    # a teacher of other widths than the plan's network gives no channel points
+    assert channel_points(plan_of(result.model), digits_vgg(width=0.5)) == {}
