@@ -505,3 +505,17 @@ def test_sensitivity_compare_table():
     ]  # fmt: skip
     text = script.markdown(rows, "cmd", 1.0, 1000, 10000, 0)
     assert "| m | 2× | 2.00 | 1.50 | 3.00 | 9.0 / 3.0 | 1.00 |" in text
+
+
+def test_recover_table_quick(reproduce, tmp_path):
+    """scripts/recover_table.py --quick: one cell, its row and its table."""
+    table = _load("recover_table")
+    table.main(["--quick", "--out-dir", str(tmp_path)])
+    (row,) = [json.loads(x) for x in (tmp_path / "recover.jsonl").read_text().splitlines()]
+    assert (row["model"], row["speedup"], row["calib"], row["steps"]) == (
+        "resnet20_fmnist", 2.0, 64, 5,
+    )  # fmt: skip
+    assert row["heldout_after"] <= row["heldout_before"]
+    assert row["recover_seconds"] > 0 and 0 <= row["recovered"] <= 1
+    md = (tmp_path / "recover.md").read_text(encoding="utf-8")
+    assert "| resnet20_fmnist (" in md and "Recovered below one-shot in" in md
