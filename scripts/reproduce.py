@@ -471,6 +471,9 @@ def _recovery(net, res, data, args: argparse.Namespace) -> dict[str, Any]:
     )
     r = out.report
     return {
+        # the one-shot model recovered (a resumed row's was pruned again: its accuracy
+        # shows whether today's code prunes it as the row's run did)
+        "acc_rec_oneshot": evaluate(res.model, *data.test),
         "acc_rec": evaluate(out.model, *data.test),
         "rec_steps": args.recover,
         "rec_seconds": r.seconds,
@@ -713,7 +716,9 @@ def _recovered_table(rows: list[dict[str, Any]], bases: dict[str, float]) -> lis
         f"Recovered: `recon.recover(result, model, calib, steps={'/'.join(map(str, steps))})` "
         "on the run's calibration images only (no labels; the weights with the lowest output "
         "error on a held-out quarter of them, the one-shot ones if no step lowered it). "
-        "Fine-tuned: the column above, on the labelled train split. Loss in points.",
+        "One-shot: the model recovered (for a run recovered after it was made, pruned "
+        "again by the code of that day). Fine-tuned: the run's, on the labelled train "
+        "split. Loss in points.",
         "",
         "| model | FLOPs | method | allocation | one-shot | recovered | fine-tuned | "
         "held-out output error | recover (s) |",
@@ -728,7 +733,8 @@ def _recovered_table(rows: list[dict[str, Any]], bases: dict[str, float]) -> lis
 
         before, after = r["rec_heldout"]
         lines.append(
-            f"| {r['model']} | {r['target']:g}× | {r['method']} | {_alloc(r)} | {loss('acc')} | "
+            f"| {r['model']} | {r['target']:g}× | {r['method']} | {_alloc(r)} | "
+            f"{loss('acc_rec_oneshot')} | "
             f"{loss('acc_rec')} | {loss('acc_ft')} | {before:.4f} → {after:.4f} | "
             f"{r['rec_seconds']:.0f} |"
         )
