@@ -29,6 +29,7 @@ EOF
 status=0
 timeout 110 "${PYTHON:-python3}" -m pytest -q -n 0 -p no:cacheprovider -k "cuda or device" tests/test_allocate.py tests/test_hostile.py tests/test_stats.py \
     tests/test_api.py tests/test_bench.py tests/test_finetune.py tests/test_obs.py tests/test_solve.py \
+    tests/test_recover.py \
     2>&1 | tee "$out/cuda_tests.log" | tail -n 40 || status=1
 timeout 260 "${PYTHON:-python3}" scripts/bench.py scale224 --device cuda --scale-images 256 --float32 \
     --json "$out/benchmarks_gpu.json" --out "$out/benchmarks_gpu.md" 2>&1 \

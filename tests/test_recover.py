@@ -209,3 +209,17 @@ def test_pruned_layers_are_compared_on_the_channels_they_kept():
     torch.testing.assert_close(b[first], a[first][:, points[first]])
     # a teacher of other widths than the plan's network gives no channel points
     assert channel_points(plan_of(result.model), digits_vgg(width=0.5)) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_recovery_matches_the_cpu_run():
+    """The same recovery on a GPU: the same best step, outputs to float32 round-off."""
+    original, pruned, x = _pair()
+    kw = {"steps": 40, "lr": 3e-3, "progress": False}
+    cpu = recon.recover(pruned, original, x, **kw)
+    gpu = recon.recover(pruned.cuda(), original.cuda(), x.cuda(), **kw)
+    assert gpu.report.best_step == cpu.report.best_step
+    assert next(gpu.model.parameters()).is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(gpu.model(x.cuda()).cpu(), cpu.model(x), rtol=1e-3, atol=1e-4)
