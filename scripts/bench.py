@@ -417,7 +417,7 @@ def scale224(args: argparse.Namespace) -> dict[str, Any]:
     batches = tuple(int(b) for b in args.latency_batches.split(","))
     lat: list[dict[str, Any]] = []
     ops: list[dict[str, Any]] = []
-    for spec in args.scale_models.split(","):
+    for spec in args.scale_models.split(",") if not args.skip_latency else ():
         lat += _bench224.latency(
             spec, args.size, args.speedup, batches, args.repeats, device=args.device, ops=ops
         )
@@ -911,6 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--latency-batches", default="1,32", help="'scale224' latency batch sizes (1,32)"
+    )
+    parser.add_argument(
+        "--skip-latency",
+        action="store_true",
+        help="'scale224': time the pruning only, not the pruned models' latency",
     )
     parser.add_argument(
         "--device",

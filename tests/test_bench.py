@@ -190,3 +190,12 @@ def test_naive_reference_leaves_autograd_on(script):
     net = digits_vgg(width=0.125).eval()
     out = script._naive.prune_naive(net, torch.randn(16, 1, 8, 8), speedup=1.5)
     assert out["kept"] and torch.is_grad_enabled()
+
+
+def test_bench_scale224_can_skip_the_latency(script):
+    out = script.main(
+        ["scale224", "--quick", "--in-process", "--allocations", "uniform", "--skip-latency"]
+    )
+    runs = out["scale224"]["runs"]
+    assert [r["allocation"] for r in runs] == ["uniform", "uniform"]  # one per model
+    assert out["scale224"]["latency"] == [] and out["scale224"]["operators"] == []
