@@ -28,7 +28,7 @@ relative output error ``Σ‖f_θ(x) − f(x)‖² / Σ‖f(x)‖²`` on them is
 training and every ``eval_every`` steps, and the weights with the lowest one are
 returned, which are the one-shot weights when no step improved it.
 
-``mode="blockwise"`` (BRECQ-style, kept for comparison: docs/recover.md) trains the
+``mode="blockwise"`` (BRECQ-style, for comparison only: docs/recover_blockwise) trains the
 parameters between consecutive matched points to the original's output at the later
 point, one stage after another in forward order, the inputs from the pruned network.
 
@@ -238,7 +238,8 @@ def recover(
         Optimiser steps (0: only measure the held-out error).
     mode : {"distill", "blockwise"}, default "distill"
         ``"distill"``: the whole network to the original's logits and matched feature
-        maps at once. ``"blockwise"``: stage by stage between matched points.
+        maps at once. ``"blockwise"``: stage by stage between matched points (for
+        comparison only: it lost to ``"distill"`` wherever measured).
     lr : float, default 1e-3
         Adam's peak learning rate (warm-up, then a cosine to 0).
     batch_size : int, default 64
