@@ -59,7 +59,6 @@ from ._checks import _calibration_batches, _shard
 from ._plan import plan_of
 from ._progress import progress_bar
 from ._utils import model_device
-from .finetune import shift_flip
 from .report import RecoverReport
 
 __all__ = ["MODES", "RecoverResult", "recover"]
@@ -486,6 +485,8 @@ class _Run:
               eval_every, augment, gen, progress):  # fmt: skip
         """Adam over ``stages`` (each: the loss terms and the parameters it trains, and
         its share of the steps); returns the best ``(held-out error, step, weights)``."""
+        from .finetune import shift_flip  # not at import: `import recon` stays light
+
         n_train = len(train_ids)
         local = where[train_ids]  # this rank's row of each training image, or -1
         self._scales(local[local >= 0], n_train)
