@@ -1,4 +1,6 @@
-"""Argument checks of :func:`recon.prune`: every one runs before any calibration work.
+"""Argument checks of :func:`recon.prune` (every one runs before any calibration work),
+and the few shared by the model builders of :mod:`recon.models` and
+:mod:`recon.mobilenet`.
 
 Messages follow one pattern, naming the argument, the expectation and the value:
 ``The 'seed' argument must be an int >= 0. Got -1 instead.``
@@ -237,3 +239,20 @@ def _check_layer_names(graph: Graph, **named: Any) -> None:
                     f"The '{arg}' argument names layer '{n}', which recon cannot prune: "
                     f"{graph.skipped[n]}."
                 )
+
+
+# Arguments of the model builders (recon.models, recon.mobilenet)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"The {name!r} parameter must be an int >= 1. Got {value!r} instead.")
+    return value
+
+
+def _check_width(owner: str, width: object) -> float:
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ValueError(
+            f"The 'width' parameter of {owner} must be a float in (0, inf). Got {width!r} instead."
+        )
+    return float(width)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .models import _check_positive_int, _check_width
+from ._checks import _check_positive_int, _check_width
 
 __all__ = ["MOBILENET_V2_CFG", "InvertedResidual", "MobileNetV2", "cifar_mobilenet_v2"]
 

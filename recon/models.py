@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ._checks import _check_positive_int, _check_width
+from .mobilenet import cifar_mobilenet_v2  # its own module: MobileNetV2 for 32 px
+
 __all__ = [
     "PRETRAINED_MANIFEST",
     "VGG",
@@ -69,20 +72,6 @@ def conv1x1(in_planes: int, out_planes: int, *, stride: int = 1) -> nn.Conv2d:
 def _scaled(channels: int, width: float) -> int:
     """Channel count ``channels`` scaled by ``width``, at least 1."""
     return max(1, round(channels * width))
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"The {name!r} parameter must be an int >= 1. Got {value!r} instead.")
-    return value
-
-
-def _check_width(owner: str, width: object) -> float:
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-        raise ValueError(
-            f"The 'width' parameter of {owner} must be a float in (0, inf). Got {width!r} instead."
-        )
-    return float(width)
 
 
 def _check_int_list(owner: str, name: str, value: object, length: int | None = None) -> list[int]:
@@ -765,8 +754,6 @@ def pretrained(name: str) -> nn.Module:
             f"The checkpoint of {name!r} at {path} is damaged: sha256 {digest}, expected "
             f"{entry['sha256']} (from {PRETRAINED_MANIFEST.name})."
         )
-    from .mobilenet import cifar_mobilenet_v2  # its own module: MobileNetV2 for 32 px
-
     builders = {
         "vgg16": vgg16,
         "cifar_resnet20": cifar_resnet20,

@@ -12,9 +12,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import profile_latency
 import torch
-from _measure import reestimate_bn
+from _measure import GROUPS, by_operator, reestimate_bn
 from torch import Tensor, nn
 
 import recon
@@ -147,13 +146,13 @@ def latency(
 
 
 def _operators(spec, batch, fmt, model, pruned, x, repeats) -> list[dict[str, Any]]:
-    """Milliseconds per forward pass by operator group (``profile_latency``'s groups),
-    original and pruned, one row per group."""
-    before, after = (profile_latency.by_operator(m, x, repeats) for m in (model, pruned))
+    """Milliseconds per forward pass by operator group (``_measure.GROUPS``, the groups
+    ``profile_latency`` prints), original and pruned, one row per group."""
+    before, after = (by_operator(m, x, repeats) for m in (model, pruned))
     return [
         {"model": spec, "batch": batch, "format": fmt, "group": g}
         | {"original_ms": before.get(g, 0.0), "pruned_ms": after.get(g, 0.0)}
-        for g in profile_latency.GROUPS
+        for g in GROUPS
     ]
 
 
@@ -260,15 +259,15 @@ def _operator_tables(ops: list[dict]) -> list[str]:
         ]
         groups = [
             g
-            for g in profile_latency.GROUPS
+            for g in GROUPS
             if any(cell[f, g]["original_ms"] or cell[f, g]["pruned_ms"] for f in fmts)
         ]
         for g in [*groups, "total"]:
             cells = []
             for f in fmts:
                 if g == "total":
-                    a = sum(cell[f, h]["original_ms"] for h in profile_latency.GROUPS)
-                    b = sum(cell[f, h]["pruned_ms"] for h in profile_latency.GROUPS)
+                    a = sum(cell[f, h]["original_ms"] for h in GROUPS)
+                    b = sum(cell[f, h]["pruned_ms"] for h in GROUPS)
                 else:
                     a, b = cell[f, g]["original_ms"], cell[f, g]["pruned_ms"]
                 ratio = f"{a / b:.2f}x" if a and b else ""
