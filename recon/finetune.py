@@ -271,7 +271,8 @@ def finetune(
         ``temperature``). It must return logits of the model's shape and live on the
         model's device; it is not changed (its training flags are restored).
         A pruned model recovers more of the original's accuracy in a few hundred steps
-        from its original than from the labels (README, "Fine-tuning from the original").
+        from its original than from the labels (docs/guide/recovery.md, "Fine-tuning
+        from the original").
     distill : float in [0, 1], default 0.5
         The distillation term's share of the loss with a ``teacher`` (1: the labels
         are not used; 0: plain training, exactly). Ignored without a teacher.

@@ -32,8 +32,8 @@ RTOL = 0.02
 
 #: The share of its channels that the ranking always leaves each unit. Scores are not
 #: comparable enough across layers for a threshold to empty one safely: without a floor
-#: the threshold left layers of the shipped VGG-16s with 1 of 128 channels (README,
-#: "The floor, min_keep").
+#: the threshold left layers of the shipped VGG-16s with 1 of 128 channels
+#: (docs/guide/baselines.md, "The floor").
 MIN_KEEP = 0.25
 
 

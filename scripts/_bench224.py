@@ -169,7 +169,7 @@ def machine_line(m: dict[str, Any], device: str) -> str:
 def markdown(
     args: Any, runs: list[dict], lat: list[dict], seconds: float, ops: list[dict] = ()
 ) -> str:
-    """The 224-px page: pruning runs, latency table, the goals of issue 17."""
+    """The 224-px page: pruning runs, latency table, the goals (pruning time, latency)."""
     m = runs[0]["machine"] if runs else bench.machine()
     cmd = " ".join(["python scripts/bench.py", *args.argv])
     size = args.size
@@ -229,7 +229,7 @@ def markdown(
             f"{x['speedup']:.2f}x | {x['vs_flops']:.2f} |"
         )
     lines += _operator_tables(ops)
-    lines += ["", "## Goals (issue 17)", "", *_goals(runs, lat), ""]
+    lines += ["", "## Goals", "", *_goals(runs, lat), ""]
     return "\n".join(lines)
 
 

@@ -145,7 +145,7 @@ def write_table(jsonl: Path, md: Path, argv: list[str] | None) -> None:
         f'{first["test"]:,} test images, `reconstruct="lstsq"`, no fine-tuning. Loss = base '
         "accuracy − pruned accuracy, in points. The runs' times are in allocation.jsonl; "
         "they were made on a machine shared with other jobs, so what the profile costs is "
-        "measured apart (README, `recon bench --allocation auto`).",
+        "measured apart (docs/guide/allocation.md, `recon bench --allocation auto`).",
         "",
         "| model | method | speedup | uniform loss | auto loss | auto − uniform | "
         "speedup (uniform / auto) |",

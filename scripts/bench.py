@@ -761,7 +761,7 @@ def markdown(args: argparse.Namespace, c: dict, runs: list, lat: list, seconds: 
             ],
         ),
         "",
-        "## The bars of issue 5",
+        "## Goals",
         "",
         *_bars(c, runs, lat),
         "",

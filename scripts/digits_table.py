@@ -33,6 +33,8 @@ def main() -> None:
     base = evaluate(model, x_test, y_test)
     speedups = [float(s) for s in args.speedups.split(",")]
     lines = [
+        "# A VGG on scikit-learn's digits: every method at 2× and 4×",
+        "",
         f"Digits VGG (`recon.models.digits_vgg`, trained by `recon._default.default_model`), "
         f"{args.calib} calibration images from the train split, accuracy on the "
         f"{len(y_test)}-image test split, no fine-tuning. Original: {100 * base:.2f}%.",

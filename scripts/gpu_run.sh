@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything recon checks on a GPU, in one run well under 10 minutes (issue 17, item 5).
+# Everything recon checks on a GPU, in one run well under 10 minutes.
 #
 #     bash scripts/gpu_run.sh [OUT_DIR]        # OUT_DIR defaults to $OUT or ./gpu_out
 #

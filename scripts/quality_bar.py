@@ -1,6 +1,6 @@
 """Why does one-shot pruning of the shipped VGG-16 lose what it loses? Diagnostics.
 
-Issue 4's quality bar asks LASSO + least squares to lose at most 0.5 point of top-1 at
+The quality bar (docs/results.md) asks LASSO + least squares to lose at most 0.5 point of top-1 at
 2x FLOPs without fine-tuning. This script measures the candidate causes on the shipped
 ``vgg16_fmnist`` (lasso, least squares, 2x unless told otherwise), evaluating on the
 Fashion-MNIST test split:
@@ -16,7 +16,7 @@ Fashion-MNIST test split:
    (``scripts/single_layer.py``), keep more of the sensitive conv1-3 layers and less of
    conv4-5, at the same FLOPs.
    ``allocation="auto"`` finds such a split from the calibration data; ``method="obs"``
-   with it are recon's defaults (issue 14).
+   with it are recon's defaults.
 4. **Speed-up**: the loss at 1.5x and 4x, to see how it grows.
 
 Writes ``<out-dir>/quality.md``.
@@ -82,7 +82,7 @@ def _run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        defaults = {"method": "lasso", "allocation": "uniform"}  # issue 4's setting
+        defaults = {"method": "lasso", "allocation": "uniform"}  # the quality bar's setting
         res = recon.prune(net, calib.split(100), progress=False, **(defaults | kw))
         seconds = time.perf_counter() - t0
     x_test = test[0]
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"{n:,} images, conv1-3 keep 0.8, conv4-5 keep 0.5", order[:n], {"keep_ratio": depth})
         for n in sizes[:2]
     ]
-    # The same, found from the calibration data (recon.prune's default since issue 14),
+    # The same, found from the calibration data (recon.prune's default),
     # and recon's defaults (obs selection, auto); at 4x too.
     auto, obs = {"allocation": "auto"}, {"allocation": "auto", "method": "obs"}
     runs += [

@@ -77,6 +77,8 @@ def main() -> None:
     head = "| " + " | ".join(f"{s:g}×: acc · err · FLOPs ratio" for s in speedups) + " |"
     rule = "---|" * len(speedups)
     lines = [
+        "# A ResNet-20 on scikit-learn's digits: sampler layers and the block target",
+        "",
         f"Digits ResNet-20 (`recon.models.digits_resnet20`: 3 stages of 16/32/64 channels, "
         f"BasicBlocks, 1×1 conv + BN projection shortcuts; {flops / 1e6:.2f} MFLOPs per 8×8 "
         f"image), trained {args.epochs} epochs on the {len(y_train)}-image train split of "

@@ -125,7 +125,7 @@ def test_bench_script_all_writes_markdown(script, tmp_path, capsys):
     text = md.read_text()
     for heading in ("## Machine", "## 1. recon against", "## 2. Scaling", "## 3. Inference"):
         assert heading in text
-    assert "naive / recon" in text and "The bars of issue 5" in text
+    assert "naive / recon" in text and "## Goals" in text
     assert "With float32 block products" in text
     assert "python scripts/bench.py all --quick --in-process" in text
     # the 224-px part (tiny models here): one run per model and allocation, its own page
