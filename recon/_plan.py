@@ -43,6 +43,7 @@ from torch import nn
 
 from ._version import __version__
 from .graph import Unit
+from .layers import HeadAttention
 from .surgery import prune_unit
 
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "apply_plan", "check_plan", "make_plan"]
@@ -53,6 +54,7 @@ PLAN_VERSION = 1
 _ATTR = "_recon_plan"  # where a pruned model carries its plan
 _UNIT_KEYS = ("kind", "producer", "consumer", "consumer_kind", "width", "taps", "kept")
 _READER_KEYS = ("name", "consumer", "consumer_kind", "taps")
+_CONSUMER_KINDS = ("conv", "linear", "tokens", "heads")
 # The settings of one run, copied into the next plan's "history" when plans compose.
 _RUN_KEYS = ("recon_version", "torch_version", "method", "reconstruct", "seed", "target", "options")
 
@@ -235,7 +237,7 @@ def check_plan(plan: Any, source: str = "The 'plan' argument") -> dict[str, Any]
     for name, e in units.items():
         if not isinstance(e, dict) or any(k not in e for k in _UNIT_KEYS):
             raise bad(f"unit {name!r} must be a dict with keys {list(_UNIT_KEYS)}")
-        if e["kind"] not in ("plain", "sampler") or e["consumer_kind"] not in ("conv", "linear"):
+        if e["kind"] not in ("plain", "sampler") or e["consumer_kind"] not in _CONSUMER_KINDS:
             raise bad(f"unit {name!r} has kind {e['kind']!r}, consumer_kind {e['consumer_kind']!r}")
         if not isinstance(e["consumer"], str) or (
             e["kind"] == "plain" and not isinstance(e["producer"], str)
@@ -245,7 +247,7 @@ def check_plan(plan: Any, source: str = "The 'plan' argument") -> dict[str, Any]
         if not isinstance(readers, list) or any(
             not isinstance(r, dict)
             or any(k not in r for k in _READER_KEYS)
-            or r["consumer_kind"] not in ("conv", "linear")
+            or r["consumer_kind"] not in _CONSUMER_KINDS
             or not isinstance(r["consumer"], str)
             or isinstance(r["taps"], bool)
             or not isinstance(r["taps"], int)
@@ -254,7 +256,8 @@ def check_plan(plan: Any, source: str = "The 'plan' argument") -> dict[str, Any]
         ):
             raise bad(
                 f"unit {name!r} must list its other readers as dicts with keys "
-                f"{list(_READER_KEYS)} (consumer_kind 'conv' or 'linear', an int taps >= 1)"
+                f"{list(_READER_KEYS)} (consumer_kind one of {list(_CONSUMER_KINDS)}, an int "
+                "taps >= 1)"
             )
         width, taps, kept = e["width"], e["taps"], e["kept"]
         for key, v in (("width", width), ("taps", taps)):
@@ -332,9 +335,25 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
     for e in plan["units"].values():
         width = e["width"]
         if e["kind"] == "plain":
-            p = get(e["producer"], (nn.Conv2d,), "Conv2d")
-            if p is not None and p.out_channels != width:
-                out.append(f"'{e['producer']}' has {p.out_channels} output channels, not {width}")
+            if e["consumer_kind"] == "heads":  # an attention layer's heads
+                p = get(e["producer"], (nn.MultiheadAttention, HeadAttention), "MultiheadAttention")
+                if p is not None and (p.num_heads, p.head_dim) != (width, e["taps"]):
+                    out.append(
+                        f"'{e['producer']}' has {p.num_heads} heads of {p.head_dim} features, "
+                        f"not {width} of {e['taps']}"
+                    )
+            elif e["consumer_kind"] == "tokens":  # an MLP's hidden features
+                p = get(e["producer"], (nn.Linear,), "Linear")
+                if p is not None and p.out_features != width:
+                    out.append(
+                        f"'{e['producer']}' has {p.out_features} output features, not {width}"
+                    )
+            else:
+                p = get(e["producer"], (nn.Conv2d,), "Conv2d")
+                if p is not None and p.out_channels != width:
+                    out.append(
+                        f"'{e['producer']}' has {p.out_channels} output channels, not {width}"
+                    )
             for cw_name in e.get("channelwise", []):
                 m = get(cw_name, (nn.BatchNorm2d, nn.Conv2d), "BatchNorm2d or depthwise Conv2d")
                 if isinstance(m, nn.BatchNorm2d) and m.num_features != width:

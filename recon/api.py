@@ -237,7 +237,7 @@ def prune(
         ``allocation="global"`` and ``"global_normalized"`` only: every unit keeps at
         least this share of its channels (rounded up, and to ``round_to``) whatever
         its scores; 0 lets the threshold take a layer down to one channel, as Network
-        Slimming does (README, "The floor, min_keep": without it the threshold emptied
+        Slimming does (docs/guide/baselines.md, "The floor": without it the threshold emptied
         the late layers of the shipped VGG-16s). A target the floor cannot reach, or a
         ``min_keep`` other than the default with another allocation, is an error.
     samples_per_image : int or None, default 10
@@ -278,7 +278,7 @@ def prune(
         layer) kept the same channels and accuracy as float64; but its rounding (~1e-6
         of the Gram) exceeds the solvers' ridge where a layer has fewer samples than
         patch entries, and the channels chosen there may then change with the batch
-        split (README, "Speed and memory"). Use it with ample calibration data.
+        split (docs/guide/speed.md, "float32 block products"). Use it with ample calibration data.
     distributed : bool or None, default None
         Split the calibration work over the processes of ``torch.distributed`` (see
         :mod:`recon.distributed`). None: do so when its default process group is
@@ -830,6 +830,8 @@ def _prune_units(
             )
             if unit.kind == "sampler":  # a new module: the traced copy must call it too
                 gm_p.set_submodule(unit.consumer, pruned.get_submodule(unit.consumer))
+            elif unit.consumer_kind == "heads":  # a new attention layer, likewise
+                gm_p.set_submodule(unit.producer, pruned.get_submodule(unit.producer))
             passes.kept(step, keep)  # cached consumer inputs, sliced to the kept channels
             row.seconds += t_stats
             layers.append(row)

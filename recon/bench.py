@@ -16,6 +16,7 @@ reset before the run through ``/proc/self/clear_refs`` where Linux allows it, el
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import statistics
@@ -184,9 +185,12 @@ def work(
         shape = shapes.get(unit.consumer)
         if shape is None:
             continue
-        n = shape[1]
-        if unit.consumer_kind == "conv":
-            positions = shape[2] * shape[3]
+        n = shape[-1] if unit.consumer_kind == "tokens" else shape[1]
+        if unit.consumer_kind in ("conv", "tokens"):
+            # a conv's output pixels; a token-wise linear layer's tokens (B, ..., n)
+            positions = (
+                shape[2] * shape[3] if unit.consumer_kind == "conv" else math.prod(shape[1:-1])
+            )
             per_image = (
                 positions if samples_per_image is None else min(samples_per_image, positions)
             )

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .layers import HeadAttention
 
 __all__ = [
     "BudgetUnit",
@@ -107,8 +109,12 @@ def count_flops(model: nn.Module, example_input: Tensor) -> tuple[int, dict[str,
     Notes
     -----
     Counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which counts
-    2 FLOPs per multiply-accumulate of convolutions and matrix products; bias
-    additions, normalisation, activations and pooling are not counted. FLOPs of
+    2 FLOPs per multiply-accumulate of convolutions and matrix products (and of
+    scaled dot-product attention, whose CPU kernel recon gives torch's formula); bias
+    additions, normalisation, activations and pooling are not counted. An attention
+    layer (``nn.MultiheadAttention``, :class:`recon.layers.HeadAttention`) counts as one
+    leaf, its projections and attention products together: its output projection is not
+    called as a module. FLOPs of
     functional operations called outside any leaf module are in ``total`` but in no
     entry of ``per_module``.
 
@@ -132,12 +138,17 @@ def count_flops(model: nn.Module, example_input: Tensor) -> tuple[int, dict[str,
         example_input = example_input[:1]
 
     modes = [(module, module.training) for module in model.modules()]
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        # nn.MultiheadAttention's fused inference kernel has no FLOPs formula: count
+        # its projections and attention products one by one
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), counter:
             model(example_input)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, training in modes:
             module.training = training
 
@@ -145,12 +156,33 @@ def count_flops(model: nn.Module, example_input: Tensor) -> tuple[int, dict[str,
     counts = {key: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
     root = type(model).__name__
     per_module: dict[str, int] = {}
+    inside: tuple[str, ...] = ()  # attention layers: counted whole (see Notes)
     for name, module in model.named_modules():
-        if next(module.children(), None) is not None:
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if _whole(module):
+            inside = (*inside, name)
+        elif next(module.children(), None) is not None:
             continue
         key = f"{root}.{name}" if name else root
         per_module[name] = int(counts.get(key, 0))
     return int(counter.get_total_flops()), per_module
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """FLOPs of scaled dot-product attention, as torch counts its CUDA kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: torch's counter has no formula for the CPU attention kernel (it would count 0).
+_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops
+}
+
+
+def _whole(module: nn.Module) -> bool:
+    """Whether ``module``'s FLOPs are counted as one leaf's (attention layers)."""
+    return isinstance(module, nn.MultiheadAttention | HeadAttention)
 
 
 def count_params(model: nn.Module) -> int:

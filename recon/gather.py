@@ -26,11 +26,18 @@ from torch import Tensor, fx, nn
 
 from ._progress import progress_bar
 from ._timing import PhaseTimer
-from .graph import Unit, _node_of
+from .graph import Unit, _node_of, called
 from .groups import group_slices
-from .layers import SampledConv2d
+from .layers import SampledConv2d, head_outputs
 from .passes import GraphRunner, Passes, consumer_target
-from .sampling import _mix, gather_patches, gather_targets, layer_key, sample_positions
+from .sampling import (
+    _mix,
+    gather_patches,
+    gather_targets,
+    layer_key,
+    sample_positions,
+    tokens_as_map,
+)
 from .stats import ChannelStats, GroupedStats, PatchStats
 from .surgery import channel_offset, consumer_weight
 
@@ -297,15 +304,19 @@ def accumulate_all(
 def _watch_reader(a, key, got, watch, runner, gm, b, offset, per_image, seed, timer) -> None:
     """Watchers putting reader ``a``'s patches and targets of batch ``b`` into ``got``."""
     unit, consumer = a.unit, a.consumer
-    out_node = runner.index[_node_of(gm, unit.consumer).name]
+    out_node = runner.index[_node_of(gm, called(unit)).name]
     bias = None if consumer.bias is None else consumer.bias.detach()
     conv = unit.consumer_kind == "conv"
+    tokens = unit.consumer_kind in ("tokens", "heads")
     layer = layer_key(unit.name)
     orig = _Where(None, None)
 
     def on_input(x: Tensor) -> None:
-        if conv:  # the positions of the output map, from the input's size
-            h, w = _out_size(consumer, x.shape[-2], x.shape[-1])
+        if conv or tokens:  # the positions of the output map, from the input's size
+            if conv:
+                h, w = _out_size(consumer, x.shape[-2], x.shape[-1])
+            else:  # a linear layer over the last dimension: a 1x1 conv of the tokens
+                h, w = x[..., 0].numel() // x.shape[0], 1
             orig.width = w
             orig.positions = sample_positions(
                 x.shape[0], h * w, per_image, seed=seed, layer=layer, image_offset=offset,
@@ -315,6 +326,8 @@ def _watch_reader(a, key, got, watch, runner, gm, b, offset, per_image, seed, ti
 
     def on_output(v: Tensor) -> None:
         with timer("stats"):
+            v = v[0] if isinstance(v, tuple) else v  # attention: (output, weights)
+            v = tokens_as_map(v) if tokens else v
             got[(*key, "y")] = consumer_target(v, bias, orig.positions)
 
     watch.setdefault(runner.index[a.in_node], []).append(on_input)
@@ -410,7 +423,10 @@ class _ReaderStats:
             off = self.off
             self.w_rest = torch.cat([w_rest[:, :off], w_rest[:, off + c :]], 1).reshape(n, -1)
             self.shift = _bias_shift(gm_o, gm_p, unit)
-        self.in_node = _node_of(gm_p, unit.consumer).args[0].name
+        self.in_node = _node_of(gm_p, called(unit)).args[0].name
+        # attention heads: the consumer (the output projection) reads what the heads
+        # compute from the attention layer's input
+        self.attn = gm_p.get_submodule(unit.producer) if unit.consumer_kind == "heads" else None
         self.rows = _Rows(self.stats)
 
     def on_input(self, orig, got: dict, i, timer: PhaseTimer):
@@ -424,6 +440,10 @@ class _ReaderStats:
                 x = x.detach()
                 if isinstance(consumer, SampledConv2d):
                     x = consumer.sampler(x)
+                if self.attn is not None:  # (B, T, E) -> the heads' outputs (B, T, h·d)
+                    x = head_outputs(self.attn, x)
+                if unit.consumer_kind in ("tokens", "heads"):  # (B, ..., c) -> (B, c, P, 1)
+                    x = tokens_as_map(x)
                 own = x[:, off : off + c] if self.sliced else x
                 if self.zeros:  # APoZ: every position, not only the sampled ones
                     self.stats.count_zeros(own)
@@ -437,6 +457,8 @@ class _ReaderStats:
                         dilation=consumer.dilation,
                         out_width=orig.width,
                     )
+                elif unit.consumer_kind in ("tokens", "heads"):  # the sampled tokens
+                    got[slot] = gather_targets(x, orig.positions)
                 else:  # a copy: later in-place ops in the graph cannot change it
                     got[slot] = x.reshape(x.shape[0], -1).clone()
 

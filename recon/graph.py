@@ -33,6 +33,14 @@ depthwise -> BN -> ReLU6 -> 1×1 project) the expand conv is the producer, the p
 conv the consumer, and the depthwise conv and both BatchNorms are cut along with the
 producer. A depthwise conv is never a producer or a consumer itself.
 
+Transformer-era layers add two kinds over the last dimension. An MLP, ``fc1 -> GELU
+-> fc2`` applied at every token (ConvNeXt's inverted bottleneck after its permute and
+LayerNorm, the MLP blocks of ViT, Swin and MaxViT): fc1's output features are the
+channels, fc2 reads them at every token (``consumer_kind="tokens"``). And the heads of
+a batch-first self-attention ``nn.MultiheadAttention`` (torchvision's ViT): each head
+is a channel of ``head_dim`` features, read by the output projection
+(``consumer_kind="heads"``); removing one removes its query, key and value rows.
+
 Each channel-wise op in between must have the producer's output as its only input;
 a value whose users do not all lead to convs this way (a residual ``add``, a second
 head, arithmetic with another tensor) couples channels and ends the search with a
@@ -61,9 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layers import SampledConv2d
+from .layers import HeadAttention, SampledConv2d
 
-__all__ = ["Block", "Graph", "Unit", "find_units", "trace"]
+__all__ = ["Block", "Graph", "Unit", "called", "find_units", "trace"]
 
 # Element-wise modules: allowed between producer and consumer, also after a flatten.
 _ELEMENTWISE_MODULES = (
@@ -150,7 +158,12 @@ class Unit:
         not removed at their producer but skipped by a sampler in front of the consumer.
     consumer : str
         Module that reads the producer's channels (a conv, or a linear after flatten).
-    consumer_kind : {"conv", "linear"}
+    consumer_kind : {"conv", "linear", "tokens", "heads"}
+        ``"linear"``: a linear layer after a flatten; ``"tokens"``: a linear layer over
+        the last dimension of (B, ..., width) read at every token (an MLP's second
+        layer; the producer is its first); ``"heads"``: the output projection of a
+        self-attention layer (the producer), whose ``width`` heads of ``taps`` features
+        each are the channels.
     channelwise : tuple of str
         Modules between producer and consumer that are sliced with the producer, in
         forward order: BatchNorms and depthwise convs.
@@ -290,7 +303,7 @@ class _Tracer(fx.Tracer):
     """fx's tracer, with recon's sampled convolutions kept as leaf modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SampledConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, SampledConv2d | HeadAttention) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -418,6 +431,22 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
         if node.op != "call_module":
             continue
         m = modules[node.target]
+        if isinstance(m, nn.MultiheadAttention | HeadAttention):
+            found = _attention(node, m) if calls[node.target] == 1 else "it is called twice"
+            if isinstance(found, Unit):
+                units.append(found)
+            else:
+                skipped[node.target] = found
+            continue
+        if type(m) is nn.Linear and node.target not in skipped:
+            found = _follow_linear(node, m, modules) if calls[node.target] == 1 else None
+            if isinstance(found, Unit) and calls[found.consumer] > 1:
+                found = f"its consumer '{found.consumer}' is called {calls[found.consumer]} times"
+            if isinstance(found, Unit):
+                units.append(found)
+            elif found is not None and _hidden_linear(node, modules):
+                skipped[node.target] = found
+            continue
         if not isinstance(m, nn.Conv2d) or node.target in skipped:
             continue
         reason = _supported_conv(m)
@@ -477,8 +506,14 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
             )
         )
     order = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
-    units.sort(key=lambda u: order[u.consumer])
+    units.sort(key=lambda u: order[called(u)])
     return Graph(units, skipped, gm, blocks, unsupported)
+
+
+def called(unit: Unit) -> str:
+    """The module whose call reads the unit's channels: its consumer, or for attention
+    heads the attention layer (its output projection is not called as a module)."""
+    return unit.producer if unit.consumer_kind == "heads" else unit.consumer
 
 
 def _note_depthwise(
@@ -896,6 +931,104 @@ def _follow(node: fx.Node, producer: nn.Conv2d, modules: dict[str, nn.Module]) -
         else:
             return _opaque(nxt, modules)
         cur = nxt
+
+
+def _follow_linear(node: fx.Node, producer: nn.Linear, modules: dict[str, nn.Module]) -> Unit | str:
+    """Walk from a producer linear layer through element-wise ops to a consumer linear
+    layer over the same last dimension (an MLP: ``fc1 -> GELU -> fc2``): a Unit whose
+    channels are ``fc1``'s output features, read by ``fc2`` at every token position,
+    or the reason there is none."""
+    width = producer.out_features
+    cur = node
+    while True:
+        users = _users(cur)
+        if len(users) != 1:
+            what = ", ".join(_describe(u, modules) for u in users) or "nothing"
+            return (
+                f"its output (through {_describe(cur, modules)}) is used by {len(users)} "
+                f"nodes ({what}): its features are coupled with other layers"
+            )
+        nxt = users[0]
+        if any(isinstance(a, fx.Node) and a is not cur for a in nxt.all_input_nodes):
+            return (
+                f"its output flows into {_describe(nxt, modules)}, which combines it "
+                "with other values: its features are coupled"
+            )
+        if nxt.op == "call_module":
+            mod = modules[nxt.target]
+            if type(mod) is nn.Linear:
+                if mod.in_features != width:
+                    return (
+                        f"its consumer '{nxt.target}' reads {mod.in_features} features, not {width}"
+                    )
+                return Unit(
+                    name=str(node.target),
+                    producer=str(node.target),
+                    consumer=str(nxt.target),
+                    consumer_kind="tokens",
+                    width=width,
+                    taps=1,
+                )
+            if type(mod) not in _ELEMENTWISE_MODULES:
+                return _opaque(nxt, modules)
+        elif not (
+            (nxt.op == "call_function" and nxt.target in _ELEMENTWISE_FUNCTIONS)
+            or (nxt.op == "call_method" and nxt.target in _ELEMENTWISE_METHODS)
+            or _scalar_op(nxt)
+        ):
+            return _opaque(nxt, modules)
+        cur = nxt
+
+
+def _attention(node: fx.Node, m: nn.Module) -> Unit | str:
+    """The heads of a self-attention layer as a unit (each head a channel of
+    ``head_dim`` taps, read by the output projection), or why they are not one."""
+    args = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
+    sources = {a for a in args if isinstance(a, fx.Node)}
+    if len(sources) != 1:
+        return "it is not self-attention (query, key and value differ)"
+    if any(node.kwargs.get(k) is not None for k in ("attn_mask", "key_padding_mask")):
+        return "it is given an attention mask"
+    if node.kwargs.get("is_causal"):
+        return "it is causal"
+    if isinstance(m, nn.MultiheadAttention):
+        if not m.batch_first:
+            return "it is not batch-first"
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            return (
+                "its key or value projections differ from the packed in_proj (kdim, vdim, "
+                "bias_k, add_zero_attn)"
+            )
+    for u in _users(node):  # the weights: getitem 1, read by nothing
+        item = u.op == "call_function" and u.target is operator.getitem
+        if not item or (u.args[1] != 0 and _users(u)):
+            return f"its output is used at node '{u.name}', not only its first element"
+    if m.num_heads < 2:
+        return "it has one head"
+    return Unit(
+        name=str(node.target),
+        producer=str(node.target),
+        consumer=f"{node.target}.out_proj",
+        consumer_kind="heads",
+        width=m.num_heads,
+        taps=m.head_dim,
+    )
+
+
+def _hidden_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a linear layer's output is read by another linear layer downstream (an
+    MLP's hidden features), so a reason for leaving it whole is worth reporting; a
+    classifier head feeding the output is not."""
+    seen, todo = set(), list(_users(node))
+    while todo:
+        n = todo.pop()
+        if n in seen or len(seen) > 64:
+            continue
+        seen.add(n)
+        if n.op == "call_module" and type(modules[n.target]) is nn.Linear:
+            return True
+        todo.extend(_users(n))
+    return False
 
 
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}

@@ -1,4 +1,4 @@
-"""Layers recon puts into a pruned network: the sampler layer.
+"""Layers recon puts into a pruned network: the sampler layer, and attention with fewer heads.
 
 Channels that meet in a residual ``add`` are coupled across a whole stage, so they
 cannot be removed. A *sampler layer* (He et al. 2017) lets a residual branch read only
@@ -14,6 +14,13 @@ On channels_last CPU input with more positions (N·H·W) than output channels, a
 innermost dimension) and convolves all ``C`` channels with a weight that is zero
 outside ``index``: the same output, several times faster (``scripts/sampler_layout.py``).
 
+Removing heads from ``nn.MultiheadAttention`` leaves fewer heads than its
+``embed_dim // head_dim``, which that class cannot hold (its heads always span the
+input width). :class:`HeadAttention` is self-attention with any number of heads of a
+given size, under the same parameter names, so a state dict keeps its keys::
+
+    x (B, T, E) -> in_proj (3·h·d) -> h heads of size d -> out_proj (h·d -> E)
+
 This module sees modules only.
 """
 
@@ -23,7 +30,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["SampledConv2d", "Sampler"]
+__all__ = ["HeadAttention", "SampledConv2d", "Sampler", "head_outputs"]
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -193,3 +200,116 @@ class SampledConv2d(nn.Conv2d):
         n, _, kh, kw = self.weight.shape
         zeros = self.weight.new_zeros(n, self.sampler.in_channels, kh, kw)
         return zeros.index_copy(1, self.sampler.index, self.weight)
+
+
+class HeadAttention(nn.Module):
+    """Batch-first self-attention with ``num_heads`` heads of ``head_dim`` features.
+
+    Called as ``nn.MultiheadAttention`` is in self-attention, ``attn(x, x, x,
+    need_weights=False)``, it returns ``(output, None)``. Build one from an
+    ``nn.MultiheadAttention`` with :meth:`from_mha`.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Features in and out, ``E``.
+    num_heads, head_dim : int
+    bias : bool
+        Whether the projections have biases.
+    dropout : float
+        On the attention weights, in training.
+
+    Examples
+    --------
+    >>> mha = nn.MultiheadAttention(8, 4, batch_first=True)
+    >>> attn = HeadAttention.from_mha(mha, [0, 3])
+    >>> x = torch.randn(2, 5, 8)
+    >>> attn(x, x, x, need_weights=False)[0].shape, attn.out_proj.in_features
+    (torch.Size([2, 5, 8]), 4)
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.dropout = dropout
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @classmethod
+    def from_mha(
+        cls, mha: nn.Module, heads: Tensor | list[int], out_weight: Tensor | None = None
+    ) -> HeadAttention:
+        """A copy of ``mha`` with only its heads ``heads`` (sorted, distinct).
+
+        ``mha`` is a batch-first ``nn.MultiheadAttention`` or a :class:`HeadAttention`
+        (heads numbered as it has them). ``out_weight`` (E, len(heads)·head_dim), if
+        given, replaces the output projection's sliced columns. ``mha`` is not changed.
+        """
+        if isinstance(mha, nn.MultiheadAttention):
+            if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None:
+                raise TypeError(
+                    "The 'mha' argument must be a batch-first nn.MultiheadAttention with "
+                    f"one packed in_proj_weight and no bias_k/bias_v. Got {mha!r}."
+                )
+            h, d, p = mha.num_heads, mha.head_dim, mha.dropout
+        elif isinstance(mha, HeadAttention):
+            h, d, p = mha.num_heads, mha.head_dim, mha.dropout
+        else:
+            raise TypeError(
+                f"The 'mha' argument must be an nn.MultiheadAttention or HeadAttention. "
+                f"Got {type(mha).__name__}."
+            )
+        heads = Sampler(heads, h).index.to(mha.in_proj_weight.device)  # validated
+        rows = (heads[:, None] * d + torch.arange(d, device=heads.device)).reshape(-1)
+        rows = torch.cat([rows + i * h * d for i in range(3)])  # q, k and v rows
+        weight = mha.in_proj_weight.detach()
+        new = cls(mha.embed_dim, len(heads), d, bias=mha.in_proj_bias is not None, dropout=p)
+        new.to(weight.device, weight.dtype)
+        new.in_proj_weight = nn.Parameter(weight[rows].clone())
+        if mha.in_proj_bias is not None:
+            new.in_proj_bias = nn.Parameter(mha.in_proj_bias.detach()[rows].clone())
+        cols = rows[: len(heads) * d]
+        w_out = mha.out_proj.weight.detach()
+        w_out = w_out[:, cols] if out_weight is None else out_weight.reshape(w_out.shape[0], -1)
+        new.out_proj.weight = nn.Parameter(w_out.to(weight).clone())
+        if mha.out_proj.bias is not None:
+            new.out_proj.bias = nn.Parameter(mha.out_proj.bias.detach().clone())
+        new.train(mha.training)
+        return new
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = True, **unused
+    ) -> tuple[Tensor, None]:
+        o = _heads(query, self.in_proj_weight, self.in_proj_bias, self.num_heads, self.head_dim,
+                   self.dropout if self.training else 0.0)  # fmt: skip
+        return self.out_proj(o), None  # (B, T, E); no attention weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def _heads(x: Tensor, w: Tensor, b: Tensor | None, h: int, d: int, p: float) -> Tensor:
+    """The heads' outputs before the output projection, side by side: (B, T, h·d)."""
+    B, T = x.shape[0], x.shape[1]
+    q, k, v = nn.functional.linear(x, w, b).reshape(B, T, 3, h, d).permute(2, 0, 3, 1, 4)
+    o = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, T, d)
+    return o.transpose(1, 2).reshape(B, T, h * d)
+
+
+def head_outputs(attn: nn.Module, x: Tensor) -> Tensor:
+    """What ``attn``'s output projection reads when it attends over ``x`` (B, T, E): the
+    outputs of its heads side by side, (B, T, heads·head_dim), head ``i`` in columns
+    ``i·head_dim ..``. ``attn`` is a batch-first ``nn.MultiheadAttention`` or a
+    :class:`HeadAttention`, in eval mode (no dropout)."""
+    return _heads(x, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads, attn.head_dim, 0.0)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import _check_positive_int, _check_width
+from .convnext import cifar_convnext  # its own module: ConvNeXt for 32 px
 from .mobilenet import cifar_mobilenet_v2  # its own module: MobileNetV2 for 32 px
 
 __all__ = [
@@ -759,6 +760,7 @@ def pretrained(name: str) -> nn.Module:
         "cifar_resnet20": cifar_resnet20,
         "cifar_resnet56": cifar_resnet56,
         "cifar_mobilenet_v2": cifar_mobilenet_v2,
+        "cifar_convnext": cifar_convnext,
     }
     model = builders[entry["builder"]](**entry["kwargs"])
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -62,8 +62,8 @@ import torch
 from torch import Tensor, fx
 
 from ._timing import PhaseTimer
-from .graph import Block, Unit, _node_of
-from .sampling import gather_targets, layer_key, sample_positions
+from .graph import Block, Unit, _node_of, called
+from .sampling import gather_targets, layer_key, sample_positions, tokens_as_map
 
 __all__ = ["DEFAULT_CACHE_BYTES", "GraphRunner", "Original", "Passes", "consumer_target"]
 
@@ -98,6 +98,8 @@ def _slice_channels(value: Any, keep: Tensor, unit: Unit) -> Tensor | None:
     keep = keep.to(value.device)
     if unit.consumer_kind == "conv" and value.dim() == 4 and value.shape[1] == unit.width:
         return value.index_select(1, keep)
+    if unit.consumer_kind == "tokens" and value.shape[-1] == unit.width:
+        return value.index_select(value.dim() - 1, keep)
     if unit.consumer_kind == "linear" and value.dim() == 2:
         if value.shape[1] == unit.width * unit.taps:  # flattened channel-major: (B, c*taps)
             rows = value.reshape(value.shape[0], unit.width, unit.taps)
@@ -447,7 +449,7 @@ class Passes:
     # ------------------------------------------------------------------ original side
 
     def _want(self, unit: Unit, shortcut: str | None) -> tuple[int, int | None, Tensor | None]:
-        out = self.ro.index[_node_of(self.gm_o, unit.consumer).name]
+        out = self.ro.index[_node_of(self.gm_o, called(unit)).name]
         sc = None if shortcut is None else self.ro.index[shortcut]
         bias = self.gm_o.get_submodule(unit.consumer).bias
         return out, sc, None if bias is None else bias.detach()
@@ -478,7 +480,8 @@ class Passes:
 
     def _reader_watch(self, b, at, unit, out, sc, bias, entry) -> dict[int, list]:
         key = layer_key(unit.name)
-        conv = unit.consumer_kind == "conv"
+        conv = unit.consumer_kind in ("conv", "tokens", "heads")
+        tokens = unit.consumer_kind in ("tokens", "heads")
 
         def pos(v: Tensor) -> Tensor | None:
             if not conv:
@@ -490,6 +493,8 @@ class Passes:
 
         def on_out(v: Tensor) -> None:
             with self.timer("stats"):
+                v = v[0] if isinstance(v, tuple) else v  # attention: (output, weights)
+                v = tokens_as_map(v) if tokens else v  # (B, ..., n) -> (B, n, P, 1)
                 entry[("y", *at)] = consumer_target(v, bias, pos(v))
 
         def on_sc(v: Tensor) -> None:

@@ -55,9 +55,9 @@ from ._progress import progress_bar
 from ._timing import PhaseTimer
 from .allocate import count_grid, lstsq_error_curve, scale_error_curve
 from .gather import CV_FOLDS, accumulate_all, stats_bytes, stats_tensors
-from .graph import Unit
+from .graph import Unit, called
 from .groups import group_slices, quota_order
-from .layers import SampledConv2d
+from .layers import SampledConv2d, head_outputs
 from .refit import gate_fit
 from .sampling import _mix, layer_key
 from .scores import channel_scores
@@ -516,7 +516,7 @@ def _profile_one(
         bias_delta = torch.cat([d for _, d in fits])
     gate = gate_fit(unit, stats, keep, original, reconstruct)
     dense = weight if G == 1 or weight is None else _block_diagonal(fits, probe // G, unit.taps)
-    deltas = [(unit.consumer, _consumer_delta(original, unit, keep, dense, bias_delta))]
+    deltas = [(called(unit), _consumer_delta(original, unit, keep, dense, bias_delta))]
     if gate is not None:
         deltas.append(
             (unit.gate[0], _conv1x1_delta(original.get_submodule(unit.gate[0]), keep, *gate))
@@ -576,7 +576,7 @@ def _profile_shared(
     weights = [None if w is None else w.reshape(w.shape[0], -1) for w, _ in fits]
     biases = [d for _, d in fits]
     deltas = [
-        (r.consumer, _consumer_delta(original, r, keep, w, d))
+        (called(r), _consumer_delta(original, r, keep, w, d))
         for r, w, d in zip(readers, weights, biases, strict=True)
     ]
 
@@ -628,8 +628,11 @@ def _consumer_delta(
         return delta
 
     rows = kept_taps(keep, k)
+    attn = model.get_submodule(unit.producer) if unit.consumer_kind == "heads" else None
 
     def delta_linear(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if attn is not None:  # the attention layer's input: what its heads give
+            x = head_outputs(attn, x)
         xu = x[..., offset * k : (offset + unit.width) * k]
         ref = xu @ w_unit.reshape(n, -1).to(x).T
         d = xu.index_select(-1, rows.to(x.device)) @ w_new.reshape(n, -1).to(x).T - ref

@@ -134,13 +134,14 @@ def channel_points(plan: dict[str, Any] | None, original: nn.Module) -> dict[str
 
 def matched_points(
     pruned: nn.Module, original: nn.Module, x: Tensor, channels: dict[str, list[int]] | None = None
-) -> dict[str, Tensor | None]:
+) -> dict[str, tuple[int, Tensor] | None]:
     """Modules of both networks, by name, whose outputs the loss can compare.
 
     Blocks and stages (modules with sub-modules) whose outputs keep the original's
     shape (the innermost one where several return the same tensor), and the layers of
     ``channels`` whose outputs are the original's at those channels: ``{name: None or
-    the original's channels}``, in the order they finish in a forward pass of ``x``.
+    (dim, the original's channels along dim)}`` (dim 1 of a map, the last of a
+    token-wise linear layer), in the order they finish in a forward pass of ``x``.
     The whole network is left out (its output is matched anyway).
     """
     channels = channels or {}
@@ -160,11 +161,13 @@ def matched_points(
             continue
         if ya.shape == yb.shape:
             points[n] = None
-        elif n in channels and ya.dim() >= 2:
+        elif n in channels and ya.dim() >= 2 and yb.dim() == ya.dim():
             index = torch.as_tensor(channels[n], dtype=torch.int64, device=ya.device)
-            if ya.index_select(1, index).shape != yb.shape:
+            # the channels: dim 1 of a map, the last dim of a token-wise linear layer's output
+            dim = 1 if ya.shape[1] != yb.shape[1] else ya.dim() - 1
+            if int(index.max()) >= ya.shape[dim] or ya.index_select(dim, index).shape != yb.shape:
                 continue
-            points[n] = index
+            points[n] = (dim, index)
         else:
             continue
         seen.add(id(ya))
@@ -395,9 +398,9 @@ class _Run:
         with _taps(model, self.points, out):
             out[""] = model(xb)
         if model is self.teacher:  # the kept channels where the student has fewer
-            for k, idx in self.index.items():
-                if idx is not None:
-                    out[k] = out[k].index_select(1, idx)
+            for k, at in self.index.items():
+                if at is not None:
+                    out[k] = out[k].index_select(*at)
         return out
 
     def heldout_error(self, rows: Tensor) -> float:

@@ -162,7 +162,11 @@ def _report(
 
     return LayerReport(
         name=unit.name,
-        kind="sampler" if unit.kind == "sampler" else "conv",
+        kind="sampler"
+        if unit.kind == "sampler"
+        else unit.consumer_kind
+        if unit.consumer_kind in ("tokens", "heads")
+        else "conv",
         channels_before=unit.width,
         channels_after=int(keep.numel()),
         method=method,

@@ -115,7 +115,8 @@ class LayerReport:
         Unit (producer) name, or the sampler's name (the name of the residual
         branch's first conv + ``".sampler"``, e.g. ``"layer1.0.conv1.sampler"``).
     kind : str
-        ``"conv"``, ``"linear"`` or ``"sampler"``. A sampler is a channel
+        ``"conv"``, ``"linear"``, ``"tokens"`` (an MLP's hidden features: a linear
+        layer read by another at every token) or ``"sampler"``. A sampler is a channel
         index-select put in front of a residual branch's first conv.
     channels_before, channels_after : int
         Channels of the unit before and after pruning; for a sampler, the channels

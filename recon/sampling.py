@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gather_patches", "gather_targets", "layer_key", "sample_positions"]
+__all__ = ["gather_patches", "gather_targets", "layer_key", "sample_positions", "tokens_as_map"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -125,3 +125,15 @@ def gather_targets(y: Tensor, positions: Tensor) -> Tensor:
     flat = y.reshape(b, n, -1)
     idx = positions[:, None, :].expand(b, n, positions.shape[1])
     return flat.gather(2, idx).permute(0, 2, 1).reshape(-1, n)
+
+
+def tokens_as_map(x: Tensor) -> Tensor:
+    """A linear layer's input or output over its last dimension as a one-column map.
+
+    ``x`` (B, ..., c) -> (B, c, P, 1), ``P`` the token positions of an image (every
+    dimension between the first and the last: ViT's tokens, ConvNeXt's ``H × W``
+    channels-last pixels; 1 for a (B, c) input). A linear layer applied to every token
+    is then a 1×1 convolution of this map, and its positions are sampled as a conv's.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    return x.reshape(b, -1, c).transpose(1, 2).unsqueeze(-1)

@@ -120,7 +120,7 @@ def channel_scores(
         if stats is None:
             raise ValueError("The 'stats' argument is required for method 'apoz'. Got None.")
         return 1.0 - stats.apoz
-    if method == "l1" and unit.producer is not None:
+    if method == "l1" and unit.producer is not None and unit.consumer_kind != "heads":
         producer = model.get_submodule(unit.producer)
         # summed in the weights' dtype, as recon always has (the same ties, bit for bit)
         return producer.weight.detach().abs().reshape(unit.width, -1).sum(1).double()

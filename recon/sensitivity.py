@@ -117,6 +117,9 @@ def linearised_output_errors(
 
     def hook(name: str):
         def fn(_mod, inp, out):
+            rest = ()
+            if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+                out, rest = out[0], out[1:]  # an attention layer's (output, weights)
             if not isinstance(out, Tensor):
                 return None
             x, y = inp[0].detach(), out.detach()
@@ -127,7 +130,7 @@ def linearised_output_errors(
                         layer[i, 0] += float(d.double().square().sum())
                         layer[i, 1] += float(ref.double().square().sum())
                 out = _Tap.apply(out, d, dots[i])
-            return out
+            return (out, *rest) if rest else out
 
         return fn
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .graph import Unit
 from .groups import dense_weight
-from .layers import SampledConv2d
+from .layers import HeadAttention, SampledConv2d
 
 __all__ = [
     "apply_bias_delta",
@@ -255,7 +255,9 @@ def prune_unit(
     Slices the producer's outputs, the BatchNorms and depthwise convs between, a
     squeeze-and-excitation gate's squeeze inputs and excitation outputs, and the
     consumer's inputs (only the unit's slice of them if it is concatenated); for a
-    sampler unit, puts a sampler in front of the consumer instead. Installs a re-fitted
+    sampler unit, puts a sampler in front of the consumer instead; for attention heads,
+    replaces the attention layer by a :class:`~recon.layers.HeadAttention` with the kept
+    heads. Installs a re-fitted
     consumer ``weight`` (on the unit's channels) and adds ``bias_delta`` when given, and
     the gate's re-fitted squeeze weight and bias change ``gate``. A unit with several
     readers (:attr:`Unit.readers`) cuts each; ``weight`` and ``bias_delta`` are then
@@ -274,6 +276,9 @@ def prune_unit(
     ]
     if unit.kind == "sampler":
         insert_sampler(model, unit.consumer, keep, weight)
+    elif unit.consumer_kind == "heads":  # fewer heads: a new attention layer, same name
+        attn = model.get_submodule(unit.producer)
+        model.set_submodule(unit.producer, HeadAttention.from_mha(attn, keep, weights[0]))
     else:
         slice_outputs(model.get_submodule(unit.producer), keep)
         for name in unit.channelwise:

@@ -72,6 +72,16 @@ def _skip_summary(graph: Any) -> str:
     return "; ".join(f"{n}× {r}" for r, n in top)
 
 
+def _wake_layer_scales(net: torch.nn.Module) -> None:
+    """Set ConvNeXt's layer scales to 1: initialised at 1e-6, they would leave every
+    block's output (and so any pruning of it) invisible in the logits."""
+    for m in net.modules():
+        scale = getattr(m, "layer_scale", None)
+        if isinstance(scale, torch.nn.Parameter):
+            with torch.no_grad():
+                scale.fill_(1.0)
+
+
 def run_model(
     name: str, n_images: int, size: int | None = None, max_params: float = MAX_PARAMS
 ) -> dict[str, Any]:
@@ -94,6 +104,7 @@ def run_model(
             if params > max_params:
                 row["refused"] = f"not run: {params / 1e6:.0f} M parameters (--max-params)"
                 return row
+            _wake_layer_scales(net)
             net = reestimate_bn(net, data.split(64))
             graph = find_units(net)
     except Exception as e:  # a model that cannot be built or traced: recorded
@@ -164,9 +175,10 @@ def markdown(rows: list[dict[str, Any]], argv: list[str], n_images: int, seconds
         "calibration and as many held-out images; LASSO, uniform split. Cells: the FLOPs "
         "ratio reached, and the relative logit error on the held-out images with the "
         "least-squares re-fit (bold) / without a re-fit; *max* is the largest ratio the "
-        "prunable units allow. No accuracy: the weights are random.",
+        "prunable units allow. No accuracy: the weights are random (ConvNeXt's layer "
+        "scales, 1e-6 at initialisation, are set to 1 so that its blocks count).",
         "",
-        "| model | params (M) | px | units + samplers | convs left whole | 1.5× | 2× | "
+        "| model | params (M) | px | units + samplers | layers left whole | 1.5× | 2× | "
         "why layers are left whole (most common) |",
         "|---|---:|---:|---:|---:|---|---|---|",
     ]

@@ -3,6 +3,7 @@
     python scripts/train.py vgg16_fmnist --epochs 8
     python scripts/train.py resnet20_fmnist --epochs 8
     python scripts/train.py mobilenetv2_fmnist --epochs 6
+    python scripts/train.py convnext_fmnist --epochs 6
     python scripts/train.py vgg16_fmnist --epochs 8 --bn-l1 1e-4   # -> vgg16_fmnist_bnl1
 
 ``--bn-l1 λ`` trains with Network Slimming's sparsity penalty ``λ Σ|γ|`` on every
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from recon.convnext import cifar_convnext
 from recon.data import evaluate, load_fashion_mnist, to_tensor32
 from recon.finetune import finetune
 from recon.mobilenet import cifar_mobilenet_v2
@@ -45,12 +47,14 @@ MODELS = {
         {"width": 0.5, "in_channels": 1, "num_classes": 10, "stem_stride": 2},
         0.05,
     ),
+    "convnext_fmnist": ("cifar_convnext", {"in_channels": 1, "num_classes": 10}, 0.05),
 }
 BUILDERS = {
     "vgg16": vgg16,
     "cifar_resnet20": cifar_resnet20,
     "cifar_resnet56": cifar_resnet56,
     "cifar_mobilenet_v2": cifar_mobilenet_v2,
+    "cifar_convnext": cifar_convnext,
 }
 
 

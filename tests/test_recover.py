@@ -195,8 +195,8 @@ def test_pruned_layers_are_compared_on_the_channels_they_kept():
     points = matched_points(result.model, net, x[:2], channels)
     assert points and all(idx is not None for idx in points.values())
     small, big = dict(result.model.named_modules()), dict(net.named_modules())
-    for name, idx in points.items():
-        assert type(big[name]).__name__ == "BatchNorm2d"
+    for name, (dim, idx) in points.items():
+        assert type(big[name]).__name__ == "BatchNorm2d" and dim == 1
         assert len(idx) == small[name].num_features < big[name].num_features
         # the pruned network's first BatchNorm is the original's at the kept channels
     first = next(iter(points))
@@ -206,7 +206,7 @@ def test_pruned_layers_are_compared_on_the_channels_they_kept():
     with torch.no_grad(), _taps(net, [first], a), _taps(result.model, [first], b):
         net(x[:4])
         result.model(x[:4])
-    torch.testing.assert_close(b[first], a[first][:, points[first]])
+    torch.testing.assert_close(b[first], a[first][:, points[first][1]])
     # a teacher of other widths than the plan's network gives no channel points
     assert channel_points(plan_of(result.model), digits_vgg(width=0.5)) == {}
 
