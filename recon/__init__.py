@@ -27,20 +27,34 @@ from .recovery import RecoverResult, recover
 from .report import LayerReport, RecoverReport, Report
 from .scratch import reinit
 
+# (IterativeResult, ScanResult, iterative_prune, sensitivity_scan: imported on first
+# use, see _LAZY: they load fine-tuning)
 __all__ = [
+    "IterativeResult",
     "LayerReport",
     "PruneResult",
     "RecoverReport",
     "RecoverResult",
     "Report",
+    "ScanResult",
     "__version__",
     "apply_plan",
+    "iterative_prune",
     "load",
     "prune",
     "recover",
     "reinit",
     "save",
+    "sensitivity_scan",
 ]
+
+#: Public names served from a submodule on first use, so that ``import recon`` stays light.
+_LAZY = {
+    "IterativeResult": "iterative",
+    "iterative_prune": "iterative",
+    "ScanResult": "scan",
+    "sensitivity_scan": "scan",
+}
 
 
 @_cache
@@ -49,12 +63,15 @@ def _submodules() -> frozenset[str]:
     return frozenset(m.name for m in _pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
-def __getattr__(name: str) -> _ModuleType:
-    # Only called for names not found the usual way: a submodule not imported yet.
+def __getattr__(name: str) -> _ModuleType | object:
+    # Only called for names not found the usual way: a submodule not imported yet,
+    # or a name of _LAZY.
+    if name in _LAZY:
+        return getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     if name in _submodules():
         return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _submodules())
+    return sorted(set(globals()) | _submodules() | set(_LAZY))

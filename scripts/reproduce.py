@@ -13,6 +13,14 @@ writes ``<out-dir>/results.md`` and one plot ``<out-dir>/results_<model>.png`` p
     python scripts/reproduce.py --resume             # go on after an interruption
     python scripts/reproduce.py --quick --out-dir /tmp/quick   # smoke test (a minute)
     torchrun --nproc_per_node=2 scripts/reproduce.py   # split over 2 processes (rank 0 writes)
+    python scripts/reproduce.py --schedule oneshot,iterative:4 --out-dir docs/iterative
+
+``--schedule iterative:K`` prunes in K rounds with ``recon.iterative_prune`` (each round
+to the next geometric step of the FLOPs target, then ``--ft-steps / K`` fine-tuning
+steps); ``--allocations scan`` splits each target as Li et al.'s sensitivity analysis
+does (``recon.sensitivity_scan`` once per model, on validation images drawn from the
+train split apart from the calibration images; cached in ``<out-dir>/scan_<model>.json``
+and drawn in ``scan_<model>.png``).
 
 Under ``torchrun`` every process makes the same runs: ``recon.prune`` splits the
 calibration images and ``recon.finetune.finetune`` each mini-batch between the
@@ -22,6 +30,7 @@ processes, and only rank 0 prints and writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -54,6 +63,7 @@ from recon.distributed import join_torchrun, leave_torchrun
 from recon.finetune import finetune
 from recon.models import pretrained, pretrained_names
 from recon.ranking import MIN_KEEP
+from recon.scan import ScanResult
 from recon.select import METHODS
 from recon.solve import RECONSTRUCT
 
@@ -71,6 +81,9 @@ QUICK = {
 }
 DEFAULTS = {"calib": 1000, "ft_steps": 300, "n_test": None, "scratch_scale": 1.0}
 RESULTS, TABLE = "results.jsonl", "results.md"
+ONESHOT = "oneshot"
+#: --allocations scan: Li et al.'s split from recon.sensitivity_scan (not a recon.prune one)
+SCAN = "scan"
 # The quality bar of the least-squares re-fit with recon's default selection and He et
 # al.'s (BAR_METHODS): (model, target speed-up, after fine-tuning?, largest accepted loss
 # of top-1 in points).
@@ -106,6 +119,34 @@ def _float_in(ok: Callable[[float], bool], want: str) -> Callable[[str], float]:
 
 _positive_float = _float_in(lambda v: math.isfinite(v) and v > 0, "a float > 0")
 _unit_float = _float_in(lambda v: 0 <= v <= 1, "a float in [0, 1]")
+_open_unit = _float_in(lambda v: 0 < v < 1, "a float in (0, 1)")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """A comma-separated list of floats in (0, 1)."""
+    return tuple(_open_unit(t) for t in text.split(",") if t.strip())
+
+
+def _schedules(text: str) -> tuple[str, ...]:
+    """``oneshot`` and/or ``iterative:K`` (K >= 1), comma-separated."""
+    out = []
+    for t in (t.strip() for t in text.split(",") if t.strip()):
+        kind, _, k = t.partition(":")
+        if t == ONESHOT or (kind == "iterative" and k.isdigit() and int(k) >= 1):
+            out.append(t if t == ONESHOT else f"iterative:{int(k)}")
+        else:
+            raise argparse.ArgumentTypeError(
+                f"must be a comma-separated list of oneshot and iterative:K (K an int >= 1). "
+                f"Got {text!r} instead."
+            )
+    if not out:
+        raise argparse.ArgumentTypeError(f"must name at least one schedule. Got {text!r} instead.")
+    return tuple(out)
+
+
+def _rounds(schedule: str) -> int:
+    """K of ``iterative:K`` (0 for one shot)."""
+    return 0 if schedule == ONESHOT else int(schedule.partition(":")[2])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,10 +177,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--allocations",
-        type=_args.names(ALLOCATIONS, "allocations"),
+        type=_args.names((*ALLOCATIONS, SCAN), "allocations"),
         default=("uniform",),
         help="how each FLOPs target is split into channels per layer: uniform, auto "
-        "(recon.prune's allocation=; comma-separated, e.g. uniform,auto) (uniform)",
+        "(recon.prune's allocation=; comma-separated, e.g. uniform,auto), or scan (Li et "
+        "al.'s sensitivity analysis, recon.sensitivity_scan) (uniform)",
+    )
+    parser.add_argument(
+        "--schedule",
+        type=_schedules,
+        default=(ONESHOT,),
+        help="oneshot (prune, then fine-tune) and/or iterative:K (recon.iterative_prune: K "
+        "rounds of pruning, each followed by --ft-steps/K steps), comma-separated (oneshot)",
+    )
+    parser.add_argument(
+        "--scan-ratios",
+        type=_float_list,
+        default=(0.75, 0.5, 0.25),
+        help="--allocations scan: the keep ratios each unit is pruned to alone (0.75,0.5,0.25)",
+    )
+    parser.add_argument(
+        "--scan-val",
+        type=_args.int_at_least(1),
+        default=1000,
+        help="--allocations scan: validation images, drawn from the train split apart from "
+        "the calibration images (1000)",
+    )
+    parser.add_argument(
+        "--scan-tolerance",
+        type=_unit_float,
+        default=0.01,
+        help="--allocations scan: accuracy a unit may lose alone at the shared ratio and "
+        "still be pruned; the others keep every channel (0.01)",
     )
     parser.add_argument(
         "--min-keep",
@@ -260,6 +329,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"argument --device: not a torch device: {args.device!r}.")
     if args.no_finetune:
         args.ft_steps = 0
+    if SCAN in args.allocations and any(s != ONESHOT for s in args.schedule):
+        parser.error("argument --allocations: scan applies to --schedule oneshot only.")
+    if SCAN in args.allocations and args.calib + args.scan_val > 60_000:
+        parser.error("argument --scan-val: --calib + --scan-val must be at most 60000.")
 
 
 def _speedups_of(model: str, args: argparse.Namespace) -> tuple[float, ...]:
@@ -301,11 +374,34 @@ def _min_keep(allocation: str, args: argparse.Namespace) -> dict[str, float]:
     return {"min_keep": args.min_keep} if allocation in GLOBAL_ALLOCATIONS else {}
 
 
+def _schedule(row: dict[str, Any]) -> str:
+    """A row's schedule; rows recorded before the option were all one-shot."""
+    return row.get("schedule", ONESHOT)
+
+
+def _oneshot(row: dict[str, Any]) -> bool:
+    return _schedule(row) == ONESHOT
+
+
+def _variant(row: dict[str, Any]) -> str:
+    """A row's allocation, and its schedule unless one-shot (the tables' third column)."""
+    return _alloc(row) + ("" if _schedule(row) == ONESHOT else f" · {_schedule(row)}")
+
+
+def _scan_settings(allocation: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A row's scan settings, for ``--allocations scan`` only."""
+    if allocation != SCAN:
+        return {}
+    return {"scan": {"ratios": list(args.scan_ratios), "val": args.scan_val,
+                     "tolerance": args.scan_tolerance}}  # fmt: skip
+
+
 def _key(row: dict[str, Any]) -> tuple:
     settings = tuple(row[k] for k in ("calib", "n_test", "ft_steps", "ft_lr", "seed"))
     settings += (row.get("ft_distill"), row.get("ft_temperature"))
     # global rows made before the floor had none
     settings += (row.get("min_keep", 0.0) if _alloc(row) in GLOBAL_ALLOCATIONS else None,)
+    settings += (_schedule(row), json.dumps(row.get("scan"), sort_keys=True))
     what = (row["model"], float(row["target"]), row["method"], row["reconstruct"], _alloc(row))
     return (*what, *settings)
 
@@ -367,6 +463,53 @@ class _Data:
         g = torch.Generator().manual_seed(self.seed)
         return x[torch.randperm(len(x), generator=g)[:n]]  # (n, 1, 32, 32)
 
+    def val(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` labelled train images, the last of the calibration draw's order (apart
+        from the calibration images while both together are at most 60,000)."""
+        x, y = self.train
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(x), generator=g)[-n:]
+        return x[idx], y[idx]
+
+
+class _Scans:
+    """``recon.sensitivity_scan`` of each model, made on first use and kept in
+    ``<out-dir>/scan_<model>.json`` (a resumed table reads it back), drawn in
+    ``scan_<model>.png``."""
+
+    def __init__(self, args: argparse.Namespace, data: _Data, say: Callable[..., None]):
+        self.args, self.data, self.say, self._scans = args, data, say, {}
+
+    def get(self, model: str, net: torch.nn.Module, method: str) -> ScanResult:
+        key = (model, method)
+        if key in self._scans:
+            return self._scans[key]
+        a = self.args
+        path = a.out_dir / f"scan_{model}.json"
+        want = {"ratios": list(a.scan_ratios), "val": a.scan_val, "calib": a.calib,
+                "seed": a.seed, "method": method}  # fmt: skip
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        example = self.data.calib(1)
+        if saved.get("settings") == want:
+            scan = ScanResult.from_dict(saved["scan"], net, example)
+        else:
+            t0 = time.perf_counter()
+            scan = recon.sensitivity_scan(
+                net, self.data.calib(a.calib).split(100), self.data.val(a.scan_val),
+                ratios=a.scan_ratios, method=method, reconstruct=("lstsq", "none"),
+                prune_options={"seed": a.seed, "device": a.device}, progress=False,
+            )  # fmt: skip
+            seconds = time.perf_counter() - t0
+            if a.world == 1 or dist.get_rank() == 0:
+                path.write_text(
+                    json.dumps({"settings": want, "seconds": seconds, "scan": scan.as_dict()}),
+                    encoding="utf-8",
+                )
+                scan.plot(str(a.out_dir / f"scan_{model}.png"))
+            self.say(f"{model}: sensitivity scan ({method}) in {seconds:.0f} s")
+        self._scans[key] = scan
+        return scan
+
 
 def _run(
     net: torch.nn.Module,
@@ -377,13 +520,16 @@ def _run(
     method: str,
     rec: str,
     allocation: str = "uniform",
+    schedule: str = ONESHOT,
 ) -> dict[str, Any]:
     """Prune, evaluate, fine-tune a copy and evaluate again: one row."""
+    if schedule != ONESHOT:
+        return _run_iterative(net, data, args, model, target, method, rec, allocation, schedule)
     x_test, y_test = data.test
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        res = _prune(net, data, args, target, method, rec, allocation)
+        res = _prune(net, data, args, target, method, rec, allocation, model)
         prune_seconds = time.perf_counter() - t0
     acc = evaluate(res.model, x_test, y_test)
     acc_ft = ft_seconds = None
@@ -413,6 +559,7 @@ def _run(
         "reconstruct": rec,
         "allocation": allocation,
         **_min_keep(allocation, args),
+        **_scan_settings(allocation, args),
         **_settings(args),
         "speedup": _finite(report.speedup),
         "params_ratio": _finite(report.params_ratio),
@@ -430,20 +577,78 @@ def _run(
         },
         "warnings": sorted({str(w.message) for w in caught}),
     }
+    if allocation == SCAN:  # the units the scan kept whole
+        ratios = res.plan["target"]["keep_ratio"]
+        row["sensitive"] = [u for u, r in ratios.items() if r >= 1]
     if _recovers(row, args):
         row.update(_recovery(net, res, data, args))
     return row
 
 
-def _prune(net, data, args, target: float, method: str, rec: str, allocation: str):
+def _run_iterative(
+    net, data, args, model: str, target: float, method: str, rec: str, allocation: str,
+    schedule: str,
+) -> dict[str, Any]:  # fmt: skip
+    """``recon.iterative_prune`` in ``K`` rounds sharing ``--ft-steps``, evaluated: one row
+    (``acc`` is None: there is no one-shot model; ``acc_ft`` the final accuracy). An
+    interrupted run goes on from its last round (a checkpoint in ``<out-dir>/.iterative``)."""
+    k = _rounds(schedule)
+    folder = args.out_dir / ".iterative"
+    ckpt = folder / f"{model}_{target:g}x_{method}_{rec}_{allocation}_{k}.pt"
+    teacher = {"teacher": net, "distill": args.ft_distill, "temperature": args.ft_temperature}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        out = recon.iterative_prune(
+            net, data.calib(args.calib).split(100), data.train, speedup=target, rounds=k,
+            finetune_steps=args.ft_steps, method=method, reconstruct=rec,
+            prune_options={"allocation": allocation, **_min_keep(allocation, args),
+                           "sampler_layers": method != "bn_gamma", "device": args.device},
+            finetune_options={"lr": args.ft_lr, **(teacher if args.ft_distill else {})},
+            seed=args.seed, checkpoint=ckpt if args.world == 1 else None, progress=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t0
+    acc = evaluate(out.model, *data.test)
+    last = next(r.report for r in reversed(out.rounds) if r.report is not None)
+    prune_seconds = sum(r.report.seconds for r in out.rounds if r.report is not None)
+    return {
+        "model": model,
+        "target": target,
+        "method": method,
+        "reconstruct": rec,
+        "allocation": allocation,
+        **_min_keep(allocation, args),
+        **_settings(args),
+        "schedule": schedule,
+        "speedup": _finite(out.speedup),
+        "params_ratio": _finite(out.rounds[0].report.params_before / last.params_after),
+        "acc": None if args.ft_steps else acc,
+        "acc_ft": acc if args.ft_steps else None,
+        "error_before": _mean([layer.error_before for layer in last.layers]),
+        "error_after": _mean([layer.error_after for layer in last.layers]),
+        "output_error": _finite(last.output_error),
+        "prune_seconds": prune_seconds,
+        "ft_seconds": (seconds - prune_seconds) if args.ft_steps else None,
+        "channels": out.rounds[-1].channels,
+        "rounds": [{k: v for k, v in r.as_dict().items() if k != "channels"} for r in out.rounds],
+        "warnings": sorted({str(w.message) for w in caught}),
+        "_checkpoint": str(ckpt),
+    }
+
+
+def _prune(net, data, args, target: float, method: str, rec: str, allocation: str, model=None):
+    if allocation == SCAN:  # Li et al.'s split: sensitive units whole, the rest one ratio
+        scan = args.scans.get(model, net, method)
+        ratios = scan.keep_ratio(speedup=target, tolerance=args.scan_tolerance, reconstruct=rec)
+        target_kw = {"keep_ratio": ratios}
+    else:
+        target_kw = {"speedup": target, "allocation": allocation, **_min_keep(allocation, args)}
     return recon.prune(
         net,
         data.calib(args.calib).split(100),
         method=method,
         reconstruct=rec,
-        speedup=target,
-        allocation=allocation,
-        **_min_keep(allocation, args),
+        **target_kw,
         # a residual block's input has no BatchNorm of its own: bn_gamma prunes the
         # blocks' inner channels only
         sampler_layers=method != "bn_gamma",
@@ -458,6 +663,7 @@ def _recovers(row: dict[str, Any], args: argparse.Namespace) -> bool:
     return (
         args.recover > 0
         and "train" not in row
+        and _schedule(row) == ONESHOT
         and row["method"] in args.recover_methods
         and row["reconstruct"] == "lstsq"
         and row.get("rec_steps") != args.recover
@@ -548,7 +754,7 @@ def _model_table(
     model: str, rows: list[dict[str, Any]], base: float, args: argparse.Namespace
 ) -> list[str]:
     speedups = sorted({r["target"] for r in rows})
-    by = {(r["method"], r["reconstruct"], _alloc(r), r["target"]): r for r in rows}
+    by = {(r["method"], r["reconstruct"], _variant(r), r["target"]): r for r in rows}
 
     def measured(s: float) -> str:
         values = sorted({round(r["speedup"], 2) for r in rows if r["target"] == s})
@@ -571,10 +777,11 @@ def _model_table(
         "|---|---|---|" + "---:|" * len(speedups),
     ]
     combos = [
-        (method, rec, alloc)
+        (method, rec, _variant({"allocation": alloc, "schedule": schedule}))
         for method in args.methods
         for rec in args.reconstruct
         for alloc in args.allocations
+        for schedule in args.schedule
     ]
     for method, rec, alloc in combos:
         cells = []
@@ -741,6 +948,33 @@ def _recovered_table(rows: list[dict[str, Any]], bases: dict[str, float]) -> lis
     return [*lines, ""]
 
 
+def _scan_lines(model: str, folder: Path, args: argparse.Namespace) -> list[str]:
+    """What the sensitivity scan of ``model`` was, and its plot (Li et al.'s Figure 2)."""
+    saved = json.loads((folder / f"scan_{model}.json").read_text(encoding="utf-8"))
+    st, scan = saved["settings"], saved["scan"]
+    ratios = ", ".join(f"{r:g}" for r in st["ratios"])
+    return [
+        f"Allocation `scan` ({model}): `recon.sensitivity_scan` pruned each of the "
+        f"{len(scan['widths'])} units alone ({st['method']}, with and without the re-fit) "
+        f"to keep ratios {ratios} and measured the accuracy on {st['val']} train images "
+        f"apart from the calibration images ({saved['seconds']:.0f} s); "
+        f"`ScanResult.keep_ratio(speedup=..., tolerance={args.scan_tolerance:g})` keeps "
+        "whole every unit that loses more than the tolerance alone at the shared ratio "
+        "and gives the others one ratio that meets the target (Li et al. 2017). Units "
+        "kept whole: "
+        + "; ".join(
+            f"{t:g}× {rec}: {', '.join(r['sensitive']) or 'none'}"
+            for t, rec, r in sorted(
+                (r["target"], r["reconstruct"], r) for r in args.scan_rows if r["model"] == model
+            )
+        )
+        + ".",
+        "",
+        f"![sensitivity scan of {model}](scan_{model}.png)",
+        "",
+    ]
+
+
 def _quality_bars(
     rows: list[dict[str, Any]], bases: dict[str, float], folder: Path = Path("docs")
 ) -> list[str]:
@@ -845,6 +1079,18 @@ def _write_markdown(
         f"- Fine-tuning: {ft}.",
         *(
             [
+                f"- Schedules: {', '.join(args.schedule)}. `iterative:K`: "
+                "`recon.iterative_prune`, K rounds, round i pruning to the FLOPs target "
+                "s^(i/K) of the original (s the column's target) and fine-tuning "
+                f"{args.ft_steps}/K steps (each with its own cosine learning rate; the same "
+                "total as one-shot), the cells show `–` for the one-shot accuracy and the "
+                "final accuracy after the last round."
+            ]
+            if any(not_one != ONESHOT for not_one in args.schedule)
+            else []
+        ),
+        *(
+            [
                 f"- Global allocations: every layer keeps at least {args.min_keep:g} of its "
                 "channels (`recon.prune`'s `min_keep`)."
             ]
@@ -872,18 +1118,84 @@ def _write_markdown(
             f"messages are in `{RESULTS}`.",
             "",
         ]
-    lines += _quality_bars(rows, bases, path.parent)
-    lines += _recovered_table(rows, bases)
+    copied = sorted({r["copied_from"] for r in rows if "copied_from" in r})
+    if copied:
+        n = sum(1 for r in rows if "copied_from" in r)
+        lines += [
+            f"{n} of {len(rows)} rows were copied from {', '.join(f'`{c}`' for c in copied)} "
+            "(the same settings, made earlier by the command recorded there; their rows "
+            "carry `copied_from`), the others made by this command.",
+            "",
+        ]
+    oneshot = [r for r in rows if _oneshot(r)]
+    args.scan_rows = [r for r in rows if _alloc(r) == SCAN and "sensitive" in r]
+    lines += _quality_bars(oneshot, bases, path.parent)
+    lines += _recovered_table(oneshot, bases)
     for model in models:
         lines += _model_table(model, [r for r in rows if r["model"] == model], bases[model], args)
-        lines += _paper_findings(model, [r for r in rows if r["model"] == model])
+        lines += _paper_findings(model, [r for r in oneshot if r["model"] == model])
+        if (path.parent / f"scan_{model}.png").exists() and SCAN in args.allocations:
+            lines += _scan_lines(model, path.parent, args)
         if (path.parent / f"results_{model}.png").exists():
             lines += [f"![{model}](results_{model}.png)", ""]
         planned = tuple(itertools.product(args.scratch_speedups, args.allocations))
         lines += _scratch.table(
             model, scratch_rows, rows, bases[model], args.ft_steps, planned if args.scratch else ()
         )
+    lines += _flows(path.parent)
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+#: Pages of other flows in sub-folders of the out-dir, summarised at the end of its table:
+#: (folder, title, the command that writes it).
+FLOWS = (
+    (
+        "iterative",
+        "Iterative pruning against one shot, at the same fine-tuning budget",
+        "--schedule oneshot,iterative:2,iterative:4",
+    ),
+    (
+        "scan_allocation",
+        "Li et al.'s sensitivity scan against the auto and uniform splits",
+        "--allocations uniform,auto,scan",
+    ),
+)
+
+
+def _flows(folder: Path) -> list[str]:
+    """A summary of each :data:`FLOWS` page found under ``folder``: top-1 after
+    fine-tuning (loss against the original in points), one row per model, target and
+    re-fit, one column per schedule or allocation."""
+    out = []
+    for sub, title, how in FLOWS:
+        rows = [r for r in _load_rows(folder / sub / RESULTS) if "train" not in r]
+        if not rows:
+            continue
+        column = _schedule if sub == "iterative" else _alloc
+        columns = list(dict.fromkeys(column(r) for r in rows))
+        by = {(r["model"], r["target"], r["reconstruct"], column(r)): r for r in rows}
+        out += [
+            f"### {title}",
+            "",
+            f"From [`{sub}/results.md`]({sub}/results.md) (`scripts/reproduce.py {how}`, "
+            f"`--out-dir docs/{sub}`; its settings and every run there). Each cell: top-1 "
+            "after fine-tuning (loss against the original, points).",
+            "",
+            "| model | FLOPs | reconstruct | " + " | ".join(columns) + " |",
+            "|---|---:|---|" + "---:|" * len(columns),
+        ]
+        for model, target, rec in sorted(
+            {(r["model"], r["target"], r["reconstruct"]) for r in rows}
+        ):
+            cells = []
+            for c in columns:
+                r = by.get((model, target, rec, c))
+                acc = None if r is None else r.get("acc_ft")
+                base = None if r is None else r.get("acc_original")
+                cells.append("" if acc is None else f"{_pct(acc)} ({100 * (base - acc):.2f})")
+            out.append(f"| {model} | {target:g}× | {rec} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -975,15 +1287,16 @@ def _reproduce(
     runs, rows = [], []
     for model in models:
         for target in _speedups_of(model, args):
-            for method, rec, alloc in itertools.product(
-                args.methods, args.reconstruct, args.allocations
+            for method, rec, alloc, schedule in itertools.product(
+                args.methods, args.reconstruct, args.allocations, args.schedule
             ):
                 what = {"model": model, "target": target, "method": method, "reconstruct": rec}
-                key = _key(what | {"allocation": alloc} | _min_keep(alloc, args) | settings)
+                what |= {"allocation": alloc, "schedule": schedule}
+                key = _key(what | _min_keep(alloc, args) | _scan_settings(alloc, args) | settings)
                 if key in done:
                     rows.append(done[key])
                 else:
-                    runs.append((model, target, method, rec, alloc))
+                    runs.append((model, target, method, rec, alloc, schedule))
     for model in models:
         for target, kind, alloc in itertools.product(
             args.scratch_speedups, args.scratch, args.allocations
@@ -993,27 +1306,33 @@ def _reproduce(
             if key in done_scratch:
                 rows.append(done_scratch[key])
             else:
-                runs.append((model, target, kind, "", alloc))
+                runs.append((model, target, kind, "", alloc, ONESHOT))
     if len(rows):
         say(f"resuming: {len(rows)} runs already in {results}, {len(runs)} to go")
     args.missing = len(runs) if args.table_only else 0
     if args.table_only:
         runs = []
 
+    args.scans = _Scans(args, data, say)
     bar = progress_bar(runs, desc="runs", unit="run", disable=not lead)
-    for model, target, method, rec, alloc in bar:
-        bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}/{alloc}")
+    for model, target, method, rec, alloc, schedule in bar:
+        bar.set_postfix_str(f"{model} {target:g}x {method}/{rec}/{alloc}/{schedule}")
         if method in _scratch.KINDS:
             row = _scratch.run(nets[model], data, args, model, target, method, alloc)
         else:
-            row = _run(nets[model], data, args, model, target, method, rec, alloc)
+            row = _run(nets[model], data, args, model, target, method, rec, alloc, schedule)
         row["acc_original"] = bases[model]
         row["processes"] = world  # fine-tuning with BatchNorm depends on it
+        checkpoint = row.pop("_checkpoint", None)
         rows.append(row)
         if not lead:
             continue
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
+        if checkpoint is not None:  # the row is written: its rounds are not needed again
+            Path(checkpoint).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder, once no run has a file there
+                Path(checkpoint).parent.rmdir()
         if method in _scratch.KINDS:
             bar.write(
                 f"{model} {target:g}x {_scratch.LABELS[method]:>9} ({alloc}) "
@@ -1022,7 +1341,8 @@ def _reproduce(
             )
             continue
         bar.write(
-            f"{model} {target:g}x {method:>12}/{rec:<5}/{alloc:<7} speed-up {row['speedup']:.2f}x  "
+            f"{model} {target:g}x {method:>12}/{rec:<5}/{_variant(row):<7} "
+            f"speed-up {row['speedup']:.2f}x  "
             f"acc {_pct(row['acc'])}"
             + (f" / {_pct(row['acc_ft'])} after FT  " if args.ft_steps else "  ")
             + f"({row['prune_seconds']:.1f} s + {row['ft_seconds'] or 0:.1f} s)"
@@ -1034,7 +1354,7 @@ def _reproduce(
             warnings.simplefilter("ignore")  # the same run as the row's: warned there
             res = _prune(
                 nets[row["model"]], data, args, row["target"], row["method"],
-                row["reconstruct"], _alloc(row),
+                row["reconstruct"], _alloc(row), row["model"],
             )  # fmt: skip
         row.update(_recovery(nets[row["model"]], res, data, args))
         say(
@@ -1053,7 +1373,7 @@ def _reproduce(
     for model in models:
         _plot(
             model,
-            [r for r in rows if r["model"] == model and "train" not in r],
+            [r for r in rows if r["model"] == model and "train" not in r and _oneshot(r)],
             bases[model],
             args.out_dir / f"results_{model}.png",
             args,
