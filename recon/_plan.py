@@ -43,7 +43,7 @@ from torch import nn
 
 from ._version import __version__
 from .graph import Unit
-from .layers import HeadAttention
+from .layers import attention_heads
 from .surgery import prune_unit
 
 __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "apply_plan", "check_plan", "make_plan"]
@@ -336,10 +336,13 @@ def _mismatches(model: nn.Module, plan: dict[str, Any]) -> list[str]:
         width = e["width"]
         if e["kind"] == "plain":
             if e["consumer_kind"] == "heads":  # an attention layer's heads
-                p = get(e["producer"], (nn.MultiheadAttention, HeadAttention), "MultiheadAttention")
-                if p is not None and (p.num_heads, p.head_dim) != (width, e["taps"]):
+                p = get(e["producer"], (nn.Module,), "attention layer")
+                heads = None if p is None else attention_heads(p)
+                if p is not None and heads is None:
+                    out.append(f"'{e['producer']}' is a {type(p).__name__}, not an attention layer")
+                elif heads is not None and heads != (width, e["taps"]):
                     out.append(
-                        f"'{e['producer']}' has {p.num_heads} heads of {p.head_dim} features, "
+                        f"'{e['producer']}' has {heads[0]} heads of {heads[1]} features, "
                         f"not {width} of {e['taps']}"
                     )
             elif e["consumer_kind"] == "tokens":  # an MLP's hidden features

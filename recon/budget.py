@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .layers import HeadAttention
+from .layers import HeadAttention, is_window_attention
 
 __all__ = [
     "BudgetUnit",
@@ -112,7 +112,8 @@ def count_flops(model: nn.Module, example_input: Tensor) -> tuple[int, dict[str,
     2 FLOPs per multiply-accumulate of convolutions and matrix products (and of
     scaled dot-product attention, whose CPU kernel recon gives torch's formula); bias
     additions, normalisation, activations and pooling are not counted. An attention
-    layer (``nn.MultiheadAttention``, :class:`recon.layers.HeadAttention`) counts as one
+    layer (``nn.MultiheadAttention``, a Swin window attention, and their
+    :mod:`recon.layers` replacements) counts as one
     leaf, its projections and attention products together: its output projection is not
     called as a module. FLOPs of
     functional operations called outside any leaf module are in ``total`` but in no
@@ -182,7 +183,7 @@ _ATTENTION_FLOPS = {
 
 def _whole(module: nn.Module) -> bool:
     """Whether ``module``'s FLOPs are counted as one leaf's (attention layers)."""
-    return isinstance(module, nn.MultiheadAttention | HeadAttention)
+    return isinstance(module, nn.MultiheadAttention | HeadAttention) or is_window_attention(module)
 
 
 def count_params(model: nn.Module) -> int:

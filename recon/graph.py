@@ -37,9 +37,10 @@ Transformer-era layers add two kinds over the last dimension. An MLP, ``fc1 -> G
 -> fc2`` applied at every token (ConvNeXt's inverted bottleneck after its permute and
 LayerNorm, the MLP blocks of ViT, Swin and MaxViT): fc1's output features are the
 channels, fc2 reads them at every token (``consumer_kind="tokens"``). And the heads of
-a batch-first self-attention ``nn.MultiheadAttention`` (torchvision's ViT): each head
-is a channel of ``head_dim`` features, read by the output projection
-(``consumer_kind="heads"``); removing one removes its query, key and value rows.
+a batch-first self-attention ``nn.MultiheadAttention`` (torchvision's ViT) or of a
+Swin window attention: each head is a channel of ``head_dim`` features, read by the
+output projection (``consumer_kind="heads"``); removing one removes its query, key
+and value rows (and its column of Swin's relative position bias).
 
 Each channel-wise op in between must have the producer's output as its only input;
 a value whose users do not all lead to convs this way (a residual ``add``, a second
@@ -69,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layers import HeadAttention, SampledConv2d
+from .layers import HeadAttention, SampledConv2d, attention_heads, is_window_attention
 
 __all__ = ["Block", "Graph", "Unit", "called", "find_units", "trace"]
 
@@ -303,7 +304,9 @@ class _Tracer(fx.Tracer):
     """fx's tracer, with recon's sampled convolutions kept as leaf modules."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SampledConv2d | HeadAttention) or super().is_leaf_module(m, qualname)
+        if isinstance(m, SampledConv2d | HeadAttention) or is_window_attention(m):
+            return True  # (a window attention's projections are not called as modules)
+        return super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -431,7 +434,7 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
         if node.op != "call_module":
             continue
         m = modules[node.target]
-        if isinstance(m, nn.MultiheadAttention | HeadAttention):
+        if isinstance(m, nn.MultiheadAttention | HeadAttention) or is_window_attention(m):
             found = _attention(node, m) if calls[node.target] == 1 else "it is called twice"
             if isinstance(found, Unit):
                 units.append(found)
@@ -983,6 +986,11 @@ def _follow_linear(node: fx.Node, producer: nn.Linear, modules: dict[str, nn.Mod
 def _attention(node: fx.Node, m: nn.Module) -> Unit | str:
     """The heads of a self-attention layer as a unit (each head a channel of
     ``head_dim`` taps, read by the output projection), or why they are not one."""
+    if is_window_attention(m):  # Swin: attn(x), x (B, H, W, C)
+        h, d = attention_heads(m)
+        if h < 2:
+            return "it has one head"
+        return Unit(str(node.target), str(node.target), f"{node.target}.proj", "heads", h, d)
     args = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
     sources = {a for a in args if isinstance(a, fx.Node)}
     if len(sources) != 1:

@@ -21,6 +21,9 @@ given size, under the same parameter names, so a state dict keeps its keys::
 
     x (B, T, E) -> in_proj (3·h·d) -> h heads of size d -> out_proj (h·d -> E)
 
+:class:`WindowHeadAttention` is the same for torchvision's Swin window attention
+(``ShiftedWindowAttention``: ``qkv``, ``proj`` and a relative position bias per head).
+
 This module sees modules only.
 """
 
@@ -30,7 +33,15 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["HeadAttention", "SampledConv2d", "Sampler", "head_outputs"]
+__all__ = [
+    "HeadAttention",
+    "SampledConv2d",
+    "Sampler",
+    "WindowHeadAttention",
+    "attention_heads",
+    "head_outputs",
+    "is_window_attention",
+]
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -307,9 +318,160 @@ def _heads(x: Tensor, w: Tensor, b: Tensor | None, h: int, d: int, p: float) -> 
     return o.transpose(1, 2).reshape(B, T, h * d)
 
 
+def is_window_attention(m: nn.Module) -> bool:
+    """Whether ``m`` is torchvision's Swin (v1) window attention or a
+    :class:`WindowHeadAttention` (Swin v2's cosine attention is not)."""
+    if isinstance(m, WindowHeadAttention):
+        return True
+    return type(m).__name__ == "ShiftedWindowAttention" and all(
+        hasattr(m, a) for a in ("qkv", "proj", "relative_position_bias_table", "shift_size")
+    )
+
+
+def attention_heads(m: nn.Module) -> tuple[int, int] | None:
+    """``(heads, head_dim)`` of an attention layer recon can cut heads from, else None."""
+    if isinstance(m, nn.MultiheadAttention | HeadAttention | WindowHeadAttention):
+        return m.num_heads, m.head_dim
+    if is_window_attention(m):  # torchvision's: head_dim = input width / heads
+        return m.num_heads, m.qkv.in_features // m.num_heads
+    return None
+
+
 def head_outputs(attn: nn.Module, x: Tensor) -> Tensor:
-    """What ``attn``'s output projection reads when it attends over ``x`` (B, T, E): the
-    outputs of its heads side by side, (B, T, heads·head_dim), head ``i`` in columns
-    ``i·head_dim ..``. ``attn`` is a batch-first ``nn.MultiheadAttention`` or a
-    :class:`HeadAttention`, in eval mode (no dropout)."""
+    """What ``attn``'s output projection reads when it attends over ``x``: the outputs of
+    its heads side by side, head ``i`` in the last dimension's ``i·head_dim ..``.
+
+    ``attn`` is a batch-first ``nn.MultiheadAttention`` or a :class:`HeadAttention`
+    (``x`` (B, T, E) -> (B, T, heads·head_dim)), or a Swin window attention (``x``
+    (B, H, W, C) -> (B, H, W, heads·head_dim)); in eval mode (no dropout).
+    """
+    if is_window_attention(attn):
+        return _window_heads(attn, x)
     return _heads(x, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads, attn.head_dim, 0.0)
+
+
+class WindowHeadAttention(nn.Module):
+    """Swin's shifted-window self-attention with ``num_heads`` heads of ``head_dim``.
+
+    torchvision's ``ShiftedWindowAttention`` (v1) computes its head size from its
+    input width, so it cannot hold fewer heads; this layer can, under the same names
+    (``qkv``, ``proj``, ``relative_position_bias_table``, ``relative_position_index``).
+    Built from one with :meth:`from_swin`. Input and output (B, H, W, C).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        window_size: list[int],
+        shift_size: list[int],
+        *,
+        bias: bool = True,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+        inner = num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=bias)
+        self.proj = nn.Linear(inner, dim, bias=bias)
+        cells = (2 * window_size[0] - 1) * (2 * window_size[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(cells, num_heads))
+        n = window_size[0] * window_size[1]
+        self.register_buffer("relative_position_index", torch.zeros(n * n, dtype=torch.long))
+
+    @classmethod
+    def from_swin(
+        cls, attn: nn.Module, heads: Tensor | list[int], proj_weight: Tensor | None = None
+    ) -> WindowHeadAttention:
+        """A copy of the window attention ``attn`` with only its heads ``heads``.
+
+        ``proj_weight`` (C, len(heads)·head_dim), if given, replaces the output
+        projection's sliced columns. ``attn`` is not changed.
+        """
+        if not is_window_attention(attn):
+            raise TypeError(
+                "The 'attn' argument must be a Swin (v1) ShiftedWindowAttention or a "
+                f"WindowHeadAttention. Got {type(attn).__name__}."
+            )
+        h, d = attention_heads(attn)
+        w = attn.qkv.weight.detach()
+        heads = Sampler(heads, h).index.to(w.device)  # validated
+        cols = (heads[:, None] * d + torch.arange(d, device=w.device)).reshape(-1)
+        rows = torch.cat([cols + i * h * d for i in range(3)])  # q, k and v rows
+        new = cls(
+            attn.qkv.in_features, len(heads), d, attn.window_size, attn.shift_size,
+            bias=attn.qkv.bias is not None, attention_dropout=attn.attention_dropout,
+            dropout=attn.dropout,
+        )  # fmt: skip
+        new.to(w.device, w.dtype)
+        new.qkv.weight = nn.Parameter(w[rows].clone())
+        if attn.qkv.bias is not None:
+            new.qkv.bias = nn.Parameter(attn.qkv.bias.detach()[rows].clone())
+        w_out = attn.proj.weight.detach()
+        w_out = w_out[:, cols] if proj_weight is None else proj_weight.reshape(w_out.shape[0], -1)
+        new.proj.weight = nn.Parameter(w_out.to(w).clone())
+        if attn.proj.bias is not None:
+            new.proj.bias = nn.Parameter(attn.proj.bias.detach().clone())
+        table = attn.relative_position_bias_table.detach()[:, heads]
+        new.relative_position_bias_table = nn.Parameter(table.clone())
+        new.relative_position_index.copy_(attn.relative_position_index)
+        new.train(attn.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = _window_heads(self, x, self.attention_dropout if self.training else 0.0)
+        return nn.functional.dropout(self.proj(o), self.dropout, self.training)  # (B, H, W, C)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"window_size={self.window_size}, shift_size={self.shift_size}"
+        )
+
+
+def _window_heads(attn: nn.Module, x: Tensor, p: float = 0.0) -> Tensor:
+    """Swin's shifted-window attention up to its output projection (torchvision's
+    ``shifted_window_attention``, BSD-3-Clause, with the head size given): (B, H, W, C)
+    -> the heads' outputs (B, H, W, h·d)."""
+    h, d = attention_heads(attn)
+    ws, shift = list(attn.window_size), list(attn.shift_size)
+    B, H, W, C = x.shape
+    pad_r, pad_b = (ws[1] - W % ws[1]) % ws[1], (ws[0] - H % ws[0]) % ws[0]
+    x = nn.functional.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, pH, pW, _ = x.shape
+    if ws[0] >= pH:
+        shift[0] = 0
+    if ws[1] >= pW:
+        shift[1] = 0
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    nW, n = (pH // ws[0]) * (pW // ws[1]), ws[0] * ws[1]
+    x = x.view(B, pH // ws[0], ws[0], pW // ws[1], ws[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * nW, n, C)  # (B·nW, n, C): the windows
+    qkv = nn.functional.linear(x, attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.reshape(B * nW, n, 3, h, d).permute(2, 0, 3, 1, 4)  # (B·nW, h, n, d) each
+    a = (q * d**-0.5).matmul(k.transpose(-2, -1))  # (B·nW, h, n, n)
+    table = attn.relative_position_bias_table[attn.relative_position_index]
+    a = a + table.view(n, n, h).permute(2, 0, 1).unsqueeze(0)
+    if sum(shift) > 0:  # tokens that the roll brought together from afar do not attend
+        mask = x.new_zeros((pH, pW))
+        count = 0
+        for hs in ((0, -ws[0]), (-ws[0], -shift[0]), (-shift[0], None)):
+            for wsl in ((0, -ws[1]), (-ws[1], -shift[1]), (-shift[1], None)):
+                mask[hs[0] : hs[1], wsl[0] : wsl[1]] = count
+                count += 1
+        mask = mask.view(pH // ws[0], ws[0], pW // ws[1], ws[1]).permute(0, 2, 1, 3).reshape(nW, n)
+        mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+        a = (a.view(B, nW, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, n)
+    a = nn.functional.dropout(a.softmax(-1), p, p > 0)
+    o = a.matmul(v).transpose(1, 2).reshape(B * nW, n, h * d)
+    o = o.view(B, pH // ws[0], pW // ws[1], ws[0], ws[1], h * d)
+    o = o.permute(0, 1, 3, 2, 4, 5).reshape(B, pH, pW, h * d)
+    if sum(shift) > 0:
+        o = torch.roll(o, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return o[:, :H, :W, :].contiguous()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .graph import Unit
 from .groups import dense_weight
-from .layers import HeadAttention, SampledConv2d
+from .layers import HeadAttention, SampledConv2d, WindowHeadAttention, is_window_attention
 
 __all__ = [
     "apply_bias_delta",
@@ -278,7 +278,8 @@ def prune_unit(
         insert_sampler(model, unit.consumer, keep, weight)
     elif unit.consumer_kind == "heads":  # fewer heads: a new attention layer, same name
         attn = model.get_submodule(unit.producer)
-        model.set_submodule(unit.producer, HeadAttention.from_mha(attn, keep, weights[0]))
+        cls = WindowHeadAttention.from_swin if is_window_attention(attn) else HeadAttention.from_mha
+        model.set_submodule(unit.producer, cls(attn, keep, weights[0]))
     else:
         slice_outputs(model.get_submodule(unit.producer), keep)
         for name in unit.channelwise:

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 import recon
-from recon.convnext import cifar_convnext
 from recon.budget import count_flops
+from recon.convnext import cifar_convnext
 from recon.graph import find_units
 from recon.layers import HeadAttention
 from recon.select import METHODS
@@ -242,7 +242,7 @@ def test_torchvision_transformers_prune_and_keep_their_shapes(build):
         assert result.model(x[8:]).shape == net(x[8:]).shape
     for name, k in result.channels.items():
         m = result.model.get_submodule(name)
-        assert (m.num_heads if isinstance(m, HeadAttention) else m.out_features) == k
+        assert (m.out_features if isinstance(m, nn.Linear) else m.num_heads) == k
 
 
 # --------------------------------------------------------------------------- heads
@@ -256,6 +256,12 @@ def test_the_heads_of_self_attention_are_a_unit():
     vit = find_units(_tv_vit())
     heads = [u.name for u in vit.units if u.consumer_kind == "heads"]
     assert heads == [f"encoder.layers.encoder_layer_{i}.self_attention" for i in (0, 1)]
+    swin = find_units(_tv_swin())
+    heads = [
+        (u.name, u.consumer, u.width, u.taps) for u in swin.units if u.consumer_kind == "heads"
+    ]
+    assert heads == [("features.1.0.attn", "features.1.0.attn.proj", 2, 8),
+                     ("features.3.0.attn", "features.3.0.attn.proj", 2, 16)]  # fmt: skip
 
 
 def test_cross_attention_and_masks_are_not_units():
@@ -303,6 +309,40 @@ def test_a_duplicated_head_is_found_and_removed_exactly():
         assert _rel(result.model(HELD), net(HELD)) < 1e-9
 
 
+@pytest.mark.parametrize("shift", [[0, 0], [1, 1]], ids=["windows", "shifted"])
+def test_a_duplicated_swin_head_is_removed_exactly(shift):
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    class Swin(nn.Module):  # the window attention on a (B, H, W, C) map
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 2, 2)
+            self.attn = ShiftedWindowAttention(16, [2, 2], shift, 4)
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            t = self.stem(x).permute(0, 2, 3, 1)  # (B, 8, 8, 16)
+            return self.head((t + self.attn(t)).mean((1, 2)))
+
+    torch.manual_seed(0)
+    net = Swin().eval()
+    with torch.no_grad():  # head 2 is a copy of head 0, relative position bias included
+        w, b = net.attn.qkv.weight, net.attn.qkv.bias
+        for part in range(3):
+            w[part * 16 + 8 : part * 16 + 12] = w[part * 16 : part * 16 + 4]
+            b[part * 16 + 8 : part * 16 + 12] = b[part * 16 : part * 16 + 4]
+        net.attn.relative_position_bias_table[:, 2] = net.attn.relative_position_bias_table[:, 0]
+    keep_all = _prune(net, keep_ratio=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(keep_all.model(HELD), net(HELD), rtol=1e-5, atol=1e-5)
+    result = _prune(net, channels={"attn": 3})
+    assert set(range(4)) - set(result.kept["attn"]) in ({0}, {2})
+    assert result.model.attn.proj.in_features == 12
+    assert result.model.attn.relative_position_bias_table.shape[1] == 3
+    with torch.no_grad():
+        assert _rel(result.model(HELD), net(HELD)) < 1e-9
+
+
 @pytest.mark.parametrize("method", ["obs", "lasso", "thinet", "l1", "random"])
 def test_heads_are_chosen_by_every_method_and_refitted(method):
     net = _attender()
@@ -336,7 +376,7 @@ def test_a_vit_reaches_its_target_with_heads_and_mlps_and_the_refit_helps():
     kw = {"speedup": 1.5, "progress": False, "allocation": "uniform"}
     fit, none = recon.prune(net, x[:16], **kw), recon.prune(net, x[:16], reconstruct="none", **kw)
     assert fit.report.speedup == pytest.approx(1.5, rel=0.02)
-    assert {r.kind for r in fit.report.layers} <= {"heads", "tokens"}
+    assert {r.kind for r in fit.report.layers} == {"heads", "tokens"}
     with torch.no_grad():
         ref = net(x[16:])
         assert _rel(fit.model(x[16:]), ref) < _rel(none.model(x[16:]), ref)
