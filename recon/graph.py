@@ -441,7 +441,11 @@ def find_units(model: nn.Module, gm: fx.GraphModule | None = None) -> Graph:
             else:
                 skipped[node.target] = found
             continue
-        if type(m) is nn.Linear and node.target not in skipped:
+        if (
+            type(m) is nn.Linear
+            and node.target not in skipped
+            and not _after_flatten(node, modules)
+        ):
             found = _follow_linear(node, m, modules) if calls[node.target] == 1 else None
             if isinstance(found, Unit) and calls[found.consumer] > 1:
                 found = f"its consumer '{found.consumer}' is called {calls[found.consumer]} times"
@@ -1021,6 +1025,24 @@ def _attention(node: fx.Node, m: nn.Module) -> Unit | str:
         width=m.num_heads,
         taps=m.head_dim,
     )
+
+
+def _after_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a linear layer reads a flattened map, through element-wise ops and other
+    linear layers: a CNN's classifier (VGG's, AlexNet's), one sample per image, whose
+    hidden features recon leaves whole (they cost little of a CNN's FLOPs, and their
+    4,096-wide re-fits from a few hundred samples much of its time)."""
+    cur = node.args[0] if node.args else None
+    for _ in range(64):
+        if not isinstance(cur, fx.Node):
+            return False
+        if _flatten_kind(cur, modules) or _spatial_reduce(cur) == "flat":
+            return True
+        lin = cur.op == "call_module" and type(modules[cur.target]) is nn.Linear
+        if not (lin or _elementwise(cur, modules)) or not cur.args:
+            return False
+        cur = cur.args[0]
+    return False
 
 
 def _hidden_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -17,14 +17,6 @@ def _conv_indices(features: nn.Sequential) -> list[int]:
     return [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
 
 
-#: torchvision VGG's classifier, Linear -> ReLU -> Dropout -> Linear twice: its hidden
-#: features are units read at every (here: the one) token.
-_MLP = [
-    ("classifier.0", "classifier.3", "tokens", 4096, 1, (), None),
-    ("classifier.3", "classifier.6", "tokens", 4096, 1, (), None),
-]
-
-
 def _expected_vgg_units(features: nn.Sequential, classifier: str, taps_last: int):
     """(name, consumer, kind, width, taps, channelwise, consumer_bn) for a Sequential VGG."""
     convs = _conv_indices(features)
@@ -93,8 +85,8 @@ def test_torchvision_vgg11_units():
     model = torchvision.models.vgg11(weights=None)
     graph = find_units(model)
     assert graph.skipped == {}
-    assert _as_tuples(graph) == _expected_vgg_units(model.features, "classifier.0", 49) + _MLP
-    last = graph.units[-3]  # the last conv, before the classifier's two
+    assert _as_tuples(graph) == _expected_vgg_units(model.features, "classifier.0", 49)
+    last = graph.units[-1]
     assert (last.name, last.consumer, last.taps, last.width) == (
         "features.18",
         "classifier.0",
@@ -108,10 +100,10 @@ def test_torchvision_vgg11_bn_units():
     graph = find_units(model)
     assert graph.skipped == {}
     tuples = _as_tuples(graph)
-    assert tuples == _expected_vgg_units(model.features, "classifier.0", 49) + _MLP
+    assert tuples == _expected_vgg_units(model.features, "classifier.0", 49)
     # Spot-check against hand-written expectations, not just the helper.
     assert tuples[0] == ("features.0", "features.4", "conv", 64, 9, ("features.1",), "features.5")
-    assert tuples[-3] == ("features.25", "classifier.0", "linear", 512, 49, ("features.26",), None)
+    assert tuples[-1] == ("features.25", "classifier.0", "linear", 512, 49, ("features.26",), None)
     for u in graph.units:
         for bn in u.channelwise:
             assert isinstance(model.get_submodule(bn), nn.BatchNorm2d)
@@ -157,7 +149,6 @@ def test_plain_sequential_vgg():
         ("0", "4", "conv", 8, 9, ("1",), "5"),
         ("4", "7", "conv", 16, 9, ("5",), None),
         ("7", "11", "linear", 16, 64, (), None),
-        ("11", "14", "tokens", 32, 1, (), None),  # the classifier's hidden features
     ]
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
