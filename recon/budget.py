@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .layers import HeadAttention, is_window_attention
+from .layers import HeadAttention, SampledConv2d, is_window_attention
 
 __all__ = [
     "BudgetUnit",
@@ -115,7 +115,9 @@ def count_flops(model: nn.Module, example_input: Tensor) -> tuple[int, dict[str,
     layer (``nn.MultiheadAttention``, a Swin window attention, and their
     :mod:`recon.layers` replacements) counts as one
     leaf, its projections and attention products together: its output projection is not
-    called as a module. FLOPs of
+    called as a module. So does a conv behind a sampler layer (a pruned residual
+    network's :class:`recon.layers.SampledConv2d`, whose ``Sampler`` child only gathers
+    channels), so that a pruned model pruned again sees its FLOPs. FLOPs of
     functional operations called outside any leaf module are in ``total`` but in no
     entry of ``per_module``.
 
@@ -182,8 +184,11 @@ _ATTENTION_FLOPS = {
 
 
 def _whole(module: nn.Module) -> bool:
-    """Whether ``module``'s FLOPs are counted as one leaf's (attention layers)."""
-    return isinstance(module, nn.MultiheadAttention | HeadAttention) or is_window_attention(module)
+    """Whether ``module``'s FLOPs are counted as one leaf's (attention layers, and a conv
+    behind a sampler layer: its ``Sampler`` child only gathers channels)."""
+    return isinstance(
+        module, nn.MultiheadAttention | HeadAttention | SampledConv2d
+    ) or is_window_attention(module)
 
 
 def count_params(model: nn.Module) -> int:

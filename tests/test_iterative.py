@@ -12,8 +12,9 @@ from nets import bright_pixels, quiet_prune
 
 import recon
 import recon.iterative as iterative
+from recon.budget import count_flops
 from recon.finetune import finetune
-from recon.models import digits_vgg
+from recon.models import digits_resnet20, digits_vgg
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,17 @@ def test_public_names_are_served_on_first_use():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["False", "recon.iterative", "recon.scan", "True"]
+
+
+def test_a_pruned_resnet_pruned_again_meets_its_target():
+    """The convs behind sampler layers count in the per-module FLOPs, so a second
+    round on a ResNet (whose first round put samplers in) is asked the right speed-up."""
+    net = digits_resnet20(width=0.5).eval()
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = net(x).argmax(1)
+    once = quiet_prune(net, x, speedup=1.4, allocation="uniform").model
+    total, per_module = count_flops(once, x[:1])
+    assert sum(per_module.values()) == total and "layer1.0.conv1" in per_module
+    out = _run(net, x, y, speedup=2.0, rounds=2, finetune_steps=2)
+    for r in out.rounds:
+        assert abs(r.speedup / r.target - 1) <= 0.02
