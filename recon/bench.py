@@ -35,7 +35,7 @@ from . import passes as _passes
 from ._utils import model_device
 from .api import PruneResult, prune
 from .budget import count_flops
-from .graph import find_units
+from .graph import called, find_units
 from .passes import DEFAULT_CACHE_BYTES
 
 __all__ = [
@@ -169,9 +169,10 @@ def work(
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for unit in graph.units:
-        m = model.get_submodule(unit.consumer)
+        m = model.get_submodule(called(unit))  # attention heads: the attention layer
 
         def hook(_m, _inp, out, name=unit.consumer) -> None:
+            out = out[0] if isinstance(out, tuple) else out  # attention: (output, weights)
             shapes[name] = tuple(out.shape)
 
         hooks.append(m.register_forward_hook(hook))
@@ -185,8 +186,9 @@ def work(
         shape = shapes.get(unit.consumer)
         if shape is None:
             continue
-        n = shape[-1] if unit.consumer_kind == "tokens" else shape[1]
-        if unit.consumer_kind in ("conv", "tokens"):
+        tokens = unit.consumer_kind in ("tokens", "heads")
+        n = shape[-1] if tokens else shape[1]
+        if unit.consumer_kind == "conv" or tokens:
             # a conv's output pixels; a token-wise linear layer's tokens (B, ..., n)
             positions = (
                 shape[2] * shape[3] if unit.consumer_kind == "conv" else math.prod(shape[1:-1])

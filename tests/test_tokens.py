@@ -421,3 +421,12 @@ def test_auto_allocation_and_recovery_cover_the_mlp():
     assert dim == 2 and index.tolist() == result.kept["fc1"]
     rec = recon.recover(result, net, CALIB, steps=10, progress=False)
     assert rec.report.points >= 1 and rec.report.error_after <= rec.report.error_before
+
+
+def test_bench_counts_the_statistics_of_heads_and_mlps():
+    from recon.bench import work
+
+    # attention: 4 heads x 4 features, 16 outputs, 10 of 16 tokens sampled per image
+    assert work(_attender(), X[:4], images=4, samples_per_image=10)[1] == 40 * (136 + 256)
+    # the MLP: 24 features, 8 outputs
+    assert work(_mixer(), X[:4], images=4, samples_per_image=10)[1] == 40 * (300 + 192)
