@@ -100,6 +100,25 @@ class ScanResult:
         drops = self.drop(reconstruct)
         return [u for u, d in drops.items() if _at(self.ratios, d, ratio) > tolerance]
 
+    def safe_ratio(
+        self, unit: str, *, tolerance: float = 0.01, reconstruct: str = "lstsq"
+    ) -> float:
+        """The lowest scanned ratio down to which ``unit`` loses at most ``tolerance``
+        at every scanned ratio (1.0 if it loses more already at the highest)."""
+        _check_tolerance(tolerance)
+        drops = self.drop(reconstruct)
+        if unit not in drops:
+            raise ValueError(
+                f"The 'unit' argument must be a unit scanned ({', '.join(drops)}). Got "
+                f"{unit!r} instead."
+            )
+        safe = 1.0
+        for r, d in zip(self.ratios, drops[unit], strict=True):
+            if d > tolerance:
+                break
+            safe = r
+        return safe
+
     def keep_ratio(
         self,
         *,
@@ -111,15 +130,18 @@ class ScanResult:
         """Per-unit keep ratios as Li et al. set them from the curves.
 
         The units that lose more than ``tolerance`` (of accuracy, or of relative output
-        error) when pruned alone to the shared ratio are *sensitive* and keep all their
-        channels; the others share one ratio. Give exactly one of:
+        error) when pruned alone to the shared ratio are *sensitive*: each keeps its
+        :meth:`safe_ratio`, the lowest scanned ratio down to which it loses at most
+        ``tolerance`` (all its channels if none), so it is pruned little or not at
+        all. The others share one ratio. Give exactly one of:
 
         ``ratio``
             the shared keep ratio (Li et al.'s hand-picked one);
         ``speedup``
-            a FLOPs target: the shared ratio is the one that meets it with the
-            sensitive units whole, found by alternating the two until the sensitive set
-            stops growing (a lower ratio can only add sensitive units).
+            a FLOPs target: the shared ratio is the largest that meets it with the
+            sensitive units at their safe ratios (FLOPs predicted as
+            :func:`recon.prune` predicts them), found by alternating the two until the
+            sensitive set stops growing (a lower ratio can only add sensitive units).
 
         Parameters
         ----------
@@ -133,16 +155,16 @@ class ScanResult:
         Returns
         -------
         dict of str to float
-            Unit name -> keep ratio, for ``recon.prune(model, calib, keep_ratio=...)``
-            (sensitive units at 1.0). With ``speedup``, each ratio is a count over the
-            unit's width, so :func:`recon.prune` keeps exactly the counts that met the
-            target.
+            Unit name -> keep ratio, for ``recon.prune(model, calib, keep_ratio=...)``.
+            With ``speedup``, each ratio is a count over the unit's width, so
+            :func:`recon.prune` keeps exactly the counts that met the target.
 
         Raises
         ------
         ValueError
-            For a bad argument, or a ``speedup`` the insensitive units cannot reach
-            alone (the message says how many units are sensitive).
+            For a bad argument, or a ``speedup`` that the insensitive units cannot
+            reach with the sensitive ones at their safe ratios (the message says how
+            many units are sensitive).
         """
         if (ratio is None) == (speedup is None):
             raise ValueError(
@@ -151,10 +173,14 @@ class ScanResult:
             )
         _check_tolerance(tolerance)
         drops = self.drop(reconstruct)
+
+        def safe(u: str) -> float:
+            return self.safe_ratio(u, tolerance=tolerance, reconstruct=reconstruct)
+
         if ratio is not None:
             _check_ratio("ratio", ratio)
             return {
-                u: 1.0 if _at(self.ratios, d, ratio) > tolerance else float(ratio)
+                u: safe(u) if _at(self.ratios, d, ratio) > tolerance else float(ratio)
                 for u, d in drops.items()
             }
         if isinstance(speedup, bool) or not isinstance(speedup, int | float) or not speedup > 1:
@@ -166,28 +192,36 @@ class ScanResult:
                 "This ScanResult has no FLOPs model (it was not made by sensitivity_scan)."
             )
         units, module_flops, total = self._budget
-        unscanned = {u.name for u in units} - set(self.widths)  # kept whole
-        sensitive: set[str] = set()
+        widths = self.widths
+        fixed: dict[str, int] = {}  # the sensitive units' counts, at their safe ratios
+
+        def counts_at(r: float) -> dict[str, int]:
+            free = {u: max(1, math.floor(r * w + 0.5)) for u, w in widths.items()}
+            return free | fixed  # unscanned units: whole
+
+        def speed(r: float) -> float:
+            return total / _budget.predict_flops(units, counts_at(r), module_flops, total)
+
         while True:
-            try:
-                counts = _budget.resolve_channels(
-                    units, speedup=float(speedup), ignored_layers=sorted(sensitive | unscanned),
-                    module_flops=module_flops, total_flops=total,
-                )  # fmt: skip
-            except ValueError as exc:
+            if speed(0.0) < speedup * (1 - 1e-9):
                 raise ValueError(
                     f"The 'speedup' argument {speedup!r} cannot be met with the "
-                    f"{len(sensitive)} unit(s) sensitive at tolerance {tolerance!r} kept "
-                    f"whole ({exc}). Raise the 'tolerance' or lower the 'speedup'."
-                ) from exc
+                    f"{len(fixed)} unit(s) sensitive at tolerance {tolerance!r} at their "
+                    f"safe ratios (at most {speed(0.0):.3g}x). Raise the 'tolerance' or "
+                    "lower the 'speedup'."
+                )
+            lo, hi = 0.0, 1.0  # speed(lo) >= speedup; the largest such ratio
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if speed(mid) >= speedup else (lo, mid)
+            counts = counts_at(lo)
             more = {
                 u for u, d in drops.items()
-                if u not in sensitive
-                and _at(self.ratios, d, counts[u] / self.widths[u]) > tolerance
+                if u not in fixed and _at(self.ratios, d, counts[u] / widths[u]) > tolerance
             }  # fmt: skip
             if not more:
-                return {u: counts[u] / self.widths[u] for u in self.widths}
-            sensitive |= more
+                return {u: counts[u] / widths[u] for u in widths}
+            fixed |= {u: max(1, math.floor(safe(u) * widths[u] + 0.5)) for u in more}
 
     def plot(self, path: str | None = None, *, reconstruct: Sequence[str] | None = None) -> Any:
         """Li et al.'s Figure 2: the metric against the share of channels pruned away,
