@@ -30,6 +30,7 @@ processes, and only rank 0 prints and writes files.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import itertools
@@ -578,8 +579,7 @@ def _run(
         "warnings": sorted({str(w.message) for w in caught}),
     }
     if allocation == SCAN:  # the units the scan kept whole
-        ratios = res.plan["target"]["keep_ratio"]
-        row["sensitive"] = [u for u, r in ratios.items() if r >= 1]
+        row["sensitive"] = [u for u, r in res.plan["target"]["keep_ratio"].items() if r >= 1]
     if _recovers(row, args):
         row.update(_recovery(net, res, data, args))
     return row
@@ -949,25 +949,35 @@ def _recovered_table(rows: list[dict[str, Any]], bases: dict[str, float]) -> lis
 
 
 def _scan_lines(model: str, folder: Path, args: argparse.Namespace) -> list[str]:
-    """What the sensitivity scan of ``model`` was, and its plot (Li et al.'s Figure 2)."""
+    """What the sensitivity scan of ``model`` was, the split it gave at each target,
+    and its plot (Li et al.'s Figure 2)."""
     saved = json.loads((folder / f"scan_{model}.json").read_text(encoding="utf-8"))
     st, scan = saved["settings"], saved["scan"]
+    widths = scan["widths"]
     ratios = ", ".join(f"{r:g}" for r in st["ratios"])
+    splits = []
+    for r in sorted(
+        (r for r in args.scan_rows if r["model"] == model),
+        key=lambda r: (r["target"], r["reconstruct"]),
+    ):
+        share = {u: r["channels"][u] / w for u, w in widths.items()}
+        counts = collections.Counter(round(v, 2) for v in share.values())
+        common = counts.most_common(1)[0][0]
+        less = [f"{u} {share[u]:.2f}" for u in widths if round(share[u], 2) > common]
+        splits.append(
+            f"{r['target']:g}× ({r['reconstruct']}): {common:.2f} shared"
+            + (f"; pruned less: {', '.join(less)}" if less else "; no unit sensitive")
+        )
     return [
         f"Allocation `scan` ({model}): `recon.sensitivity_scan` pruned each of the "
-        f"{len(scan['widths'])} units alone ({st['method']}, with and without the re-fit) "
+        f"{len(widths)} units alone ({st['method']}, with and without the re-fit) "
         f"to keep ratios {ratios} and measured the accuracy on {st['val']} train images "
         f"apart from the calibration images ({saved['seconds']:.0f} s); "
-        f"`ScanResult.keep_ratio(speedup=..., tolerance={args.scan_tolerance:g})` keeps "
-        "whole every unit that loses more than the tolerance alone at the shared ratio "
-        "and gives the others one ratio that meets the target (Li et al. 2017). Units "
-        "kept whole: "
-        + "; ".join(
-            f"{t:g}× {rec}: {', '.join(r['sensitive']) or 'none'}"
-            for t, rec, r in sorted(
-                (r["target"], r["reconstruct"], r) for r in args.scan_rows if r["model"] == model
-            )
-        )
+        f"`ScanResult.keep_ratio(speedup=..., tolerance={args.scan_tolerance:g})` gives "
+        "every unit that loses more than the tolerance alone at the shared ratio its safe "
+        "ratio (the lowest scanned ratio within the tolerance, 1 if none) and the others "
+        "the largest shared ratio that meets the target (Li et al. 2017). Keep ratios: "
+        + "; ".join(splits)
         + ".",
         "",
         f"![sensitivity scan of {model}](scan_{model}.png)",
@@ -1128,7 +1138,7 @@ def _write_markdown(
             "",
         ]
     oneshot = [r for r in rows if _oneshot(r)]
-    args.scan_rows = [r for r in rows if _alloc(r) == SCAN and "sensitive" in r]
+    args.scan_rows = [r for r in rows if _alloc(r) == SCAN]
     lines += _quality_bars(oneshot, bases, path.parent)
     lines += _recovered_table(oneshot, bases)
     for model in models:
@@ -1194,8 +1204,39 @@ def _flows(folder: Path) -> list[str]:
                 base = None if r is None else r.get("acc_original")
                 cells.append("" if acc is None else f"{_pct(acc)} ({100 * (base - acc):.2f})")
             out.append(f"| {model} | {target:g}× | {rec} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += ["", *_versus(by, columns), ""]
     return out
+
+
+def _versus(by: dict[tuple, dict[str, Any]], columns: list[str]) -> list[str]:
+    """Each column against the first ones (one-shot; uniform and auto): the differences
+    of top-1 after fine-tuning in points, and how many are beyond :data:`NOISE`."""
+    cells = sorted({k[:3] for k in by})
+    bases = columns[:1] if columns[:1] == [ONESHOT] else [c for c in columns if c != SCAN]
+    lines = []
+    for col in columns:
+        for base in bases:
+            if col == base or col in bases:
+                continue
+            diffs = [
+                (f"{m.removesuffix('_fmnist')} {t:g}× {rec}", 100 * (a["acc_ft"] - b["acc_ft"]))
+                for m, t, rec in cells
+                if (a := by.get((m, t, rec, col))) is not None
+                and (b := by.get((m, t, rec, base))) is not None
+                and a.get("acc_ft") is not None
+                and b.get("acc_ft") is not None
+            ]
+            if not diffs:
+                continue
+            ahead = sum(d > NOISE for _, d in diffs)
+            behind = sum(d < -NOISE for _, d in diffs)
+            lines.append(
+                f"- {col} − {base}, points after fine-tuning: "
+                + ", ".join(f"{w} {d:+.2f}" for w, d in diffs)
+                + f". Ahead by more than {NOISE} point in {ahead}, behind by more in {behind}, "
+                f"within {NOISE} in {len(diffs) - ahead - behind} of {len(diffs)} cells."
+            )
+    return lines
 
 
 # --------------------------------------------------------------------------- main
