@@ -449,11 +449,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--quick", action="store_true", help="VGG-16 2x, tiny data, seconds")
+    p.add_argument(
+        "--page-only", action="store_true", help="only rewrite peers.md from peers.jsonl"
+    )
     args = p.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.models, args.speedups, args.ft_steps = ("vgg16_fmnist",), (2.0,), (2,)
         args.calib, args.test = 64, 200
+    if args.page_only:
+        rows = _load_rows(args.out_dir / "peers.jsonl")
+        write_page(rows, args.out_dir / "peers.md", argv, args)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -538,13 +545,22 @@ def _findings(rows: list[dict[str, Any]], cells: list[tuple], steps: list[int]) 
                 f"- Fine-tuned for {n:,} steps: recon is ahead in {sum(g > 0 for g in gaps)} "
                 f"of {len(gaps)} cells, by {_span(gaps)} points{only if missing else ''}."
             )
+        worse = [
+            f"{_name(r)} on {r['model']} {r['speedup']:g}× ({_pct(r['start'])} → {_pct(r['acc'])})"
+            for r in rows
+            if r["stage"] == "finetune" and r["steps"] == n and r["acc"] < r["start"]
+        ]
+        if worse:
+            out.append(
+                f"- {n:,} steps of fine-tuning lowered the accuracy of " + "; ".join(worse) + "."
+            )
     return out
 
 
 def write_page(rows: list[dict[str, Any]], md: Path, argv: list[str], args) -> None:
     import torch_pruning as tp
 
-    argv = [a for a in argv if a != "--resume"]
+    argv = [a for a in argv if a not in ("--resume", "--page-only")]
     cmd = "nice -n 10 python scripts/peers.py " + shlex.join(argv)
     pruned = [r for r in rows if r["stage"] == "prune"]
     tuned = {
@@ -576,6 +592,14 @@ def write_page(rows: list[dict[str, Any]], md: Path, argv: list[str], args) -> N
         f"train images drawn with seed {args.seed}, the same for both tools (and their "
         f"labels for Torch-Pruning's Taylor criterion). Top-1 on the first {args.test:,} "
         "test images.",
+        "- Models: "
+        + ", ".join(
+            f"`{m}` ({base['base_flops'] / 1e6:.1f} MFLOPs, {base['base_params']:,} parameters, "
+            f"{_pct(base['base_acc'])} %)"
+            for m, base in {r["model"]: r for r in pruned if "error" not in r}.items()
+        )
+        + " (`recon.models.pretrained_names()`; VGG-16 at a quarter of its width, "
+        "MobileNetV2 at half).",
         "- FLOPs: one counter for both final models, `recon.budget.count_flops` "
         "(`torch.utils.flop_counter.FlopCounterMode` on one forward pass of a 1x32x32 "
         "image: 2 FLOPs per multiply-accumulate of convolutions and linear layers; "

@@ -117,3 +117,6 @@ def test_peers_quick(peers, tmp_path):
     assert "`nice -n 10 python scripts/peers.py --quick --criteria l2,taylor --out-dir" in md
     assert "| vgg16_fmnist | 2× | TP taylor, global |" in md
     assert "Taylor needs labels" in md
+    (tmp_path / "peers.md").unlink()
+    peers.main(["--page-only", "--quick", "--criteria", "l2,taylor", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "peers.md").read_text(encoding="utf-8") == md  # from the JSONL alone
