@@ -59,7 +59,7 @@ class CNBlock(nn.Module):
         Initial value of the per-channel output scale.
     """
 
-    def __init__(self, dim: int, kernel: int = 7, layer_scale: float = 1.0) -> None:
+    def __init__(self, dim: int, kernel: int = 7, layer_scale: float = 0.1) -> None:
         super().__init__()
         self.block = nn.Sequential(
             nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim),  # (B, C, H, W)
