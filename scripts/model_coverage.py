@@ -73,13 +73,17 @@ def _skip_summary(graph: Any) -> str:
 
 
 def _wake_layer_scales(net: torch.nn.Module) -> None:
-    """Set ConvNeXt's layer scales to 1: initialised at 1e-6, they would leave every
-    block's output (and so any pruning of it) invisible in the logits."""
+    """Make random weights show pruning in the logits: ConvNeXt's layer scales (1e-6 at
+    initialisation, leaving every block's output invisible) are set to 1, and a linear
+    layer initialised to zero (ViT's head: every logit 0) gets random weights."""
+    torch.manual_seed(1)
     for m in net.modules():
         scale = getattr(m, "layer_scale", None)
-        if isinstance(scale, torch.nn.Parameter):
-            with torch.no_grad():
+        with torch.no_grad():
+            if isinstance(scale, torch.nn.Parameter):
                 scale.fill_(1.0)
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                torch.nn.init.trunc_normal_(m.weight, std=0.02)
 
 
 def run_model(
@@ -176,7 +180,8 @@ def markdown(rows: list[dict[str, Any]], argv: list[str], n_images: int, seconds
         "ratio reached, and the relative logit error on the held-out images with the "
         "least-squares re-fit (bold) / without a re-fit; *max* is the largest ratio the "
         "prunable units allow. No accuracy: the weights are random (ConvNeXt's layer "
-        "scales, 1e-6 at initialisation, are set to 1 so that its blocks count).",
+        "scales, 1e-6 at initialisation, are set to 1 so that its blocks count, and ViT's "
+        "zero-initialised head gets random weights).",
         "",
         "| model | params (M) | px | units + samplers | layers left whole | 1.5× | 2× | "
         "why layers are left whole (most common) |",
