@@ -140,8 +140,10 @@ class ScanResult:
         ``speedup``
             a FLOPs target: the shared ratio is the largest that meets it with the
             sensitive units at their safe ratios (FLOPs predicted as
-            :func:`recon.prune` predicts them), found by alternating the two until the
-            sensitive set stops growing (a lower ratio can only add sensitive units).
+            :func:`recon.prune` predicts them; then single units get a channel back,
+            the widest first, while the target is still met), found by alternating the
+            two until the sensitive set stops growing (a lower ratio can only add
+            sensitive units).
 
         Parameters
         ----------
@@ -215,6 +217,17 @@ class ScanResult:
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if speed(mid) >= speedup else (lo, mid)
             counts = counts_at(lo)
+            # the shared ratio moves many counts at once: give channels back one unit at
+            # a time, the widest first, while the target is still met
+            for u in sorted(widths, key=lambda n: -widths[n]):
+                if u in fixed:
+                    continue
+                while counts[u] < widths[u]:
+                    counts[u] += 1
+                    flops = _budget.predict_flops(units, counts, module_flops, total)
+                    if total / flops < speedup:
+                        counts[u] -= 1
+                        break
             more = {
                 u for u, d in drops.items()
                 if u not in fixed and _at(self.ratios, d, counts[u] / widths[u]) > tolerance

@@ -963,7 +963,8 @@ def _scan_lines(model: str, folder: Path, args: argparse.Namespace) -> list[str]
         share = {u: r["channels"][u] / w for u, w in widths.items()}
         counts = collections.Counter(round(v, 2) for v in share.values())
         common = counts.most_common(1)[0][0]
-        less = [f"{u} {share[u]:.2f}" for u in widths if round(share[u], 2) > common]
+        # (a unit within one channel of the shared ratio is only rounded differently)
+        less = [f"{u} {share[u]:.2f}" for u, w in widths.items() if share[u] > common + 1 / w]
         splits.append(
             f"{r['target']:g}× ({r['reconstruct']}): {common:.2f} shared"
             + (f"; pruned less: {', '.join(less)}" if less else "; no unit sensitive")
