@@ -423,8 +423,8 @@ class WindowHeadAttention(nn.Module):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        o = _window_heads(self, x, self.attention_dropout if self.training else 0.0)
-        return nn.functional.dropout(self.proj(o), self.dropout, self.training)  # (B, H, W, C)
+        p = self.attention_dropout if self.training else 0.0
+        return _window_heads(self, x, p, project=True)  # (B, H, W, C)
 
     def extra_repr(self) -> str:
         return (
@@ -433,10 +433,11 @@ class WindowHeadAttention(nn.Module):
         )
 
 
-def _window_heads(attn: nn.Module, x: Tensor, p: float = 0.0) -> Tensor:
-    """Swin's shifted-window attention up to its output projection (torchvision's
-    ``shifted_window_attention``, BSD-3-Clause, with the head size given): (B, H, W, C)
-    -> the heads' outputs (B, H, W, h·d)."""
+def _window_heads(attn: nn.Module, x: Tensor, p: float = 0.0, project: bool = False) -> Tensor:
+    """Swin's shifted-window attention (torchvision's ``shifted_window_attention``,
+    BSD-3-Clause, with the head size given): (B, H, W, C) -> the heads' outputs (B, H, W,
+    h·d), or with ``project`` the layer's output (B, H, W, C), projected (and dropped
+    out) on the padded windows as torchvision does, so its FLOPs are torchvision's."""
     h, d = attention_heads(attn)
     ws, shift = list(attn.window_size), list(attn.shift_size)
     B, H, W, C = x.shape
@@ -470,8 +471,12 @@ def _window_heads(attn: nn.Module, x: Tensor, p: float = 0.0) -> Tensor:
         a = (a.view(B, nW, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, n)
     a = nn.functional.dropout(a.softmax(-1), p, p > 0)
     o = a.matmul(v).transpose(1, 2).reshape(B * nW, n, h * d)
-    o = o.view(B, pH // ws[0], pW // ws[1], ws[0], ws[1], h * d)
-    o = o.permute(0, 1, 3, 2, 4, 5).reshape(B, pH, pW, h * d)
+    if project:
+        o = nn.functional.linear(o, attn.proj.weight, attn.proj.bias)
+        o = nn.functional.dropout(o, attn.dropout, attn.training)
+    c = o.shape[-1]
+    o = o.view(B, pH // ws[0], pW // ws[1], ws[0], ws[1], c)
+    o = o.permute(0, 1, 3, 2, 4, 5).reshape(B, pH, pW, c)
     if sum(shift) > 0:
         o = torch.roll(o, shifts=(shift[0], shift[1]), dims=(1, 2))
     return o[:, :H, :W, :].contiguous()

@@ -343,6 +343,22 @@ def test_a_duplicated_swin_head_is_removed_exactly(shift):
         assert _rel(result.model(HELD), net(HELD)) < 1e-9
 
 
+def test_swin_flops_scale_with_the_heads_where_windows_are_padded():
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    from recon.layers import WindowHeadAttention
+
+    torch.manual_seed(0)
+    attn = ShiftedWindowAttention(16, [3, 3], [1, 1], 4).eval()  # 8x8 tokens: padded to 9x9
+    x = torch.randn(1, 8, 8, 16)
+    small = WindowHeadAttention.from_swin(attn, [1, 2, 3]).eval()
+    before = count_flops(nn.Sequential(attn), x)[0]
+    assert count_flops(nn.Sequential(small), x)[0] * 4 == before * 3
+    with torch.no_grad():  # and all heads kept: torchvision's output
+        full = WindowHeadAttention.from_swin(attn, [0, 1, 2, 3]).eval()
+        torch.testing.assert_close(full(x), attn(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["obs", "lasso", "thinet", "l1", "random"])
 def test_heads_are_chosen_by_every_method_and_refitted(method):
     net = _attender()
