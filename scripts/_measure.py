@@ -24,15 +24,24 @@ def logit_error(a: nn.Module, b: nn.Module, x: Tensor, batch_size: int = 500) ->
 
 def reestimate_bn(net: nn.Module, batches: Iterable[Tensor]) -> nn.Module:
     """``net`` in eval mode, its BatchNorm statistics the plain average over ``batches``
-    (random-weight models then have activations of realistic scale)."""
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average
+    (random-weight models then have activations of realistic scale).
+
+    Each BatchNorm's ``momentum`` is set back afterwards: left at ``None`` (a
+    cumulative average), later training would average the running statistics over
+    all of its steps, and the trained model would be evaluated with stale ones."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
     net.train()
-    with torch.no_grad():
-        for xb in batches:
-            net(xb)
+    try:
+        with torch.no_grad():
+            for xb in batches:
+                net(xb)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
     return net.eval()
 
 

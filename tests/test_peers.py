@@ -120,3 +120,21 @@ def test_peers_quick(peers, tmp_path):
     (tmp_path / "peers.md").unlink()
     peers.main(["--page-only", "--quick", "--criteria", "l2,taylor", "--out-dir", str(tmp_path)])
     assert (tmp_path / "peers.md").read_text(encoding="utf-8") == md  # from the JSONL alone
+
+
+def test_reestimate_bn_averages_then_restores_momentum(peers):
+    # known answer: the running mean is the plain mean of the batch means; the
+    # momentum is set back, so a later training step moves it by momentum, not 1/(n+1)
+    from _measure import reestimate_bn
+
+    net = nn.Sequential(nn.BatchNorm2d(3, momentum=0.25))
+    batches = [torch.randn(8, 3, 4, 4) + k for k in range(4)]
+    reestimate_bn(net, batches)
+    want = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    torch.testing.assert_close(net[0].running_mean, want)
+    assert net[0].momentum == 0.25 and not net.training
+    before = net[0].running_mean.clone()
+    x = torch.randn(8, 3, 4, 4) + 10
+    net.train()(x)
+    after = 0.75 * before + 0.25 * x.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(net[0].running_mean, after)
