@@ -628,7 +628,9 @@ def write_page(rows: list[dict[str, Any]], md: Path, argv: list[str], args) -> N
         "gradient pass; not the bisection, which costs about as many prunes as the "
         "*search* column says).",
         "- *BN*: BatchNorm running statistics re-estimated (plain average) on the "
-        "calibration images, batches of 100, for both tools.",
+        "calibration images, batches of 100, for both tools; each BatchNorm's own "
+        "momentum is set back afterwards, so fine-tuning updates the statistics as in "
+        "training.",
         "- *Fine-tuned*: `recon.finetune(model, x_train, y_train, steps=n, seed=0)` "
         "with its defaults (SGD, momentum 0.9, lr 0.01 cosine to 0, batch 128, weight "
         "decay 5e-4, shifts and flips) on the 60,000 labelled train images, starting "
