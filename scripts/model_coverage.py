@@ -77,7 +77,7 @@ def _skip_summary(graph: Any) -> str:
     return "; ".join(f"{n}× {r}" for r, n in top)
 
 
-def _wake_layer_scales(net: torch.nn.Module) -> None:
+def _make_pruning_visible(net: torch.nn.Module) -> None:
     """Make random weights show pruning in the logits: ConvNeXt's layer scales (1e-6 at
     initialisation, leaving every block's output invisible) are set to 1, and a linear
     layer initialised to zero (ViT's head: every logit 0) gets random weights."""
@@ -113,7 +113,7 @@ def run_model(
             if params > max_params:
                 row["refused"] = f"not run: {params / 1e6:.0f} M parameters (--max-params)"
                 return row
-            _wake_layer_scales(net)
+            _make_pruning_visible(net)
             net = reestimate_bn(net, data.split(64))
             graph = find_units(net)
     except Exception as e:  # a model that cannot be built or traced: recorded
